@@ -178,7 +178,13 @@ impl Gpt {
         Ok(buf)
     }
 
-    fn header_bytes(&self, my_lba: u64, alt_lba: u64, entries_lba: u64, entries_crc: u32) -> Vec<u8> {
+    fn header_bytes(
+        &self,
+        my_lba: u64,
+        alt_lba: u64,
+        entries_lba: u64,
+        entries_crc: u32,
+    ) -> Vec<u8> {
         let mut h = vec![0u8; SECTOR as usize];
         h[0..8].copy_from_slice(b"EFI PART");
         h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
@@ -364,11 +370,18 @@ mod tests {
         f.set_len(g.disk_size).unwrap();
         g.write_to(&mut f).unwrap();
         drop(f);
-        let out = std::process::Command::new("sfdisk").arg("--json").arg(&path).output();
+        let out = std::process::Command::new("sfdisk")
+            .arg("--json")
+            .arg(&path)
+            .output();
         let Ok(out) = out else {
             panic!("sfdisk not found: install util-linux / fdisk");
         };
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let parts = v["partitiontable"]["partitions"].as_array().unwrap();
         assert_eq!(parts.len(), 3);

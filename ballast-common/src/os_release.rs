@@ -65,7 +65,9 @@ mod tests {
 
     #[test]
     fn parses_quoted_and_bare_values() {
-        let m = parse("ID=debian\nIMAGE_VERSION=\"1.2.3\"\n# c\nPRETTY_NAME='A \\\"b\\\"'\nbad line\n=x\n");
+        let m = parse(
+            "ID=debian\nIMAGE_VERSION=\"1.2.3\"\n# c\nPRETTY_NAME='A \\\"b\\\"'\nbad line\n=x\n",
+        );
         assert_eq!(m["ID"], "debian");
         assert_eq!(m["IMAGE_VERSION"], "1.2.3");
         assert_eq!(m["PRETTY_NAME"], "A \"b\"");

@@ -233,7 +233,11 @@ mod tests {
             .arg(&hpath)
             .output()
             .expect("veritysetup not found: install cryptsetup-bin");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout);
         let root = text
             .lines()

@@ -1,1 +1,110 @@
-fn main() {}
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Build Ballast disk images and release payloads.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the disk image (raw and qcow2), the release payloads and build.json.
+    Build {
+        /// The image spec (YAML, see docs/image.md).
+        #[arg(long, default_value = "configs/image.yaml")]
+        config: PathBuf,
+        /// Output directory.
+        #[arg(long, default_value = "out")]
+        output: PathBuf,
+        /// Cache of bootstrapped root filesystems and initrds.
+        #[arg(long, default_value = "cache")]
+        cache_dir: PathBuf,
+        /// Directory with release builds of os-agent and osctl.
+        #[arg(long, default_value = "target/release")]
+        agent_dir: PathBuf,
+        /// The units tree copied to the image's /usr/lib.
+        #[arg(long, default_value = "units")]
+        units_dir: PathBuf,
+    },
+    /// Check a spec and print it with defaults filled in.
+    Validate {
+        #[arg(long, default_value = "configs/image.yaml")]
+        config: PathBuf,
+    },
+}
+
+fn epoch() -> Result<u64> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
+        Err(_) => Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()),
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Build {
+            config,
+            output,
+            cache_dir,
+            agent_dir,
+            units_dir,
+        } => {
+            let spec = image_build::spec::load(&config)?;
+            if !nix_is_root() {
+                anyhow::bail!(
+                    "image-build build must run as root (mmdebstrap --mode=root and chroot)"
+                );
+            }
+            let info = image_build::build::build(&image_build::build::BuildOptions {
+                spec,
+                output: output.clone(),
+                cache_dir,
+                agent_dir,
+                units_dir,
+                epoch: epoch()?,
+            })?;
+            println!(
+                "built {} {}: {} (root hash {})",
+                info.name,
+                info.version,
+                output.join(&info.images.raw).display(),
+                info.root_hash
+            );
+            Ok(())
+        }
+        Cmd::Validate { config } => {
+            let spec = image_build::spec::load(&config)?;
+            println!("{:#?}", spec.spec);
+            Ok(())
+        }
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e}");
+        for cause in e.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        std::process::exit(1);
+    }
+}

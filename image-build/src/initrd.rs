@@ -1,0 +1,140 @@
+//! The initrd: dracut, run inside the image's own root so the initrd matches
+//! its kernel, systemd and udev. Cached by everything that goes into it.
+
+use crate::stage::Stage;
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const RECIPE: &str = "initrd-v1";
+
+/// dracut modules of the initrd: systemd-based, verity, and Ballast's own
+/// module that mounts /var and the /etc overlay (units/dracut/).
+const MODULES: &str =
+    "systemd systemd-initrd systemd-veritysetup dm kernel-modules rootfs-block udev-rules base fs-lib ballast";
+
+/// Storage, virtio and filesystem drivers; those the kernel lacks (say, ahci
+/// on the cloud kernel) are left out rather than failing dracut.
+const DRIVERS: &[&str] = &[
+    "virtio_blk",
+    "virtio_pci",
+    "virtio_scsi",
+    "virtio_net",
+    "erofs",
+    "dm-verity",
+    "nvme",
+    "ahci",
+    "sd_mod",
+    "vfat",
+    "overlay",
+    "ext4",
+    "xhci_pci",
+    "usb_storage",
+    "uas",
+];
+
+/// The drivers of `DRIVERS` this kernel has, as modules or built in.
+pub fn available_drivers(root: &Path, kver: &str) -> Result<Vec<&'static str>> {
+    let dir = root.join("usr/lib/modules").join(kver);
+    let mut known = String::new();
+    for f in ["modules.dep", "modules.builtin"] {
+        let p = dir.join(f);
+        known.push_str(
+            &std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?,
+        );
+    }
+    let names: std::collections::BTreeSet<String> = known
+        .lines()
+        .filter_map(|l| l.split(':').next())
+        .filter_map(|p| p.rsplit('/').next())
+        .map(|f| f.split(".ko").next().unwrap_or(f).replace('-', "_"))
+        .collect();
+    Ok(DRIVERS
+        .iter()
+        .copied()
+        .filter(|d| names.contains(&d.replace('-', "_")))
+        .collect())
+}
+
+fn hash_tree(h: &mut Sha256, dir: &Path) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let p = e.path();
+        h.update(e.file_name().as_encoded_bytes());
+        if p.is_dir() {
+            hash_tree(h, &p)?;
+        } else {
+            h.update(std::fs::read(&p)?);
+        }
+    }
+    Ok(())
+}
+
+pub struct InitrdInputs<'a> {
+    pub root: &'a Path,
+    pub kver: &'a str,
+    pub rootfs_key: &'a str,
+    pub units_dir: &'a Path,
+    pub epoch: u64,
+    pub cache_dir: &'a Path,
+}
+
+pub fn build(stage: &Stage, inp: &InitrdInputs, out: &Path) -> Result<()> {
+    let drivers = available_drivers(inp.root, inp.kver)?;
+    let mut h = Sha256::new();
+    for part in [RECIPE, inp.rootfs_key, inp.kver, MODULES] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    h.update(drivers.join(" ").as_bytes());
+    h.update(inp.epoch.to_le_bytes());
+    let dracut_dir = inp.units_dir.join("dracut");
+    if dracut_dir.is_dir() {
+        hash_tree(&mut h, &dracut_dir)?;
+    }
+    let key = hex::encode(&h.finalize()[..12]);
+    let cached: PathBuf = inp.cache_dir.join("initrd").join(format!("{key}.img"));
+    if cached.is_file() {
+        stage.log(&format!("using cached initrd {}", cached.display()))?;
+        std::fs::copy(&cached, out)?;
+        return Ok(());
+    }
+    let inner = "/tmp/ballast-initrd.img";
+    stage.cmd(
+        Command::new("chroot")
+            .arg(inp.root)
+            .args([
+                "dracut",
+                "--no-hostonly",
+                "--reproducible",
+                "--force",
+                "--tmpdir",
+                "/tmp",
+                "--kver",
+            ])
+            .arg(inp.kver)
+            .arg("-m")
+            .arg(MODULES)
+            .arg("--add-drivers")
+            .arg(drivers.join(" "))
+            .arg(inner)
+            .env("SOURCE_DATE_EPOCH", inp.epoch.to_string()),
+    )?;
+    let produced = inp.root.join(inner.trim_start_matches('/'));
+    if !produced.is_file() {
+        bail!("dracut succeeded but wrote no {inner}");
+    }
+    std::fs::create_dir_all(cached.parent().unwrap_or(inp.cache_dir))?;
+    let tmp = cached.with_extension("tmp");
+    std::fs::copy(&produced, &tmp)?;
+    std::fs::rename(&tmp, &cached)?;
+    std::fs::rename(&produced, out).or_else(|_| std::fs::copy(&produced, out).map(|_| ()))?;
+    if produced.exists() {
+        std::fs::remove_file(&produced)?;
+    }
+    Ok(())
+}

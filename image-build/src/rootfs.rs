@@ -1,0 +1,118 @@
+//! The base root filesystem: Debian packages installed by mmdebstrap, cached
+//! under a key of everything that determines it, so a rebuild that changes
+//! only the agent or the units skips the minute-long bootstrap.
+
+use crate::spec::Spec;
+use crate::stage::Stage;
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Bump when the way the base rootfs is made changes.
+const RECIPE: &str = "rootfs-v1";
+
+/// Paths dpkg leaves out of the image: documentation, manuals, translations.
+const DPKG_EXCLUDES: &[&str] = &[
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+    "path-exclude=/usr/share/lintian/*",
+];
+
+/// The cache key of a spec's base rootfs. Timestamps do not matter: the root
+/// filesystem is made with every file at SOURCE_DATE_EPOCH.
+pub fn cache_key(spec: &Spec) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        RECIPE,
+        &spec.debian.suite,
+        &spec.debian.mirror,
+        &spec.architecture,
+    ] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    for p in spec.packages() {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    for e in DPKG_EXCLUDES {
+        h.update(e.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(&h.finalize()[..12])
+}
+
+/// Returns the cached base rootfs for `spec`, bootstrapping it if needed.
+pub fn base(stage: &Stage, spec: &Spec, cache_dir: &Path, epoch: u64) -> Result<PathBuf> {
+    let dir = cache_dir.join("rootfs").join(cache_key(spec));
+    let root = dir.join("root");
+    if dir.join("complete").exists() {
+        stage.log(&format!("using cached base rootfs {}", root.display()))?;
+        return Ok(root);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove incomplete cache {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut cmd = Command::new("mmdebstrap");
+    cmd.arg("--variant=minbase")
+        .arg("--mode=root")
+        .arg("--format=directory")
+        .arg("--arch=amd64")
+        .arg(format!("--include={}", spec.packages().join(",")));
+    for e in DPKG_EXCLUDES {
+        cmd.arg(format!("--dpkgopt={e}"));
+    }
+    cmd.arg(&spec.debian.suite)
+        .arg(&root)
+        .arg(&spec.debian.mirror)
+        .env("SOURCE_DATE_EPOCH", epoch.to_string());
+    stage.cmd(&mut cmd)?;
+    std::fs::write(dir.join("complete"), b"")?;
+    Ok(root)
+}
+
+/// Copies the cached base into a fresh work tree (reflinks where the filesystem can).
+pub fn copy_base(stage: &Stage, base: &Path, work: &Path) -> Result<()> {
+    if work.exists() {
+        std::fs::remove_dir_all(work)
+            .with_context(|| format!("cannot remove {}", work.display()))?;
+    }
+    stage.cmd(
+        Command::new("cp")
+            .arg("-a")
+            .arg("--reflink=auto")
+            .arg(base)
+            .arg(work),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_key_follows_what_determines_the_rootfs() {
+        let a = Spec::parse("name: a\nversion: '1'\ndebian: {kernel: cloud}\n", "t").unwrap();
+        let mut b = a.clone();
+        b.name = "other".into();
+        b.version = "2".into();
+        assert_eq!(
+            cache_key(&a),
+            cache_key(&b),
+            "name/version do not change the base"
+        );
+        let mut c = a.clone();
+        c.debian.packages.push("curl".into());
+        assert_ne!(cache_key(&a), cache_key(&c));
+        let mut d = a.clone();
+        d.debian.kernel = crate::spec::KernelFlavour::Generic;
+        assert_ne!(cache_key(&a), cache_key(&d));
+    }
+}

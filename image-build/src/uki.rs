@@ -1,0 +1,270 @@
+//! Unified kernel image: systemd-boot's EFI stub with the kernel, initrd,
+//! command line and os-release added as PE sections (what ukify does), with
+//! objcopy from binutils.
+
+use crate::stage::Stage;
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::process::Command;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Section {
+    pub name: String,
+    pub virtual_size: u32,
+    pub virtual_address: u32,
+    pub raw_size: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct PeInfo {
+    pub image_base: u64,
+    pub section_alignment: u32,
+    pub size_of_image: u32,
+    pub timestamp_offset: usize,
+    pub sections: Vec<Section>,
+}
+
+fn u16_at(b: &[u8], o: usize) -> Result<u16> {
+    let s = b.get(o..o + 2).context("PE file truncated")?;
+    Ok(u16::from_le_bytes([s[0], s[1]]))
+}
+fn u32_at(b: &[u8], o: usize) -> Result<u32> {
+    let s = b.get(o..o + 4).context("PE file truncated")?;
+    Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+}
+fn u64_at(b: &[u8], o: usize) -> Result<u64> {
+    let s = b.get(o..o + 8).context("PE file truncated")?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(s);
+    Ok(u64::from_le_bytes(a))
+}
+
+/// Reads the headers of a PE32+ file.
+pub fn parse_pe(b: &[u8]) -> Result<PeInfo> {
+    if b.get(0..2) != Some(b"MZ") {
+        bail!("not a PE file (no MZ header)");
+    }
+    let pe = u32_at(b, 0x3c)? as usize;
+    if b.get(pe..pe + 4) != Some(b"PE\0\0") {
+        bail!("not a PE file (no PE signature)");
+    }
+    let coff = pe + 4;
+    let nsections = u16_at(b, coff + 2)? as usize;
+    let opt_size = u16_at(b, coff + 16)? as usize;
+    let opt = coff + 20;
+    if u16_at(b, opt)? != 0x20b {
+        bail!("not a PE32+ (64-bit) image");
+    }
+    let image_base = u64_at(b, opt + 24)?;
+    let section_alignment = u32_at(b, opt + 32)?;
+    let size_of_image = u32_at(b, opt + 56)?;
+    let mut sections = Vec::with_capacity(nsections);
+    for i in 0..nsections {
+        let s = opt + opt_size + 40 * i;
+        let raw = b.get(s..s + 8).context("PE section table truncated")?;
+        let name = String::from_utf8_lossy(raw)
+            .trim_end_matches('\0')
+            .to_string();
+        sections.push(Section {
+            name,
+            virtual_size: u32_at(b, s + 8)?,
+            virtual_address: u32_at(b, s + 12)?,
+            raw_size: u32_at(b, s + 16)?,
+        });
+    }
+    if section_alignment == 0 {
+        bail!("PE section alignment is 0");
+    }
+    Ok(PeInfo {
+        image_base,
+        section_alignment,
+        size_of_image,
+        timestamp_offset: coff + 4,
+        sections,
+    })
+}
+
+pub struct UkiParts<'a> {
+    pub stub: &'a Path,
+    pub os_release: &'a Path,
+    pub cmdline: &'a str,
+    pub kernel: &'a Path,
+    pub initrd: &'a Path,
+    pub epoch: u64,
+}
+
+/// Assembles the UKI at `out`. Sections follow the stub's last section in
+/// ukify's order, each on a section-alignment boundary; the kernel goes last.
+pub fn assemble(stage: &Stage, p: &UkiParts, out: &Path, work: &Path) -> Result<()> {
+    let stub = std::fs::read(p.stub)
+        .with_context(|| format!("cannot read EFI stub {}", p.stub.display()))?;
+    let info = parse_pe(&stub).with_context(|| format!("EFI stub {}", p.stub.display()))?;
+    let align = info.section_alignment as u64;
+    let end = info
+        .sections
+        .iter()
+        .map(|s| s.virtual_address as u64 + s.virtual_size.max(s.raw_size) as u64)
+        .max()
+        .unwrap_or(info.size_of_image as u64);
+    let cmdline_file = work.join("cmdline");
+    std::fs::write(&cmdline_file, format!("{}\0", p.cmdline))?;
+    let parts: [(&str, &Path); 4] = [
+        (".osrel", p.os_release),
+        (".cmdline", &cmdline_file),
+        (".initrd", p.initrd),
+        (".linux", p.kernel),
+    ];
+    let mut cmd = Command::new("objcopy");
+    let mut offset = end.div_ceil(align) * align;
+    for (name, path) in parts {
+        let size = std::fs::metadata(path)
+            .with_context(|| format!("cannot stat {}", path.display()))?
+            .len();
+        cmd.arg("--add-section")
+            .arg(format!("{name}={}", path.display()))
+            .arg("--change-section-vma")
+            .arg(format!("{name}={:#x}", info.image_base + offset));
+        offset += size.div_ceil(align) * align;
+    }
+    let tmp = out.with_extension("tmp");
+    cmd.arg(p.stub)
+        .arg(&tmp)
+        .env("SOURCE_DATE_EPOCH", p.epoch.to_string());
+    stage.cmd(&mut cmd)?;
+    // objcopy may stamp the PE header with the time of the build; use the
+    // build's epoch so two builds are byte-identical.
+    let mut bytes = std::fs::read(&tmp)?;
+    let built = parse_pe(&bytes)?;
+    let ts = (p.epoch.min(u32::MAX as u64) as u32).to_le_bytes();
+    bytes[built.timestamp_offset..built.timestamp_offset + 4].copy_from_slice(&ts);
+    std::fs::write(&tmp, &bytes)?;
+    std::fs::rename(&tmp, out)?;
+    Ok(())
+}
+
+/// The kernel command line of a slot's UKI. The root hash names the
+/// partitions too (their PARTUUIDs are halves of it), so the line fits any slot.
+pub fn cmdline(root_hash: &[u8; 32], extra: &[String]) -> String {
+    let (data, hash) = ballast_common::slot_partuuids(root_hash);
+    let mut args = vec![
+        format!("roothash={}", hex::encode(root_hash)),
+        format!("systemd.verity_root_data=PARTUUID={data}"),
+        format!("systemd.verity_root_hash=PARTUUID={hash}"),
+        "systemd.verity_root_options=restart-on-corruption".into(),
+        "rootfstype=erofs".into(),
+        "ro".into(),
+        "console=tty0".into(),
+        "console=ttyS0,115200".into(),
+        "rd.shell=0".into(),
+        "rd.emergency=reboot".into(),
+        "systemd.default_timeout_start_sec=20".into(),
+        "panic=10".into(),
+    ];
+    args.extend(extra.iter().cloned());
+    args.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stage::Stages;
+
+    const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
+
+    #[test]
+    fn cmdline_names_the_slot_by_root_hash() {
+        let mut h = [0u8; 32];
+        h[0] = 0xab;
+        h[31] = 0xcd;
+        let c = cmdline(&h, &["quiet".into()]);
+        assert!(c.starts_with(&format!("roothash={}", hex::encode(h))));
+        assert!(
+            c.contains("systemd.verity_root_data=PARTUUID=ab000000-0000-0000-0000-000000000000")
+        );
+        assert!(
+            c.contains("systemd.verity_root_hash=PARTUUID=00000000-0000-0000-0000-0000000000cd")
+        );
+        assert!(
+            !c.contains(" root="),
+            "root= must be left out (systemd derives it from roothash)"
+        );
+        assert!(c.ends_with(" quiet"));
+    }
+
+    #[test]
+    fn not_a_pe_is_an_error() {
+        assert!(parse_pe(b"hello").is_err());
+        let mut b = vec![0u8; 256];
+        b[0..2].copy_from_slice(b"MZ");
+        b[0x3c] = 0x80;
+        assert!(format!("{:#}", parse_pe(&b).unwrap_err()).contains("PE signature"));
+    }
+
+    /// Assembles a UKI from the real systemd stub (Debian's systemd-boot-efi)
+    /// and checks its sections with objdump, an independent reader.
+    #[test]
+    fn assembles_sections_after_the_stub_without_overlap() {
+        assert!(
+            Path::new(STUB).exists(),
+            "{STUB} missing: apt-get install systemd-boot-efi"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(
+            d.join("os-release"),
+            "ID=debian\nIMAGE_ID=t\nIMAGE_VERSION=1\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("vmlinuz"), vec![7u8; 300_000]).unwrap();
+        std::fs::write(d.join("initrd"), vec![9u8; 1_000_000]).unwrap();
+        let mut stages = Stages::new(&d.join("logs"), 1).unwrap();
+        let parts = UkiParts {
+            stub: Path::new(STUB),
+            os_release: &d.join("os-release"),
+            cmdline: "roothash=00 ro",
+            kernel: &d.join("vmlinuz"),
+            initrd: &d.join("initrd"),
+            epoch: 1_700_000_000,
+        };
+        stages
+            .run("uki", |s| assemble(s, &parts, &d.join("a.efi"), d))
+            .unwrap();
+        stages
+            .run("uki", |s| assemble(s, &parts, &d.join("b.efi"), d))
+            .unwrap();
+        let a = std::fs::read(d.join("a.efi")).unwrap();
+        assert!(
+            a == std::fs::read(d.join("b.efi")).unwrap(),
+            "two assemblies differ"
+        );
+
+        let info = parse_pe(&a).unwrap();
+        let names: Vec<_> = info.sections.iter().map(|s| s.name.as_str()).collect();
+        for want in [".osrel", ".cmdline", ".initrd", ".linux"] {
+            assert!(names.contains(&want), "{want} missing in {names:?}");
+        }
+        let mut spans: Vec<_> = info
+            .sections
+            .iter()
+            .map(|s| (s.virtual_address, s.virtual_address + s.virtual_size))
+            .collect();
+        spans.sort();
+        for w in spans.windows(2) {
+            assert!(w[0].1 <= w[1].0, "sections overlap: {spans:?}");
+        }
+        let linux = info.sections.iter().find(|s| s.name == ".linux").unwrap();
+        assert_eq!(linux.virtual_size, 300_000);
+        let out = Command::new("objdump")
+            .arg("-h")
+            .arg(d.join("a.efi"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(".cmdline") && text.contains(".linux"),
+            "{text}"
+        );
+        let cmdline = info.sections.iter().find(|s| s.name == ".cmdline").unwrap();
+        assert_eq!(cmdline.virtual_size as usize, "roothash=00 ro\0".len());
+    }
+}

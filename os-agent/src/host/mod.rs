@@ -1,0 +1,112 @@
+//! Everything the agent reads from or does to the machine goes through [`Host`],
+//! so the same logic runs against the real host and against a directory tree
+//! in tests.
+
+mod dir;
+mod real;
+
+pub use dir::DirHost;
+pub use real::RealHost;
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// What a finished command left behind.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CmdOutput {
+    /// The exit code; `None` when a signal ended the command.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CmdOutput {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// One line that says how the command ended, for error messages.
+    pub fn describe(&self) -> String {
+        let how = match self.code {
+            Some(c) => format!("exit code {c}"),
+            None => "killed by a signal".to_string(),
+        };
+        let err = self.stderr.trim();
+        if err.is_empty() {
+            how
+        } else {
+            format!("{how}: {err}")
+        }
+    }
+}
+
+/// The narrow view of a machine the agent needs. Paths are absolute paths as
+/// seen on the host (`/proc/cmdline`); implementations decide where they live.
+pub trait Host {
+    /// Reads a whole file as bytes (efivars are binary).
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+
+    /// Reads a whole file as UTF-8 text.
+    fn read_to_string(&self, path: &Path) -> io::Result<String> {
+        let bytes = self.read(path)?;
+        String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Whether a path exists (following symlinks); errors other than "not
+    /// found" are errors, not `false`.
+    fn exists(&self, path: &Path) -> io::Result<bool>;
+
+    /// Resolves every symlink in `path`, like realpath(3).
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf>;
+
+    /// Names of the entries of a directory, sorted; a missing directory is empty.
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>>;
+
+    /// Opens a file or block device for reading and writing in place.
+    fn open_rw(&self, path: &Path) -> io::Result<File>;
+
+    /// Writes a file atomically: a temporary file beside it, fsync, rename.
+    fn write_atomic(&self, path: &Path, contents: &[u8]) -> io::Result<()>;
+
+    /// Removes a file; a missing file is not an error.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+
+    /// Runs a program to completion and collects its output.
+    fn run(&self, program: &str, args: &[&str]) -> io::Result<CmdOutput>;
+}
+
+/// Writes `contents` to `path` through a temporary file in the same directory,
+/// so readers see either the old file or the whole new one.
+pub(crate) fn write_atomic_at(path: &Path, contents: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("{} has no parent", path.display()))
+    })?;
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(contents)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    File::open(dir)?.sync_all()
+}
+
+pub(crate) fn remove_file_at(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+pub(crate) fn list_dir_at(path: &Path) -> io::Result<Vec<String>> {
+    let entries = match std::fs::read_dir(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        other => other?,
+    };
+    let mut names = Vec::new();
+    for e in entries {
+        names.push(e?.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
+}
