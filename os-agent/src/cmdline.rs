@@ -125,8 +125,14 @@ mod tests {
             (line(&r(H), &d(&p(D)), &v(&p(V))), ok()),
             (line(&r(&H.to_uppercase()), &d(&p(D)), &v(&p(V))), ok()),
             // A later value wins; quotes are stripped.
-            (format!("roothash=00 {} \"{}\" {}", r(H), d(&p(D)), v(&p(V))), ok()),
-            (line("", &d(&p(D)), &v(&p(V))), Err(CmdlineError::Missing(ROOTHASH))),
+            (
+                format!("roothash=00 {} \"{}\" {}", r(H), d(&p(D)), v(&p(V))),
+                ok(),
+            ),
+            (
+                line("", &d(&p(D)), &v(&p(V))),
+                Err(CmdlineError::Missing(ROOTHASH)),
+            ),
             (
                 line(&r("abc"), &d(&p(D)), &v(&p(V))),
                 Err(CmdlineError::BadRootHash {

@@ -1,1 +1,91 @@
-fn main() {}
+//! The Ballast host agent.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use os_agent::disk::grow::{self, Step};
+use os_agent::host::RealHost;
+use os_agent::{config, daemon, health, logging};
+use std::process::ExitCode;
+
+/// The Ballast host agent.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Publish the host's status to /run/ballast/status.json, notify systemd
+    /// and run until SIGTERM.
+    Daemon,
+    /// Check that this boot is healthy; exits non-zero with a reason per failed check.
+    HealthCheck,
+    /// Grow the data partition and its filesystem to fill the disk.
+    GrowData,
+}
+
+fn health_check() -> Result<ExitCode> {
+    let settings = config::load_and_warn(&RealHost)?;
+    let report = health::run(&RealHost, &settings.health, health::POLL_INTERVAL);
+    for c in &report.0 {
+        match &c.outcome {
+            Ok(seen) => println!("ok   {}: {seen}", c.name),
+            Err(why) => eprintln!("FAIL {}: {why}", c.name),
+        }
+    }
+    if report.healthy() {
+        tracing::info!("health check passed ({} checks)", report.0.len());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        let failed: Vec<String> = report
+            .failures()
+            .map(|(n, why)| format!("{n}: {why}"))
+            .collect();
+        tracing::error!("health check failed: {}", failed.join("; "));
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn grow_data() -> Result<ExitCode> {
+    let r = grow::grow_data(&RealHost).context("cannot grow the data partition")?;
+    let p = format!("/dev/{}", r.partition.name);
+    if r.steps.is_empty() {
+        tracing::info!(
+            "{p} already fills /dev/{} ({} bytes): nothing to do",
+            r.partition.disk,
+            r.partition_after
+        );
+    } else {
+        tracing::info!(
+            "grew {p} from {} to {} bytes (filesystem was {} bytes; disk {} bytes); steps: {:?}",
+            r.partition_before,
+            r.partition_after,
+            r.fs_before,
+            r.disk_size,
+            r.steps
+        );
+        if !r.steps.contains(&Step::ResizedFilesystem) {
+            tracing::info!("the filesystem on {p} already filled it");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init("info");
+    let result = match cli.command {
+        Command::Daemon => daemon::run(&RealHost).map(|()| ExitCode::SUCCESS),
+        Command::HealthCheck => health_check(),
+        Command::GrowData => grow_data(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            os_agent::print_error_chain(&e);
+            ExitCode::FAILURE
+        }
+    }
+}

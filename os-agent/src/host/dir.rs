@@ -82,6 +82,10 @@ impl Host for DirHost {
         super::list_dir_at(&self.path(path))
     }
 
+    fn open(&self, path: &Path) -> io::Result<File> {
+        File::open(self.path(path))
+    }
+
     fn open_rw(&self, path: &Path) -> io::Result<File> {
         File::options().read(true).write(true).open(self.path(path))
     }

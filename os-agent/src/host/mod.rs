@@ -63,6 +63,9 @@ pub trait Host {
     /// Names of the entries of a directory, sorted; a missing directory is empty.
     fn list_dir(&self, path: &Path) -> io::Result<Vec<String>>;
 
+    /// Opens a file or block device for reading.
+    fn open(&self, path: &Path) -> io::Result<File>;
+
     /// Opens a file or block device for reading and writing in place.
     fn open_rw(&self, path: &Path) -> io::Result<File>;
 
@@ -81,7 +84,10 @@ pub trait Host {
 pub(crate) fn write_atomic_at(path: &Path, contents: &[u8]) -> io::Result<()> {
     use std::io::Write;
     let dir = path.parent().ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidInput, format!("{} has no parent", path.display()))
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} has no parent", path.display()),
+        )
     })?;
     std::fs::create_dir_all(dir)?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;

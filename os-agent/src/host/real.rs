@@ -27,6 +27,10 @@ impl Host for RealHost {
         super::list_dir_at(path)
     }
 
+    fn open(&self, path: &Path) -> io::Result<File> {
+        File::open(path)
+    }
+
     fn open_rw(&self, path: &Path) -> io::Result<File> {
         File::options().read(true).write(true).open(path)
     }
@@ -40,9 +44,10 @@ impl Host for RealHost {
     }
 
     fn run(&self, program: &str, args: &[&str]) -> io::Result<CmdOutput> {
-        let out = Command::new(program).args(args).output().map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot run {program}: {e}"))
-        })?;
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot run {program}: {e}")))?;
         Ok(CmdOutput {
             code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

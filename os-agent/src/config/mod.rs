@@ -1,0 +1,218 @@
+//! The agent's configuration: TOML files with drop-ins (see [`files`]) →
+//! one partial config per file → merged → one validated [`Settings`].
+//!
+//! A later file overrides the keys it sets; lists are replaced, not appended,
+//! so a drop-in can also empty a list. Unknown keys are warnings that name
+//! the key and the file, so a newer config does not break an older agent.
+
+pub mod files;
+
+use crate::host::Host;
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long `health-check` waits for the daemon's status file by default.
+pub const DEFAULT_STATUS_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_STATUS_TIMEOUT_SECS: u64 = 3600;
+
+/// The validated configuration the agent runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub health: HealthSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSettings {
+    /// Units that must be active.
+    pub required_units: Vec<String>,
+    /// Shell commands (`/bin/sh -c`) that must exit 0.
+    pub commands: Vec<String>,
+    /// If this file exists the health check fails (a test knob).
+    pub fail_marker: Option<PathBuf>,
+    /// How long to wait for the daemon's status file.
+    pub status_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            health: HealthSettings {
+                required_units: Vec::new(),
+                commands: Vec::new(),
+                fail_marker: None,
+                status_timeout: DEFAULT_STATUS_TIMEOUT,
+            },
+        }
+    }
+}
+
+/// One file's worth of settings; `None` means "not set here".
+#[derive(Debug, Default, Deserialize)]
+struct Partial {
+    #[serde(default)]
+    health: PartialHealth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PartialHealth {
+    required_units: Option<Vec<String>>,
+    commands: Option<Vec<String>>,
+    fail_marker: Option<PathBuf>,
+    status_timeout_secs: Option<u64>,
+}
+
+/// Every key the agent understands, as dotted paths.
+const KNOWN_KEYS: &[&str] = &[
+    "health",
+    "health.required_units",
+    "health.commands",
+    "health.fail_marker",
+    "health.status_timeout_secs",
+];
+
+/// A key in a config file the agent does not know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownKey {
+    pub file: PathBuf,
+    pub key: String,
+}
+
+impl std::fmt::Display for UnknownKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: unknown key {:?} ignored",
+            self.file.display(),
+            self.key
+        )
+    }
+}
+
+/// The settings and the warnings found on the way.
+#[derive(Debug)]
+pub struct Loaded {
+    pub settings: Settings,
+    pub files: Vec<PathBuf>,
+    pub unknown_keys: Vec<UnknownKey>,
+}
+
+fn unknown_keys(table: &toml::Table, prefix: &str, file: &Path, out: &mut Vec<UnknownKey>) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        if !KNOWN_KEYS.contains(&key.as_str()) {
+            out.push(UnknownKey {
+                file: file.to_path_buf(),
+                key,
+            });
+            continue;
+        }
+        if let toml::Value::Table(t) = v {
+            unknown_keys(t, &key, file, out);
+        }
+    }
+}
+
+/// Parses one file; errors name the file (and toml's message the line).
+fn parse_file(path: &Path, text: &str, unknown: &mut Vec<UnknownKey>) -> Result<Partial> {
+    let table: toml::Table =
+        toml::from_str(text).with_context(|| format!("invalid TOML in {}", path.display()))?;
+    unknown_keys(&table, "", path, unknown);
+    Partial::deserialize(table).with_context(|| format!("invalid settings in {}", path.display()))
+}
+
+fn merge(into: &mut PartialHealth, from: PartialHealth) {
+    let PartialHealth {
+        required_units,
+        commands,
+        fail_marker,
+        status_timeout_secs,
+    } = from;
+    if required_units.is_some() {
+        into.required_units = required_units;
+    }
+    if commands.is_some() {
+        into.commands = commands;
+    }
+    if fail_marker.is_some() {
+        into.fail_marker = fail_marker;
+    }
+    if status_timeout_secs.is_some() {
+        into.status_timeout_secs = status_timeout_secs;
+    }
+}
+
+fn validate(merged: PartialHealth) -> Result<Settings> {
+    let mut s = Settings::default();
+    if let Some(units) = merged.required_units {
+        for u in &units {
+            if u.is_empty() || u.chars().any(|c| c.is_whitespace() || c == '/') || !u.contains('.')
+            {
+                bail!("health.required_units: {u:?} is not a unit name (like \"ssh.service\")");
+            }
+        }
+        s.health.required_units = units;
+    }
+    if let Some(commands) = merged.commands {
+        if commands.iter().any(|c| c.trim().is_empty()) {
+            bail!("health.commands: a command is empty");
+        }
+        s.health.commands = commands;
+    }
+    if let Some(marker) = merged.fail_marker {
+        if !marker.is_absolute() {
+            bail!(
+                "health.fail_marker: {} is not an absolute path",
+                marker.display()
+            );
+        }
+        s.health.fail_marker = Some(marker);
+    }
+    if let Some(secs) = merged.status_timeout_secs {
+        if secs > MAX_STATUS_TIMEOUT_SECS {
+            bail!("health.status_timeout_secs: {secs} is more than {MAX_STATUS_TIMEOUT_SECS}");
+        }
+        s.health.status_timeout = Duration::from_secs(secs);
+    }
+    Ok(s)
+}
+
+/// Loads, merges and validates the configuration of `host`.
+pub fn load(host: &dyn Host) -> Result<Loaded> {
+    let files = files::config_files(host)?;
+    let mut merged = PartialHealth::default();
+    let mut unknown = Vec::new();
+    for path in &files {
+        let text = host
+            .read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let partial = parse_file(path, &text, &mut unknown)?;
+        merge(&mut merged, partial.health);
+    }
+    let settings = validate(merged).with_context(|| {
+        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        format!("invalid agent configuration (from {})", names.join(", "))
+    })?;
+    Ok(Loaded {
+        settings,
+        files,
+        unknown_keys: unknown,
+    })
+}
+
+/// Loads the configuration and logs a warning per unknown key.
+pub fn load_and_warn(host: &dyn Host) -> Result<Settings> {
+    let loaded = load(host)?;
+    for u in &loaded.unknown_keys {
+        tracing::warn!("{u}");
+    }
+    Ok(loaded.settings)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,188 @@
+use super::*;
+use crate::disk::fixture::write;
+use crate::host::DirHost;
+
+fn host(files: &[(&str, &str)]) -> (tempfile::TempDir, DirHost) {
+    let dir = tempfile::tempdir().unwrap();
+    for (path, text) in files {
+        write(dir.path(), path.trim_start_matches('/'), text);
+    }
+    let host = DirHost::new(dir.path()).unwrap();
+    (dir, host)
+}
+
+fn err(files: &[(&str, &str)]) -> String {
+    let (_d, h) = host(files);
+    format!("{:#}", load(&h).unwrap_err())
+}
+
+#[test]
+fn no_files_give_the_defaults() {
+    let (_d, h) = host(&[]);
+    let l = load(&h).unwrap();
+    assert_eq!(l.settings, Settings::default());
+    assert!(l.files.is_empty());
+    assert_eq!(l.settings.health.status_timeout, Duration::from_secs(60));
+}
+
+#[test]
+fn later_files_override_earlier_ones() {
+    let (_d, h) = host(&[
+        (
+            "/usr/lib/ballast/agent.toml",
+            "[health]\nrequired_units = [\"ssh.service\"]\ncommands = [\"true\"]\nstatus_timeout_secs = 30\n",
+        ),
+        ("/usr/lib/ballast/agent.d/10-units.toml", "[health]\nrequired_units = [\"a.service\", \"b.socket\"]\n"),
+        ("/etc/ballast/agent.d/20-cmds.toml", "[health]\ncommands = []\n"),
+        ("/run/ballast/agent.d/30-marker.toml", "[health]\nfail_marker = \"/run/fail\"\n"),
+        ("/etc/ballast/agent.d/ignored.conf", "not toml at all ["),
+    ]);
+    let l = load(&h).unwrap();
+    assert_eq!(
+        l.files,
+        vec![
+            PathBuf::from("/usr/lib/ballast/agent.toml"),
+            PathBuf::from("/usr/lib/ballast/agent.d/10-units.toml"),
+            PathBuf::from("/etc/ballast/agent.d/20-cmds.toml"),
+            PathBuf::from("/run/ballast/agent.d/30-marker.toml"),
+        ]
+    );
+    let hs = l.settings.health;
+    assert_eq!(hs.required_units, vec!["a.service", "b.socket"]);
+    assert!(hs.commands.is_empty());
+    assert_eq!(hs.fail_marker, Some(PathBuf::from("/run/fail")));
+    assert_eq!(hs.status_timeout, Duration::from_secs(30));
+    assert!(l.unknown_keys.is_empty());
+}
+
+#[test]
+fn same_name_in_a_later_dir_masks_and_order_is_by_name() {
+    let (_d, h) = host(&[
+        (
+            "/usr/lib/ballast/agent.d/50-x.toml",
+            "[health]\nstatus_timeout_secs = 1\n",
+        ),
+        (
+            "/etc/ballast/agent.d/50-x.toml",
+            "[health]\ncommands = [\"true\"]\n",
+        ),
+        // By name, 40-y applies before 50-x even though it is in /run.
+        (
+            "/run/ballast/agent.d/40-y.toml",
+            "[health]\nstatus_timeout_secs = 7\ncommands = [\"false\"]\n",
+        ),
+    ]);
+    let l = load(&h).unwrap();
+    assert_eq!(
+        l.files,
+        vec![
+            PathBuf::from("/run/ballast/agent.d/40-y.toml"),
+            PathBuf::from("/etc/ballast/agent.d/50-x.toml"),
+        ]
+    );
+    // /usr/lib's 50-x (timeout 1) is masked entirely.
+    assert_eq!(l.settings.health.status_timeout, Duration::from_secs(7));
+    assert_eq!(l.settings.health.commands, vec!["true"]);
+}
+
+#[test]
+fn unknown_keys_are_reported_with_their_file() {
+    let (_d, h) = host(&[
+        (
+            "/usr/lib/ballast/agent.toml",
+            "color = 1\n[health]\nrequired_unit = []\n[updates]\nchannel = \"x\"\n",
+        ),
+        ("/etc/ballast/agent.d/a.toml", "[health.extra]\nx = 1\n"),
+    ]);
+    let l = load(&h).unwrap();
+    let got: Vec<String> = l.unknown_keys.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        got,
+        vec![
+            "/usr/lib/ballast/agent.toml: unknown key \"color\" ignored",
+            "/usr/lib/ballast/agent.toml: unknown key \"health.required_unit\" ignored",
+            "/usr/lib/ballast/agent.toml: unknown key \"updates\" ignored",
+            "/etc/ballast/agent.d/a.toml: unknown key \"health.extra\" ignored",
+        ]
+    );
+    assert_eq!(l.settings, Settings::default());
+}
+
+#[test]
+fn bad_input_is_an_error_naming_the_file() {
+    let main = "/usr/lib/ballast/agent.toml";
+    let dropin = "/etc/ballast/agent.d/10-x.toml";
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            dropin,
+            "[health\n",
+            &["invalid TOML in /etc/ballast/agent.d/10-x.toml", "line 1"],
+        ),
+        (
+            main,
+            "[health]\ncommands = [\"a\",\n  3]\n",
+            &["invalid settings in /usr/lib/ballast/agent.toml"],
+        ),
+        (
+            dropin,
+            "[health]\n\nstatus_timeout_secs = \"5\"\n",
+            &[
+                "invalid settings in /etc/ballast/agent.d/10-x.toml",
+                "status_timeout_secs",
+            ],
+        ),
+        (
+            dropin,
+            "health = 3\n",
+            &["invalid settings in /etc/ballast/agent.d/10-x.toml"],
+        ),
+        (
+            dropin,
+            "[health]\nstatus_timeout_secs = -1\n",
+            &["invalid settings", "10-x.toml"],
+        ),
+        (
+            dropin,
+            "[health]\nstatus_timeout_secs = 99999\n",
+            &[
+                "invalid agent configuration (from /etc/ballast/agent.d/10-x.toml)",
+                "99999 is more than 3600",
+            ],
+        ),
+        (
+            main,
+            "[health]\nrequired_units = [\"ssh\"]\n",
+            &["\"ssh\" is not a unit name"],
+        ),
+        (
+            main,
+            "[health]\nrequired_units = [\"a b.service\"]\n",
+            &["is not a unit name"],
+        ),
+        (
+            main,
+            "[health]\ncommands = [\" \"]\n",
+            &["a command is empty"],
+        ),
+        (
+            main,
+            "[health]\nfail_marker = \"run/x\"\n",
+            &["run/x is not an absolute path"],
+        ),
+    ];
+    for (file, text, wants) in cases {
+        let e = err(&[(file, text)]);
+        for want in *wants {
+            assert!(e.contains(want), "{text:?}: {e:?} lacks {want:?}");
+        }
+    }
+}
+
+#[test]
+fn the_shipped_default_config_loads_cleanly() {
+    let shipped = include_str!("../../../units/ballast/agent.toml");
+    let (_d, h) = host(&[("/usr/lib/ballast/agent.toml", shipped)]);
+    let l = load(&h).unwrap();
+    assert!(l.unknown_keys.is_empty(), "{:?}", l.unknown_keys);
+    assert_eq!(l.settings.health.status_timeout, DEFAULT_STATUS_TIMEOUT);
+}
