@@ -1,1 +1,38 @@
-//! qemu-tests harness
+//! Harness for the QEMU tests: boots the image that `make test` built (see
+//! `qemu-tests/test-image.yaml`) under QEMU + OVMF and drives it over SSH.
+//!
+//! ```no_run
+//! use qemu_tests::{TestImage, Vm, VmOptions};
+//! let image = TestImage::get();
+//! let vm = Vm::boot(VmOptions::default());
+//! vm.wait_ssh_default();
+//! assert_eq!(vm.ssh_ok("uname -m").trim(), image.info.architecture);
+//! ```
+//!
+//! Every failure panics with what went wrong and the tail of the guest's
+//! serial console, because a VM test that only says "timed out" is useless.
+//!
+//! Environment:
+//! - `BALLAST_TEST_IMAGE_DIR`: directory holding `build.json` (default
+//!   `<workspace>/out/test`).
+//! - `BALLAST_QEMU_ACCEL=kvm`: use KVM instead of TCG.
+//! - `BALLAST_KEEP_VMS=1`: keep each VM's directory (overlay, console log).
+//! - `BALLAST_OVMF_CODE`, `BALLAST_OVMF_VARS`: other firmware files.
+
+mod boot_entry;
+mod console;
+mod image;
+mod monitor;
+mod net;
+mod process;
+mod ssh;
+mod vm;
+
+pub use boot_entry::{parse_boot_counter, strip_boot_counter, BootCounter};
+pub use console::tail_lines;
+pub use image::TestImage;
+pub use net::pick_free_port;
+pub use vm::{Vm, VmOptions, DEFAULT_SSH_TIMEOUT};
+
+/// One GiB, for disk sizes in tests.
+pub const GIB: u64 = 1 << 30;

@@ -1,0 +1,250 @@
+//! Boot the test image: verity root, data partition, /etc overlay, agent,
+//! boot assessment, and persistence across a reboot.
+//!
+//! Each VM boot costs about a minute under TCG, so each test checks as much
+//! as one boot can show. The harness runs the VMs one at a time.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use qemu_tests::{TestImage, Vm, VmOptions, DEFAULT_SSH_TIMEOUT, GIB};
+use serde_json::Value;
+
+/// How long first-boot work (agent start-up, health check, blessing, growing
+/// the data partition) may take after SSH is up.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[test]
+fn boots_to_agent_ready_with_verity_root_and_blessed_entry() {
+    let image = TestImage::get();
+    let vm = Vm::boot(VmOptions::default());
+    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
+
+    wait_unit_active(&vm, "os-agent.service");
+
+    // The agent is up and reports the booted slot and version from the
+    // image (osctl's StatusView: HostStatus flattened plus agent_state).
+    let mut status = Value::Null;
+    // The daemon publishes its status shortly after it reports ready.
+    poll(SETTLE_TIMEOUT, || {
+        let text = vm.ssh_ok("osctl status --json");
+        status = serde_json::from_str(&text)
+            .unwrap_or_else(|e| vm.fail(format!("osctl status --json is not JSON ({e}): {text}")));
+        status.get("agent_state").and_then(Value::as_str) == Some("running")
+    });
+    for (keys, want) in [
+        (&["agent_state"][..], "running"),
+        (&["slot"][..], "a"),
+        (
+            &["image_version", "version"][..],
+            image.info.version.as_str(),
+        ),
+        (&["root_hash"][..], image.info.root_hash.as_str()),
+    ] {
+        let got = keys
+            .iter()
+            .find_map(|k| status.get(k))
+            .and_then(Value::as_str);
+        if got != Some(want) {
+            vm.fail(format!(
+                "osctl status: {} is {got:?}, want {want:?}; status: {status:#}",
+                keys[0]
+            ));
+        }
+    }
+
+    // / is the erofs behind dm-verity, read-only.
+    let root = vm.ssh_ok("findmnt -no SOURCE,FSTYPE,OPTIONS /");
+    let fields: Vec<&str> = root.split_whitespace().collect();
+    let [source, fstype, options] = fields[..] else {
+        vm.fail(format!("findmnt / printed {root:?}"));
+    };
+    if source != "/dev/mapper/root" || fstype != "erofs" || !options.split(',').any(|o| o == "ro") {
+        vm.fail(format!("/ is {root:?}, want /dev/mapper/root erofs ro"));
+    }
+    let dm = vm.ssh_ok(
+        "dev=$(basename $(readlink -f /dev/mapper/root)) && \
+         cat /sys/block/$dev/dm/name /sys/block/$dev/dm/uuid",
+    );
+    let mut dm = dm.lines();
+    let (name, uuid) = (dm.next().unwrap_or(""), dm.next().unwrap_or(""));
+    if name != "root" || !uuid.starts_with("CRYPT-VERITY-") {
+        vm.fail(format!(
+            "/dev/mapper/root is dm {name:?} with uuid {uuid:?}; want a verity device named root"
+        ));
+    }
+    // veritysetup is optional in the image; when it is there, ask it too.
+    let verity = vm.ssh_ok(
+        "if command -v veritysetup >/dev/null; then veritysetup status root; else echo absent; fi",
+    );
+    if verity.trim() != "absent" && !verity.contains("verified") {
+        vm.fail(format!("veritysetup status root:\n{verity}"));
+    }
+    let cmdline = vm.ssh_ok("cat /proc/cmdline");
+    let want_hash = format!("roothash={}", image.info.root_hash);
+    if !cmdline.split_whitespace().any(|arg| arg == want_hash) {
+        vm.fail(format!("kernel command line lacks {want_hash}: {cmdline}"));
+    }
+    let touch = vm.ssh("touch /");
+    let touch_err = String::from_utf8_lossy(&touch.stderr);
+    if touch.status.success() || !touch_err.contains("Read-only file system") {
+        vm.fail(format!(
+            "`touch /` should fail with EROFS: {} {touch_err}",
+            touch.status
+        ));
+    }
+
+    // /var is the ext4 data partition, /etc an overlay.
+    let var = vm.ssh_ok(
+        "echo $(readlink -f $(findmnt -no SOURCE /var)) $(findmnt -no FSTYPE /var) \
+         $(readlink -f /dev/disk/by-partlabel/data)",
+    );
+    let fields: Vec<&str> = var.split_whitespace().collect();
+    match fields[..] {
+        [source, "ext4", data] if source == data => {}
+        _ => vm.fail(format!(
+            "/var is {var:?}; want `<dev> ext4 <dev>` (ext4 on partlabel data)"
+        )),
+    }
+    let etc = vm.ssh_ok("findmnt -no FSTYPE /etc");
+    if etc.trim() != "overlay" {
+        vm.fail(format!("/etc is {etc:?}, want overlay"));
+    }
+
+    // Boot assessment: the health check passes and systemd-bless-boot
+    // renames the entry to drop its counter.
+    wait_unit_active(&vm, "ballast-health.service");
+    let blessed = image.blessed_uki_entry();
+    let mut listing = String::new();
+    poll(SETTLE_TIMEOUT, || {
+        listing = vm.ssh_ok("ls /efi/EFI/Linux/");
+        listing.lines().any(|f| f == blessed)
+    })
+    .unwrap_or_else(|| {
+        vm.fail(format!(
+            "entry not blessed within {SETTLE_TIMEOUT:?}: /efi/EFI/Linux has {listing:?}, \
+             want {blessed}; systemd-bless-boot:\n{}",
+            unit_report(&vm, "systemd-bless-boot.service")
+        ))
+    });
+    if listing.lines().any(|f| f != blessed && f.contains('+')) {
+        vm.fail(format!(
+            "counted entries left beside {blessed}: {listing:?}"
+        ));
+    }
+}
+
+#[test]
+fn data_partition_grows_and_var_and_etc_survive_reboot() {
+    let image = TestImage::get();
+    let built_data = image.partition("data").size;
+    let vm = Vm::boot(VmOptions {
+        disk_size: Some(image.info.disk.size + 2 * GIB),
+        ..VmOptions::default()
+    });
+    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
+
+    // The partition and the filesystem on it grow on first boot.
+    let want = built_data + GIB * 3 / 2;
+    let mut sizes = (0, 0);
+    poll(SETTLE_TIMEOUT, || {
+        sizes = data_sizes(&vm);
+        sizes.0 >= want && sizes.1 >= want
+    })
+    .unwrap_or_else(|| {
+        vm.fail(format!(
+            "data did not grow: partition {} B, /var filesystem {} B; built {built_data} B, \
+             want at least {want} B",
+            sizes.0, sizes.1
+        ))
+    });
+
+    let token = format!(
+        "{}",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    );
+    vm.ssh_ok(&format!(
+        "mkdir -p /var/lib/ballast-test && echo var-{token} > /var/lib/ballast-test/marker && \
+         echo etc-{token} > /etc/ballast-test.conf && sync"
+    ));
+    let machine_id = vm.ssh_ok("cat /etc/machine-id");
+    if machine_id.trim().len() != 32 {
+        vm.fail(format!("/etc/machine-id is {machine_id:?}"));
+    }
+
+    vm.reboot();
+
+    let after =
+        vm.ssh_ok("cat /var/lib/ballast-test/marker /etc/ballast-test.conf /etc/machine-id");
+    let want_after = format!("var-{token}\netc-{token}\n{}", machine_id.trim());
+    if after.trim() != want_after {
+        vm.fail(format!(
+            "state lost across reboot: got {after:?}, want {want_after:?}"
+        ));
+    }
+    let (part, fs) = data_sizes(&vm);
+    if part < want || fs < want {
+        vm.fail(format!(
+            "data shrank after reboot: partition {part} B, filesystem {fs} B"
+        ));
+    }
+}
+
+/// (partition size, /var filesystem size) in bytes.
+fn data_sizes(vm: &Vm) -> (u64, u64) {
+    let out = vm.ssh_ok(
+        "lsblk -bno SIZE /dev/disk/by-partlabel/data && df -B1 --output=size /var | tail -n 1",
+    );
+    let numbers: Vec<u64> = out
+        .split_whitespace()
+        .map(|n| {
+            n.parse()
+                .unwrap_or_else(|e| vm.fail(format!("size {n:?} in {out:?}: {e}")))
+        })
+        .collect();
+    match numbers[..] {
+        [part, fs] => (part, fs),
+        _ => vm.fail(format!("expected two sizes, got {out:?}")),
+    }
+}
+
+/// Waits until `unit` is active; a failure shows its status and journal.
+fn wait_unit_active(vm: &Vm, unit: &str) {
+    let mut state = String::new();
+    poll(SETTLE_TIMEOUT, || {
+        let out = vm.ssh(&format!("systemctl is-active {unit}"));
+        state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        // Failed units do not recover by waiting.
+        state == "active" || state == "failed"
+    });
+    if state != "active" {
+        vm.fail(format!(
+            "{unit} is {state:?}, want active:\n{}",
+            unit_report(vm, unit)
+        ));
+    }
+}
+
+fn unit_report(vm: &Vm, unit: &str) -> String {
+    let out = vm.ssh(&format!(
+        "systemctl status --no-pager -l {unit}; journalctl -b --no-pager -n 40 -u {unit}"
+    ));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Calls `ready` every 2 s until it returns true (`Some`) or `timeout`
+/// passes (`None`).
+fn poll(timeout: Duration, mut ready: impl FnMut() -> bool) -> Option<()> {
+    let started = Instant::now();
+    loop {
+        if ready() {
+            return Some(());
+        }
+        if started.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
