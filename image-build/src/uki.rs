@@ -21,6 +21,7 @@ pub struct PeInfo {
     pub section_alignment: u32,
     pub size_of_image: u32,
     pub timestamp_offset: usize,
+    pub checksum_offset: usize,
     pub sections: Vec<Section>,
 }
 
@@ -80,6 +81,7 @@ pub fn parse_pe(b: &[u8]) -> Result<PeInfo> {
         section_alignment,
         size_of_image,
         timestamp_offset: coff + 4,
+        checksum_offset: opt + 64,
         sections,
     })
 }
@@ -137,9 +139,29 @@ pub fn assemble(stage: &Stage, p: &UkiParts, out: &Path, work: &Path) -> Result<
     let built = parse_pe(&bytes)?;
     let ts = (p.epoch.min(u32::MAX as u64) as u32).to_le_bytes();
     bytes[built.timestamp_offset..built.timestamp_offset + 4].copy_from_slice(&ts);
+    let sum = pe_checksum(&bytes, built.checksum_offset).to_le_bytes();
+    bytes[built.checksum_offset..built.checksum_offset + 4].copy_from_slice(&sum);
     std::fs::write(&tmp, &bytes)?;
     std::fs::rename(&tmp, out)?;
     Ok(())
+}
+
+/// The PE image checksum (as IMAGEHLP's CheckSumMappedFile): 16-bit one's
+/// complement sum of the file with the checksum field taken as zero, plus the
+/// file's length.
+pub fn pe_checksum(bytes: &[u8], checksum_offset: usize) -> u32 {
+    let mut sum: u64 = 0;
+    for (i, chunk) in bytes.chunks(2).enumerate() {
+        let off = i * 2;
+        if off >= checksum_offset && off < checksum_offset + 4 {
+            continue;
+        }
+        let word = u16::from_le_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]) as u64;
+        sum += word;
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    (sum as u32).wrapping_add(bytes.len() as u32)
 }
 
 /// The kernel command line of a slot's UKI. The root hash names the
@@ -239,6 +261,12 @@ mod tests {
         );
 
         let info = parse_pe(&a).unwrap();
+        let stored = u32::from_le_bytes(
+            a[info.checksum_offset..info.checksum_offset + 4]
+                .try_into()
+                .unwrap(),
+        );
+        assert_eq!(stored, pe_checksum(&a, info.checksum_offset), "PE checksum");
         let names: Vec<_> = info.sections.iter().map(|s| s.name.as_str()).collect();
         for want in [".osrel", ".cmdline", ".initrd", ".linux"] {
             assert!(names.contains(&want), "{want} missing in {names:?}");
