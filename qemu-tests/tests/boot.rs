@@ -192,6 +192,83 @@ fn data_partition_grows_and_var_and_etc_survive_reboot() {
     }
 }
 
+/// A boot whose health check fails is not blessed: its entry keeps the
+/// counter systemd-boot decremented. Once the check passes again, the next
+/// boot is blessed.
+#[test]
+fn failed_health_check_leaves_the_entry_unblessed() {
+    let image = TestImage::get();
+    let blessed = image.blessed_uki_entry();
+    let counted = image.info.uki_entry.clone();
+    let vm = Vm::boot(VmOptions::default());
+    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
+    wait_listing(&vm, &blessed, "the first boot was not blessed");
+
+    // Give the entry its three tries back and make the health check fail.
+    vm.ssh_ok(&format!(
+        "mv /efi/EFI/Linux/{blessed} /efi/EFI/Linux/{counted} && \
+         printf '[health]\\nfail_marker = \"/var/lib/ballast/fail-health\"\\n' \
+           > /etc/ballast/agent.d/90-test-fail.toml && \
+         touch /var/lib/ballast/fail-health && sync"
+    ));
+    vm.reboot();
+
+    wait_unit_failed(&vm, "ballast-health.service");
+    let tried = counted.replace("+3.efi", "+2-1.efi");
+    wait_listing(&vm, &tried, "systemd-boot did not count the try");
+    // Give bless-boot a chance to (wrongly) run, then check it did not.
+    std::thread::sleep(Duration::from_secs(10));
+    let listing = vm.ssh_ok("ls /efi/EFI/Linux/");
+    if listing.lines().any(|f| f == blessed) {
+        vm.fail(format!(
+            "entry blessed although the health check failed: {listing:?}"
+        ));
+    }
+    let health = vm.ssh("os-agent health-check");
+    let stderr = String::from_utf8_lossy(&health.stderr);
+    if health.status.success() || !stderr.contains("fail-marker") {
+        vm.fail(format!(
+            "health-check should fail naming fail-marker: {stderr}"
+        ));
+    }
+
+    vm.ssh_ok("rm /var/lib/ballast/fail-health /etc/ballast/agent.d/90-test-fail.toml && sync");
+    vm.reboot();
+    wait_unit_active(&vm, "ballast-health.service");
+    wait_listing(&vm, &blessed, "the healthy boot was not blessed");
+}
+
+/// Waits until /efi/EFI/Linux holds exactly `want`.
+fn wait_listing(vm: &Vm, want: &str, what: &str) {
+    let mut listing = String::new();
+    poll(SETTLE_TIMEOUT, || {
+        listing = vm.ssh_ok("ls /efi/EFI/Linux/");
+        listing.trim() == want
+    })
+    .unwrap_or_else(|| {
+        vm.fail(format!(
+            "{what}: /efi/EFI/Linux has {listing:?}, want {want:?}; systemd-bless-boot:\n{}",
+            unit_report(vm, "systemd-bless-boot.service")
+        ))
+    });
+}
+
+/// Waits until `unit` has failed.
+fn wait_unit_failed(vm: &Vm, unit: &str) {
+    let mut state = String::new();
+    poll(SETTLE_TIMEOUT, || {
+        let out = vm.ssh(&format!("systemctl is-active {unit}"));
+        state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        state == "failed" || state == "active"
+    });
+    if state != "failed" {
+        vm.fail(format!(
+            "{unit} is {state:?}, want failed:\n{}",
+            unit_report(vm, unit)
+        ));
+    }
+}
+
 /// (partition size, /var filesystem size) in bytes.
 fn data_sizes(vm: &Vm) -> (u64, u64) {
     let out = vm.ssh_ok(
