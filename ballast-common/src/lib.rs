@@ -3,8 +3,11 @@
 
 pub mod build_info;
 pub mod gpt;
+pub mod keys;
+pub mod manifest;
 pub mod os_release;
 pub mod verity;
+pub mod version;
 
 /// Partition type GUIDs from the Discoverable Partitions Specification.
 pub mod part_type {
