@@ -173,6 +173,48 @@ fn superblock(params: &Params, data_blocks: u64) -> Vec<u8> {
     sb
 }
 
+/// The parameters stored in a hash area's superblock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    pub uuid: Uuid,
+    pub salt: Vec<u8>,
+    pub data_blocks: u64,
+}
+
+/// Reads the superblock at the start of a hash area written by [`TreeBuilder`]
+/// or `veritysetup format`.
+pub fn read_superblock(area: &[u8]) -> io::Result<Superblock> {
+    let bad = |m: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("verity superblock: {m}"),
+        )
+    };
+    if area.len() < 512 || &area[0..8] != b"verity\0\0" {
+        return Err(bad("no signature"));
+    }
+    let u32_at = |o: usize| u32::from_le_bytes([area[o], area[o + 1], area[o + 2], area[o + 3]]);
+    if u32_at(8) != 1 || u32_at(12) != 1 {
+        return Err(bad("unsupported version or hash type"));
+    }
+    if &area[32..39] != b"sha256\0" || u32_at(64) != BLOCK as u32 || u32_at(68) != BLOCK as u32 {
+        return Err(bad("not sha256 with 4096-byte blocks"));
+    }
+    let mut blocks = [0u8; 8];
+    blocks.copy_from_slice(&area[72..80]);
+    let salt_len = u16::from_le_bytes([area[80], area[81]]) as usize;
+    if salt_len > 256 {
+        return Err(bad("salt longer than 256 bytes"));
+    }
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&area[16..32]);
+    Ok(Superblock {
+        uuid: Uuid::from_bytes(uuid),
+        salt: area[88..88 + salt_len].to_vec(),
+        data_blocks: u64::from_le_bytes(blocks),
+    })
+}
+
 /// Size of the hash area (superblock included) for `data_blocks` blocks.
 pub fn hash_area_size(data_blocks: u64) -> u64 {
     let mut total = 1; // superblock
@@ -260,6 +302,23 @@ mod tests {
             assert!(tree.hash_area == hash, "{blocks} blocks: hash areas differ");
             assert_eq!(hash_area_size(blocks as u64), hash.len() as u64);
         }
+    }
+
+    #[test]
+    fn superblock_reads_back() {
+        let d = data(300);
+        let (_, hash) = veritysetup(&d);
+        let sb = read_superblock(&hash).unwrap();
+        assert_eq!(
+            sb,
+            Superblock {
+                uuid: params().uuid,
+                salt: params().salt,
+                data_blocks: 300
+            }
+        );
+        assert!(read_superblock(&[0u8; 4096]).is_err());
+        assert!(read_superblock(b"short").is_err());
     }
 
     #[test]

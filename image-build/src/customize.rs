@@ -36,6 +36,7 @@ pub fn customize(stage: &Stage, root: &Path, work: &Path, inp: &Inputs) -> Resul
     )?;
     write_os_release(root, &inp.spec.spec.name, &inp.spec.spec.version)?;
     install_files(root, inp.spec)?;
+    install_trusted_keys(root, inp.spec)?;
     forget_machine(root)?;
     enable_units(stage, root, inp.units_dir)?;
     std::fs::create_dir_all(root.join("efi"))?;
@@ -128,6 +129,22 @@ fn install_files(root: &Path, spec: &LoadedSpec) -> Result<()> {
         std::fs::write(&dst, data)
             .with_context(|| format!("files[{i}]: cannot write {}", f.path))?;
         std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(parse_mode(&f.mode)?))?;
+    }
+    Ok(())
+}
+
+/// Installs the spec's trusted update keys as /usr/lib/ballast/keys/<key id>.pub.
+fn install_trusted_keys(root: &Path, spec: &LoadedSpec) -> Result<()> {
+    let base = spec.path.parent().unwrap_or(Path::new("."));
+    let dir = root.join("usr/lib/ballast/keys");
+    std::fs::create_dir_all(&dir)?;
+    for (i, rel) in spec.spec.update.trusted_keys.iter().enumerate() {
+        let p = base.join(rel);
+        let text = std::fs::read_to_string(&p)
+            .with_context(|| format!("update.trusted_keys[{i}]: cannot read {}", p.display()))?;
+        let key = ballast_common::keys::PublicKey::parse(&text)
+            .with_context(|| format!("update.trusted_keys[{i}]: {}", p.display()))?;
+        std::fs::write(dir.join(format!("{}.pub", key.key_id())), key.to_text())?;
     }
     Ok(())
 }

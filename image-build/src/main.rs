@@ -30,6 +30,34 @@ enum Cmd {
         #[arg(long, default_value = "units")]
         units_dir: PathBuf,
     },
+    /// Make an ed25519 key pair for signing releases: <out>/<name>.secret and <out>/<name>.pub.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "release")]
+        name: String,
+    },
+    /// Publish a build into a channel directory: content-addressed payloads and the signed manifest.
+    Release {
+        /// Output directory of `image-build build` (holds build.json).
+        #[arg(long)]
+        build: PathBuf,
+        /// The channel directory (served as static files).
+        #[arg(long)]
+        channel_dir: PathBuf,
+        /// Channel name, e.g. stable.
+        #[arg(long)]
+        channel: String,
+        /// Secret key to sign with; repeat to sign with several (key rotation).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// Spread the rollout over this many hours (0: every host at once).
+        #[arg(long, default_value_t = 0.0)]
+        rollout_hours: f64,
+        /// Days until the manifest expires; republish before then.
+        #[arg(long, default_value_t = 30)]
+        expires_days: u64,
+    },
     /// Check a spec and print it with defaults filled in.
     Validate {
         #[arg(long, default_value = "configs/image.yaml")]
@@ -78,6 +106,45 @@ fn run(cli: Cli) -> Result<()> {
                 info.version,
                 output.join(&info.images.raw).display(),
                 info.root_hash
+            );
+            Ok(())
+        }
+        Cmd::Keygen { out, name } => {
+            let (secret, public) = image_build::release::keygen(&out, &name)?;
+            println!(
+                "secret key: {}\npublic key: {}",
+                secret.display(),
+                public.display()
+            );
+            Ok(())
+        }
+        Cmd::Release {
+            build,
+            channel_dir,
+            channel,
+            keys,
+            rollout_hours,
+            expires_days,
+        } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            let m = image_build::release::release(&image_build::release::ReleaseOptions {
+                build_dir: &build,
+                channel_dir: &channel_dir,
+                channel: &channel,
+                keys: &keys,
+                rollout_hours,
+                expires_days,
+                now,
+            })?;
+            println!(
+                "published {} {} to channel {} (sequence {}) in {}",
+                m.name,
+                m.version,
+                m.channel,
+                m.sequence,
+                channel_dir.display()
             );
             Ok(())
         }

@@ -42,6 +42,8 @@ pub struct Spec {
     /// Extra files placed in the root filesystem.
     #[serde(default)]
     pub files: Vec<FileSpec>,
+    #[serde(default)]
+    pub update: UpdateSpec,
     /// zstd level of the root payload an update channel serves (1-22).
     #[serde(default = "default_zstd_level")]
     pub payload_zstd_level: i32,
@@ -98,6 +100,16 @@ impl Default for Partitions {
             data_mib: default_data(),
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSpec {
+    /// Public keys (files made by `image-build keygen`, relative to the spec)
+    /// whose signatures the host accepts on update channels. Several allowed,
+    /// so keys can rotate.
+    #[serde(default)]
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
