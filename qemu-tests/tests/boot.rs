@@ -253,22 +253,6 @@ fn wait_listing(vm: &Vm, want: &str, what: &str) {
     });
 }
 
-/// Waits until `unit` has failed.
-fn wait_unit_failed(vm: &Vm, unit: &str) {
-    let mut state = String::new();
-    poll(SETTLE_TIMEOUT, || {
-        let out = vm.ssh(&format!("systemctl is-active {unit}"));
-        state = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        state == "failed" || state == "active"
-    });
-    if state != "failed" {
-        vm.fail(format!(
-            "{unit} is {state:?}, want failed:\n{}",
-            unit_report(vm, unit)
-        ));
-    }
-}
-
 /// (partition size, /var filesystem size) in bytes.
 fn data_sizes(vm: &Vm) -> (u64, u64) {
     let out = vm.ssh_ok(
@@ -289,16 +273,26 @@ fn data_sizes(vm: &Vm) -> (u64, u64) {
 
 /// Waits until `unit` is active; a failure shows its status and journal.
 fn wait_unit_active(vm: &Vm, unit: &str) {
+    wait_unit_state(vm, unit, "active");
+}
+
+/// Waits until `unit` has failed.
+fn wait_unit_failed(vm: &Vm, unit: &str) {
+    wait_unit_state(vm, unit, "failed");
+}
+
+/// Waits until `unit` settles as active or failed, and requires `want`.
+fn wait_unit_state(vm: &Vm, unit: &str, want: &str) {
     let mut state = String::new();
     poll(SETTLE_TIMEOUT, || {
         let out = vm.ssh(&format!("systemctl is-active {unit}"));
         state = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        // Failed units do not recover by waiting.
+        // Neither state changes by waiting longer.
         state == "active" || state == "failed"
     });
-    if state != "active" {
+    if state != want {
         vm.fail(format!(
-            "{unit} is {state:?}, want active:\n{}",
+            "{unit} is {state:?}, want {want}:\n{}",
             unit_report(vm, unit)
         ));
     }
