@@ -45,6 +45,7 @@ pub fn customize(stage: &Stage, root: &Path, work: &Path, inp: &Inputs) -> Resul
     if var_seed.exists() {
         std::fs::remove_dir_all(&var_seed)?;
     }
+    move_homes_to_var(root)?;
     std::fs::create_dir_all(root.join("var/lib/ballast/etc/upper"))?;
     std::fs::create_dir_all(root.join("var/lib/ballast/etc/work"))?;
     std::fs::rename(root.join("var"), &var_seed)
@@ -55,6 +56,31 @@ pub fn customize(stage: &Stage, root: &Path, work: &Path, inp: &Inputs) -> Resul
         vmlinuz,
         var_seed,
     })
+}
+
+/// /root and /home must be writable (users, SSH keys), and the root is not:
+/// they become links into /var, as on Fedora CoreOS. What the image puts there
+/// seeds the data partition of a fresh disk.
+fn move_homes_to_var(root: &Path) -> Result<()> {
+    for (dir, target, mode) in [("root", "var/roothome", 0o700), ("home", "var/home", 0o755)] {
+        let src = root.join(dir);
+        let dst = root.join(target);
+        if src.is_symlink() {
+            continue;
+        }
+        if dst.exists() {
+            std::fs::remove_dir_all(&dst)?;
+        }
+        if src.is_dir() {
+            std::fs::rename(&src, &dst)
+                .with_context(|| format!("cannot move /{dir} to /{target}"))?;
+        } else {
+            std::fs::create_dir_all(&dst)?;
+        }
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode))?;
+        std::os::unix::fs::symlink(target, &src)?;
+    }
+    Ok(())
 }
 
 fn install_agent(root: &Path, agent_dir: &Path) -> Result<()> {
