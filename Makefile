@@ -8,17 +8,19 @@ SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || date +%s)
 export SOURCE_DATE_EPOCH
 
 # Host packages: image building, QEMU + OVMF for the tests and `make run`,
-# systemd-boot-efi for the UKI unit tests, cryptsetup-bin for the verity tests.
+# systemd-boot-efi for the UKI unit tests, cryptsetup-bin for the verity tests,
+# cloud-image-utils (cloud-localds, pulls genisoimage) for the provisioning tests,
+# netcat-openbsd to forward the guest's update channel connections to the host.
 HOST_PACKAGES := mmdebstrap erofs-utils cryptsetup-bin dosfstools mtools binutils \
 	e2fsprogs fdisk qemu-utils qemu-system-x86 ovmf systemd-boot-efi openssh-client \
-	zstd ca-certificates
+	zstd ca-certificates cloud-image-utils netcat-openbsd
 
 IMAGE_SPEC ?= configs/image.yaml
 OUT ?= out
 TEST_OUT ?= out/test
 IMAGE_BUILD := target/release/image-build
 
-.PHONY: deps build image test-image test unit-test qemu-test run lint clean
+.PHONY: deps build image test-image test unit-test qemu-test run lint bench clean
 
 deps:
 	@missing=$$(for p in $(HOST_PACKAGES); do \
@@ -37,8 +39,13 @@ build: deps
 image: build
 	$(IMAGE_BUILD) build --config $(IMAGE_SPEC) --output $(OUT)
 
+# The test image, and the releases the update tests publish to it
+# (qemu-tests/tests/update.rs): 0.2.0, 0.3.0 and 0.1.1 whose health check fails.
 test-image: build
 	$(IMAGE_BUILD) build --config qemu-tests/test-image.yaml --output $(TEST_OUT)
+	for v in v2 v3 bad; do \
+		$(IMAGE_BUILD) build --config qemu-tests/test-image-$$v.yaml --output $(TEST_OUT)-$$v || exit 1; \
+	done
 
 unit-test: deps
 	$(CARGO) test --locked --workspace --exclude qemu-tests
@@ -47,6 +54,12 @@ qemu-test: test-image
 	BALLAST_TEST_IMAGE_DIR=$(abspath $(TEST_OUT)) $(CARGO) test --locked -p qemu-tests -- --test-threads=1
 
 test: unit-test qemu-test
+
+# Benchmarks print their figures and ratios; they assert nothing.
+bench: deps
+	@command -v curl >/dev/null || apt-get install -y -q curl
+	$(CARGO) build --release --locked -p ballast-bench
+	target/release/update-throughput 256
 
 lint:
 	$(CARGO) fmt --all --check

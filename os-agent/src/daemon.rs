@@ -1,11 +1,15 @@
 //! `os-agent daemon`: publish the host's status, tell systemd we are ready,
-//! and stay up until asked to stop.
+//! then run the update loop until asked to stop.
 
 use crate::host::Host;
 use crate::status::{self, HostStatus};
+use crate::update::{agent, fleet_lock::NoopLock};
 use anyhow::{Context, Result};
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::Instant;
 
 /// The line the daemon logs once it knows what it booted.
 pub fn booted_line(s: &HostStatus) -> String {
@@ -38,13 +42,52 @@ async fn wait_for_stop() -> Result<&'static str> {
     })
 }
 
+/// Polls the update channel on the configured interval with jitter; in
+/// between, wakes up now and then to follow the boot's assessment and the
+/// reboot strategy. The first check comes a random part of the jitter after
+/// start, so a fleet booted together does not poll together.
+async fn update_loop(host: Arc<dyn Host + Send + Sync>) {
+    let settings = crate::config::load_and_warn(&*host).map(|s| s.update);
+    let first = settings
+        .as_ref()
+        .map(|s| agent::random_up_to(s.jitter))
+        .unwrap_or(agent::IDLE_POLL);
+    let mut next_check = Instant::now() + first;
+    loop {
+        let due = Instant::now() >= next_check;
+        let h = host.clone();
+        let result = tokio::task::spawn_blocking(move || agent::tick(&*h, &NoopLock, due)).await;
+        let wake_in = match result {
+            Ok(Ok(t)) => {
+                if t.checked {
+                    next_check = Instant::now() + t.interval + agent::random_up_to(t.jitter);
+                }
+                t.wake_in
+            }
+            Ok(Err(e)) => {
+                tracing::error!("update loop: {e:#}");
+                if due {
+                    next_check = Instant::now() + agent::IDLE_POLL * 10;
+                }
+                agent::IDLE_POLL
+            }
+            Err(e) => {
+                tracing::error!("update loop: the blocking task failed: {e}");
+                agent::IDLE_POLL
+            }
+        };
+        let until_check = next_check.saturating_duration_since(Instant::now());
+        tokio::time::sleep(wake_in.min(until_check).max(Duration::from_secs(1))).await;
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
-pub fn run(host: &dyn Host) -> Result<()> {
+pub fn run(host: Arc<dyn Host + Send + Sync>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    let s = start(host)?;
+    let s = start(&*host)?;
     sd_notify::notify(
         false,
         &[
@@ -53,13 +96,18 @@ pub fn run(host: &dyn Host) -> Result<()> {
         ],
     )
     .context("cannot notify systemd that the agent is ready")?;
+    let updates = rt.spawn(update_loop(host.clone()));
     let why = rt.block_on(wait_for_stop())?;
+    updates.abort();
     tracing::info!("stopping on {why}");
     sd_notify::notify(false, &[sd_notify::NotifyState::Stopping])
         .context("cannot notify systemd that the agent is stopping")?;
     // A status file without a running daemon would tell osctl a stale story.
     host.remove_file(Path::new(status::STATUS_FILE))
         .with_context(|| format!("cannot remove {}", status::STATUS_FILE))?;
+    // An update being written is abandoned: the slot is not bootable until it
+    // verified, and the next start sees it was interrupted.
+    rt.shutdown_timeout(Duration::from_secs(5));
     Ok(())
 }
 

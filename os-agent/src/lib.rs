@@ -10,7 +10,9 @@ pub mod host;
 pub mod logging;
 pub mod mountinfo;
 pub mod osctl;
+pub mod provision;
 pub mod status;
+pub mod update;
 
 /// Prints an error and every cause under it, one per line, to stderr.
 pub fn print_error_chain(e: &anyhow::Error) {

@@ -25,6 +25,9 @@ pub struct StatusView {
     /// Why status.json could not be used, when it could not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_error: Option<String>,
+    /// The update engine's state.json (see `osctl update status`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update: Option<crate::update::store::UpdateState>,
 }
 
 fn process_is_agent(host: &dyn Host, pid: u32) -> Result<bool> {
@@ -37,6 +40,12 @@ fn process_is_agent(host: &dyn Host, pid: u32) -> Result<bool> {
 
 /// Builds the view: from status.json if usable, else gathered here.
 pub fn view(host: &dyn Host) -> Result<StatusView> {
+    let mut v = view_status(host)?;
+    v.update = Some(crate::update::store::load(host)?);
+    Ok(v)
+}
+
+fn view_status(host: &dyn Host) -> Result<StatusView> {
     match status::read_published(host) {
         Ok(Some(s)) => {
             let alive = match s.agent_pid {
@@ -51,17 +60,20 @@ pub fn view(host: &dyn Host) -> Result<StatusView> {
                     AgentState::Stale
                 },
                 agent_error: None,
+                update: None,
             })
         }
         Ok(None) => Ok(StatusView {
             status: status::gather(host)?,
             agent_state: AgentState::NotRunning,
             agent_error: None,
+            update: None,
         }),
         Err(e) => Ok(StatusView {
             status: status::gather(host)?,
             agent_state: AgentState::NotRunning,
             agent_error: Some(format!("{e:#}")),
+            update: None,
         }),
     }
 }
@@ -102,6 +114,9 @@ pub fn render(v: &StatusView) -> String {
     line("Agent", &agent);
     if let Some(e) = &v.agent_error {
         line("Agent error", e);
+    }
+    if let Some(u) = &v.update {
+        out.push_str(&crate::update::cli::render_status(u));
     }
     out
 }

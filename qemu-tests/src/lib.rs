@@ -20,18 +20,22 @@
 //! - `BALLAST_OVMF_CODE`, `BALLAST_OVMF_VARS`: other firmware files.
 
 mod boot_entry;
+mod channel;
 mod console;
 mod image;
 mod monitor;
 mod net;
 mod process;
+mod seed;
 mod ssh;
 mod vm;
 
 pub use boot_entry::{parse_boot_counter, strip_boot_counter, BootCounter};
+pub use channel::{image_build, update_build, ChannelServer, GUEST_CHANNEL_URL, TEST_KEY};
 pub use console::tail_lines;
 pub use image::TestImage;
 pub use net::pick_free_port;
+pub use seed::{fixture_public_key, user_with_fixture_key, FwCfg, Seed, UserData};
 pub use vm::{Vm, VmOptions, DEFAULT_SSH_TIMEOUT};
 
 /// One GiB, for disk sizes in tests.

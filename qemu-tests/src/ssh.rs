@@ -1,4 +1,5 @@
-//! SSH to the guest as root with the test fixture key.
+//! SSH to the guest with the test fixture key: as root (the test image
+//! trusts the key), or as a user provisioning gave the key to.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,11 @@ impl Ssh {
 
     /// `ssh ... root@127.0.0.1 -- <remote>`; the remote shell runs `remote`.
     pub(crate) fn command(&self, remote: &str) -> Command {
+        self.command_as("root", remote)
+    }
+
+    /// `ssh ... <user>@127.0.0.1 -- <remote>`.
+    pub(crate) fn command_as(&self, user: &str, remote: &str) -> Command {
         let mut cmd = Command::new("ssh");
         cmd.arg("-F")
             .arg("/dev/null")
@@ -52,7 +58,7 @@ impl Ssh {
         ] {
             cmd.arg("-o").arg(opt);
         }
-        cmd.arg("root@127.0.0.1").arg("--").arg(remote);
+        cmd.arg(format!("{user}@127.0.0.1")).arg("--").arg(remote);
         cmd
     }
 }
@@ -74,5 +80,12 @@ mod tests {
             .collect();
         assert!(args.windows(2).any(|w| w == ["-p", "2222"]), "{args:?}");
         assert_eq!(args.last().map(String::as_str), Some("true"));
+        assert!(args.iter().any(|a| a == "root@127.0.0.1"), "{args:?}");
+        let args: Vec<_> = ssh
+            .command_as("alice", "id")
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(args.iter().any(|a| a == "alice@127.0.0.1"), "{args:?}");
     }
 }

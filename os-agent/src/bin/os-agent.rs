@@ -4,8 +4,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use os_agent::disk::grow::{self, Step};
 use os_agent::host::RealHost;
+use os_agent::provision::{self, Outcome};
 use os_agent::{config, daemon, health, logging};
 use std::process::ExitCode;
+use std::time::SystemTime;
 
 /// The Ballast host agent.
 #[derive(Parser)]
@@ -24,6 +26,10 @@ enum Command {
     HealthCheck,
     /// Grow the data partition and its filesystem to fill the disk.
     GrowData,
+    /// Apply user data (cloud-config) from the kernel command line's
+    /// ballast.config_url=, QEMU fw_cfg or a NoCloud seed, once per instance
+    /// id; exits non-zero if the data could not be read, was invalid or failed.
+    Provision,
 }
 
 fn health_check() -> Result<ExitCode> {
@@ -44,6 +50,12 @@ fn health_check() -> Result<ExitCode> {
             .map(|(n, why)| format!("{n}: {why}"))
             .collect();
         tracing::error!("health check failed: {}", failed.join("; "));
+        match health::after_failure(&RealHost)? {
+            health::OnFailure::Rebooting => tracing::error!(
+                "this boot is on trial: rebooting so systemd-boot takes the next try"
+            ),
+            health::OnFailure::Stay(why) => tracing::warn!("not rebooting: {why}"),
+        }
         Ok(ExitCode::FAILURE)
     }
 }
@@ -73,13 +85,40 @@ fn grow_data() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn provision() -> Result<ExitCode> {
+    let outcome = provision::run(&RealHost, SystemTime::now())?;
+    // Details are in the journal (logged as they happened) and in
+    // `osctl provision status`; this is the one-line summary.
+    match &outcome {
+        Outcome::NoUserData => println!("no user data"),
+        Outcome::SourceError(e) => eprintln!("user data source failed: {e}"),
+        Outcome::Invalid { instance_id, error } => {
+            eprintln!("user data for instance {instance_id} is invalid, nothing applied: {error}")
+        }
+        Outcome::Applied { instance_id } => println!("instance {instance_id} provisioned"),
+        Outcome::Failed { instance_id, error } => {
+            eprintln!("provisioning instance {instance_id} failed: {error}")
+        }
+        Outcome::AlreadyApplied { instance_id, error } => match error {
+            None => println!("instance {instance_id} was provisioned before; ran bootcmd"),
+            Some(e) => eprintln!("instance {instance_id}: bootcmd failed: {e}"),
+        },
+    }
+    Ok(if outcome.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init("info");
     let result = match cli.command {
-        Command::Daemon => daemon::run(&RealHost).map(|()| ExitCode::SUCCESS),
+        Command::Daemon => daemon::run(std::sync::Arc::new(RealHost)).map(|()| ExitCode::SUCCESS),
         Command::HealthCheck => health_check(),
         Command::GrowData => grow_data(),
+        Command::Provision => provision(),
     };
     match result {
         Ok(code) => code,

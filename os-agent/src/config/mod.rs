@@ -6,6 +6,9 @@
 //! the key and the file, so a newer config does not break an older agent.
 
 pub mod files;
+pub mod update;
+
+pub use update::{Strategy, UpdateSettings};
 
 use crate::host::Host;
 use anyhow::{bail, Context, Result};
@@ -21,6 +24,7 @@ const MAX_STATUS_TIMEOUT_SECS: u64 = 3600;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     pub health: HealthSettings,
+    pub update: UpdateSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +48,7 @@ impl Default for Settings {
                 fail_marker: None,
                 status_timeout: DEFAULT_STATUS_TIMEOUT,
             },
+            update: UpdateSettings::default(),
         }
     }
 }
@@ -53,6 +58,8 @@ impl Default for Settings {
 struct Partial {
     #[serde(default)]
     health: PartialHealth,
+    #[serde(default)]
+    update: update::PartialUpdate,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,7 +112,7 @@ fn unknown_keys(table: &toml::Table, prefix: &str, file: &Path, out: &mut Vec<Un
         } else {
             format!("{prefix}.{k}")
         };
-        if !KNOWN_KEYS.contains(&key.as_str()) {
+        if !KNOWN_KEYS.contains(&key.as_str()) && !update::KNOWN_KEYS.contains(&key.as_str()) {
             out.push(UnknownKey {
                 file: file.to_path_buf(),
                 key,
@@ -147,8 +154,11 @@ fn merge(into: &mut PartialHealth, from: PartialHealth) {
     }
 }
 
-fn validate(merged: PartialHealth) -> Result<Settings> {
-    let mut s = Settings::default();
+fn validate(merged: PartialHealth, update: update::PartialUpdate) -> Result<Settings> {
+    let mut s = Settings {
+        update: update::validate(update)?,
+        ..Settings::default()
+    };
     if let Some(units) = merged.required_units {
         for u in &units {
             if u.is_empty() || u.chars().any(|c| c.is_whitespace() || c == '/') || !u.contains('.')
@@ -186,6 +196,7 @@ fn validate(merged: PartialHealth) -> Result<Settings> {
 pub fn load(host: &dyn Host) -> Result<Loaded> {
     let files = files::config_files(host)?;
     let mut merged = PartialHealth::default();
+    let mut merged_update = update::PartialUpdate::default();
     let mut unknown = Vec::new();
     for path in &files {
         let text = host
@@ -193,8 +204,9 @@ pub fn load(host: &dyn Host) -> Result<Loaded> {
             .with_context(|| format!("cannot read {}", path.display()))?;
         let partial = parse_file(path, &text, &mut unknown)?;
         merge(&mut merged, partial.health);
+        update::merge(&mut merged_update, partial.update);
     }
-    let settings = validate(merged).with_context(|| {
+    let settings = validate(merged, merged_update).with_context(|| {
         let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         format!("invalid agent configuration (from {})", names.join(", "))
     })?;

@@ -186,3 +186,80 @@ fn the_shipped_default_config_loads_cleanly() {
     assert!(l.unknown_keys.is_empty(), "{:?}", l.unknown_keys);
     assert_eq!(l.settings.health.status_timeout, DEFAULT_STATUS_TIMEOUT);
 }
+
+#[test]
+fn update_section_defaults_and_overrides() {
+    let (_d, h) = host(&[]);
+    let u = load(&h).unwrap().settings.update;
+    assert_eq!(u, UpdateSettings::default());
+    assert_eq!(u.channel_url, None);
+    assert_eq!(u.channel, "stable");
+    assert_eq!(u.interval, Duration::from_secs(3600));
+    assert_eq!(u.jitter, Duration::from_secs(300));
+    assert_eq!(u.strategy, Strategy::Immediate);
+
+    let (_d, h) = host(&[
+        (
+            "/usr/lib/ballast/agent.toml",
+            "[update]\nchannel_url = \"https://updates.example/ballast/\"\ninterval_secs = 600\n",
+        ),
+        (
+            "/etc/ballast/agent.d/50-window.toml",
+            "[update]\nchannel = \"beta\"\nstrategy = \"window\"\n\
+             [update.window]\ndays = [\"sat\", \"sunday\"]\nstart = \"03:30\"\n\
+             length_minutes = 90\ntimezone = \"+02:00\"\n",
+        ),
+    ]);
+    let u = load(&h).unwrap().settings.update;
+    assert_eq!(
+        u.channel_url.as_deref(),
+        Some("https://updates.example/ballast")
+    );
+    assert_eq!(u.channel, "beta");
+    assert_eq!(u.interval, Duration::from_secs(600));
+    let Strategy::Window(w) = u.strategy else {
+        panic!("{:?}", u.strategy)
+    };
+    assert_eq!(w.days, vec![5, 6]);
+    assert_eq!(w.start_minute, 210);
+    assert_eq!(w.utc_offset_secs, 7200);
+
+    // An empty URL in a later drop-in turns updates off again.
+    let (_d, h) = host(&[
+        (
+            "/usr/lib/ballast/agent.toml",
+            "[update]\nchannel_url = \"http://x\"\n",
+        ),
+        (
+            "/etc/ballast/agent.d/99-off.toml",
+            "[update]\nchannel_url = \"\"\n",
+        ),
+    ]);
+    assert_eq!(load(&h).unwrap().settings.update.channel_url, None);
+}
+
+#[test]
+fn bad_update_settings_are_named() {
+    let cases = [
+        ("[update]\nchannel_url = \"ftp://x\"\n", "update.channel_url: \"ftp://x\""),
+        ("[update]\ninterval_secs = 10\n", "update.interval_secs: 10 is less than 60"),
+        ("[update]\nchannel = \"../x\"\n", "update.channel"),
+        ("[update]\nstrategy = \"sometimes\"\n", "update.strategy: \"sometimes\""),
+        ("[update]\nstrategy = \"window\"\n", "update.window.days is required"),
+        (
+            "[update]\nstrategy = \"window\"\n[update.window]\ndays = [\"mon\"]\nstart = \"2:00\"\nlength_minutes = 60\ntimezone = \"Europe/Paris\"\n",
+            "update.window.timezone",
+        ),
+        (
+            "[update]\nstrategy = \"window\"\n[update.window]\ndays = [\"noday\"]\nstart = \"2:00\"\nlength_minutes = 60\n",
+            "update.window.days",
+        ),
+    ];
+    for (text, want) in cases {
+        let e = err(&[("/etc/ballast/agent.d/10.toml", text)]);
+        assert!(e.contains(want), "{text}: {e}");
+    }
+    let (_d, h) = host(&[("/etc/ballast/agent.d/10.toml", "[update]\nchanel = \"x\"\n")]);
+    let l = load(&h).unwrap();
+    assert_eq!(l.unknown_keys[0].key, "update.chanel");
+}

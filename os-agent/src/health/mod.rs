@@ -88,3 +88,67 @@ pub fn run(host: &dyn Host, settings: &HealthSettings, poll: Duration) -> Report
 
 #[cfg(test)]
 mod tests;
+
+/// systemd-boot sets this EFI variable when it boots an entry whose tries it
+/// counts (a `+N` name); it names the entry file.
+pub fn boot_count_var() -> std::path::PathBuf {
+    Path::new(crate::status::boot::EFIVARS).join(format!(
+        "LoaderBootCountPath-{}",
+        crate::status::boot::LOADER_GUID
+    ))
+}
+
+/// What a failed health check does to the boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnFailure {
+    /// The boot is counted: rebooted, so systemd-boot takes the next try and
+    /// falls back to the other slot once the tries are used up.
+    Rebooting,
+    /// Not rebooting, and why: the entry is blessed or not counted, or it has
+    /// no tries left and there is no other entry to fall back to (rebooting
+    /// would only loop).
+    Stay(String),
+}
+
+/// After a failed check: reboot if this boot is on trial, so a bad update
+/// rolls back by itself instead of waiting for someone to power-cycle it.
+pub fn after_failure(host: &dyn Host) -> anyhow::Result<OnFailure> {
+    use crate::update::esp;
+    use anyhow::Context;
+    let var = boot_count_var();
+    let raw = match host.read(&var) {
+        Ok(raw) => raw,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(OnFailure::Stay(
+                "the boot entry is not on trial (blessed, or boot counting is off)".into(),
+            ))
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", var.display())),
+    };
+    let path = crate::status::boot::decode_efi_string(&raw)
+        .with_context(|| format!("cannot decode {}", var.display()))?;
+    let file = path
+        .rsplit(['\\', '/'])
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let tries_left = esp::counter(&file).map(|(left, _)| left).unwrap_or(0);
+    if tries_left == 0 {
+        // systemd-boot falls back only to an entry that still has tries.
+        let fallback = esp::list(host)?.into_iter().any(|f| {
+            !f.eq_ignore_ascii_case(&file) && esp::counter(&f).is_none_or(|(left, _)| left > 0)
+        });
+        if !fallback {
+            return Ok(OnFailure::Stay(format!(
+                "{file} has no tries left and there is no other entry to fall back to"
+            )));
+        }
+    }
+    let out = host
+        .run("systemctl", &["reboot", "--no-block"])
+        .context("cannot run systemctl reboot")?;
+    if !out.success() {
+        anyhow::bail!("systemctl reboot --no-block failed: {}", out.describe());
+    }
+    Ok(OnFailure::Rebooting)
+}

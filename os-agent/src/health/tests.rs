@@ -161,3 +161,42 @@ fn waits_for_the_status_file_to_appear() {
     writer.join().unwrap();
     assert_eq!(got, Ok("/run/ballast/status.json present".to_string()));
 }
+
+#[test]
+fn a_failed_check_reboots_only_a_counted_boot_with_somewhere_to_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = crate::host::DirHost::new(dir.path()).unwrap();
+    assert!(matches!(after_failure(&host).unwrap(), OnFailure::Stay(_)));
+    assert!(host.commands().is_empty());
+    let var = dir.path().join(boot_count_var().strip_prefix("/").unwrap());
+    std::fs::create_dir_all(var.parent().unwrap()).unwrap();
+    let efi = |s: &str| {
+        let mut v = vec![6u8, 0, 0, 0];
+        for u in s.encode_utf16().chain([0]) {
+            v.extend(u.to_le_bytes());
+        }
+        v
+    };
+    let reboot = vec![vec![
+        "systemctl".to_string(),
+        "reboot".into(),
+        "--no-block".into(),
+    ]];
+    // Tries left: reboot.
+    std::fs::write(&var, efi("\\EFI\\Linux\\ballast-2.0+1-2.efi")).unwrap();
+    assert_eq!(after_failure(&host).unwrap(), OnFailure::Rebooting);
+    assert_eq!(host.commands(), reboot);
+    // The last try, and nothing to fall back to: stay (no reboot loop).
+    std::fs::write(&var, efi("\\EFI\\Linux\\ballast-2.0+0-3.efi")).unwrap();
+    write(dir.path(), "efi/EFI/Linux/ballast-2.0+0-3.efi", "");
+    let stay = after_failure(&host).unwrap();
+    assert!(
+        matches!(&stay, OnFailure::Stay(why) if why.contains("no other entry")),
+        "{stay:?}"
+    );
+    assert_eq!(host.commands(), reboot);
+    // The last try, with a good entry to fall back to: reboot into it.
+    write(dir.path(), "efi/EFI/Linux/ballast-1.0.efi", "");
+    assert_eq!(after_failure(&host).unwrap(), OnFailure::Rebooting);
+    assert_eq!(host.commands().len(), 2);
+}

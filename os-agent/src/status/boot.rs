@@ -6,10 +6,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 /// systemd-boot's vendor GUID for its EFI variables.
-const LOADER_GUID: &str = "4a67b082-0a4c-41cf-b6c7-440a29bb8c4f";
-const EFIVARS: &str = "/sys/firmware/efi/efivars";
+pub const LOADER_GUID: &str = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
+pub const EFIVARS: &str = "/sys/firmware/efi/efivars";
 /// Where type #2 entries (UKIs) live on the ESP, mounted at /efi.
-const UKI_DIR: &str = "/efi/EFI/Linux";
+pub const UKI_DIR: &str = "/efi/EFI/Linux";
 
 /// Decodes an efivarfs file holding a UTF-16LE string: 4 bytes of attributes,
 /// then the string, usually NUL-terminated.

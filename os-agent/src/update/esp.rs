@@ -1,0 +1,153 @@
+//! Unified kernel images on the ESP (/efi/EFI/Linux): which one booted, which
+//! belong to which version, and the boot-counting names systemd-boot reads
+//! (`<name>-<version>+LEFT[-DONE].efi`).
+
+use crate::host::Host;
+use crate::status::boot::{self, strip_boot_counter, UKI_DIR};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// Tries a new entry gets: systemd-boot falls back after this many failed boots.
+pub const TRIES: u32 = 3;
+
+/// `name+LEFT-DONE.efi` → (LEFT, DONE); `None` without a counter.
+pub fn counter(file: &str) -> Option<(u32, u32)> {
+    let stem = file.strip_suffix(".efi")?;
+    let (_, c) = stem.rsplit_once('+')?;
+    let (left, done) = c.split_once('-').unwrap_or((c, "0"));
+    Some((left.parse().ok()?, done.parse().ok()?))
+}
+
+/// The version an entry file of image `name` carries.
+pub fn version_of(name: &str, file: &str) -> Option<String> {
+    strip_boot_counter(file)
+        .strip_prefix(&format!("{name}-"))?
+        .strip_suffix(".efi")
+        .map(str::to_string)
+}
+
+pub fn uki_path(file: &str) -> PathBuf {
+    Path::new(UKI_DIR).join(file)
+}
+
+/// The UKI files on the ESP (hidden and temporary files left out).
+pub fn list(host: &dyn Host) -> Result<Vec<String>> {
+    Ok(host
+        .list_dir(Path::new(UKI_DIR))
+        .with_context(|| format!("cannot list {UKI_DIR}"))?
+        .into_iter()
+        .filter(|f| f.ends_with(".efi") && !f.starts_with('.'))
+        .collect())
+}
+
+/// The file of the entry systemd-boot booted, under its current name
+/// (systemd-boot renames it to count the try, bless-boot to bless it).
+pub fn booted_file(host: &dyn Host) -> Result<String> {
+    let entry = boot::selected_entry(host)?.context(
+        "systemd-boot did not say which entry it booted (no LoaderEntrySelected EFI variable)",
+    )?;
+    let want = strip_boot_counter(&entry.to_ascii_lowercase());
+    list(host)?
+        .into_iter()
+        .find(|f| strip_boot_counter(&f.to_ascii_lowercase()) == want)
+        .with_context(|| format!("the booted entry {entry} is not in {UKI_DIR}"))
+}
+
+fn sync_dir(host: &dyn Host) -> Result<()> {
+    host.open(Path::new(UKI_DIR))
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync {UKI_DIR}"))
+}
+
+/// Removes every UKI except `keep` (and leftover temporary files): they may
+/// point at the slot about to be overwritten. Returns what it removed.
+pub fn remove_all_except(host: &dyn Host, keep: &str) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for f in host
+        .list_dir(Path::new(UKI_DIR))
+        .with_context(|| format!("cannot list {UKI_DIR}"))?
+    {
+        let ours_tmp = f.starts_with('.') && f.contains(".tmp");
+        if f == keep || !(f.ends_with(".efi") || ours_tmp) {
+            continue;
+        }
+        let p = uki_path(&f);
+        host.remove_file(&p)
+            .with_context(|| format!("cannot remove {}", p.display()))?;
+        removed.push(f);
+    }
+    sync_dir(host)?;
+    Ok(removed)
+}
+
+/// Removes the entry files of one version; returns them.
+pub fn remove_version(host: &dyn Host, name: &str, version: &str) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for f in list(host)? {
+        if version_of(name, &f).as_deref() == Some(version) {
+            let p = uki_path(&f);
+            host.remove_file(&p)
+                .with_context(|| format!("cannot remove {}", p.display()))?;
+            removed.push(f);
+        }
+    }
+    if !removed.is_empty() {
+        sync_dir(host)?;
+    }
+    Ok(removed)
+}
+
+/// Writes a verified UKI under its boot-counting name: temporary file, fsync,
+/// rename, fsync of the directory. Only after this is the new slot bootable.
+pub fn install(host: &dyn Host, name: &str, version: &str, uki: &[u8]) -> Result<String> {
+    let file = format!("{name}-{version}+{TRIES}.efi");
+    let path = uki_path(&file);
+    host.write_atomic(&path, uki)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    sync_dir(host)?;
+    Ok(file)
+}
+
+/// Marks an entry as having used all its tries (`+0-1`), so systemd-boot
+/// sorts it after every entry that has tries left. Returns the new name.
+pub fn exhaust(host: &dyn Host, file: &str) -> Result<String> {
+    let base = strip_boot_counter(file);
+    let Some(stem) = base.strip_suffix(".efi") else {
+        bail!("{file} is not a .efi entry");
+    };
+    let new = format!("{stem}+0-1.efi");
+    if new == file {
+        return Ok(new);
+    }
+    // The Host has no rename: copy through a temporary file, then remove the old name.
+    let bytes = host
+        .read(&uki_path(file))
+        .with_context(|| format!("cannot read {}", uki_path(file).display()))?;
+    host.write_atomic(&uki_path(&new), &bytes)
+        .with_context(|| format!("cannot write {}", uki_path(&new).display()))?;
+    host.remove_file(&uki_path(file))
+        .with_context(|| format!("cannot remove {}", uki_path(file).display()))?;
+    sync_dir(host)?;
+    Ok(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(counter("ballast-1.0+3.efi"), Some((3, 0)));
+        assert_eq!(counter("ballast-1.0+0-3.efi"), Some((0, 3)));
+        assert_eq!(counter("ballast-1.0.efi"), None);
+        assert_eq!(
+            version_of("ballast", "ballast-1.0+2-1.efi").as_deref(),
+            Some("1.0")
+        );
+        assert_eq!(
+            version_of("ballast", "ballast-1.0.efi").as_deref(),
+            Some("1.0")
+        );
+        assert_eq!(version_of("ballast", "other-1.0.efi"), None);
+    }
+}

@@ -1,0 +1,251 @@
+//! Small Read/Write adapters the payload stream is built from: each does one
+//! thing (count and cap, hash, report progress, split a stream in two), so
+//! the pipeline reads as what it is.
+
+use sha2::{Digest, Sha256};
+use std::io::{self, Read, Write};
+
+/// The error a limit adapter returns: its payload can be told apart from
+/// any other I/O error with [`limit_exceeded`].
+#[derive(Debug, thiserror::Error)]
+#[error("more than the {limit} bytes expected")]
+pub struct LimitExceeded {
+    pub limit: u64,
+    /// From a [`LimitWriter`] (else a [`LimitReader`]).
+    pub writing: bool,
+}
+
+fn exceeded(limit: u64, writing: bool) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, LimitExceeded { limit, writing })
+}
+
+/// Whether `e` (or what it wraps) is a limit adapter refusing more bytes.
+pub fn limit_exceeded(e: &io::Error) -> Option<&LimitExceeded> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<LimitExceeded>())
+}
+
+/// Reads at most `limit` bytes from `inner`; one byte more is an error, so a
+/// server cannot make us read (or write) more than the signed manifest said.
+pub struct LimitReader<R> {
+    inner: R,
+    limit: u64,
+    count: u64,
+}
+
+impl<R: Read> LimitReader<R> {
+    pub fn new(inner: R, limit: u64) -> Self {
+        LimitReader {
+            inner,
+            limit,
+            count: 0,
+        }
+    }
+
+    /// Bytes read so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
+impl<R: Read> Read for LimitReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        // Ask for one byte past the limit, to tell "ends at the limit" from "goes on".
+        let room = (self.limit - self.count).saturating_add(1);
+        let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        if self.count + n as u64 > self.limit {
+            return Err(exceeded(self.limit, false));
+        }
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// Hashes (SHA-256) every byte read through it.
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+        }
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    /// The hex digest of everything read, and the reader.
+    pub fn finish(self) -> (String, R) {
+        (hex::encode(self.hasher.finalize()), self.inner)
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Calls `report(total_so_far)` as bytes pass.
+pub struct ProgressReader<R, F> {
+    inner: R,
+    count: u64,
+    report: F,
+}
+
+impl<R: Read, F: FnMut(u64)> ProgressReader<R, F> {
+    pub fn new(inner: R, report: F) -> Self {
+        ProgressReader {
+            inner,
+            count: 0,
+            report,
+        }
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+impl<R: Read, F: FnMut(u64)> Read for ProgressReader<R, F> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        (self.report)(self.count);
+        Ok(n)
+    }
+}
+
+/// Writes at most `limit` bytes to `inner`; a write past it is an error and
+/// writes nothing, so a payload can never spill past its partition.
+pub struct LimitWriter<W> {
+    inner: W,
+    limit: u64,
+    count: u64,
+}
+
+impl<W: Write> LimitWriter<W> {
+    pub fn new(inner: W, limit: u64) -> Self {
+        LimitWriter {
+            inner,
+            limit,
+            count: 0,
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+}
+
+impl<W: Write> Write for LimitWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.count + buf.len() as u64 > self.limit {
+            return Err(exceeded(self.limit, true));
+        }
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes everything to both `a` and `b` (the slot and the verity tree).
+pub struct TeeWriter<A, B> {
+    pub a: A,
+    pub b: B,
+}
+
+impl<A: Write, B: Write> Write for TeeWriter<A, B> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // write_all on both, so neither sees a byte the other did not.
+        self.a.write_all(buf)?;
+        self.b.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.a.flush()?;
+        self.b.flush()
+    }
+}
+
+/// Reads what is left of `r` (so a hash covers every byte), capped by the
+/// reader's own limit.
+pub fn drain<R: Read>(r: &mut R) -> io::Result<u64> {
+    io::copy(r, &mut io::sink())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_reader_allows_exactly_the_limit() {
+        let mut out = Vec::new();
+        let mut r = LimitReader::new(&b"hello"[..], 5);
+        r.read_to_end(&mut out).unwrap();
+        assert_eq!((out.as_slice(), r.count()), (&b"hello"[..], 5));
+
+        let mut r = LimitReader::new(&b"hello!"[..], 5);
+        let e = r.read_to_end(&mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("more than the 5 bytes"), "{e}");
+        assert_eq!(limit_exceeded(&e).map(|l| l.limit), Some(5));
+        assert!(limit_exceeded(&io::Error::other("x")).is_none());
+
+        let mut r = LimitReader::new(&b"hel"[..], 5);
+        r.read_to_end(&mut Vec::new()).unwrap();
+        assert_eq!(r.count(), 3);
+    }
+
+    #[test]
+    fn limit_writer_refuses_to_spill() {
+        let mut w = LimitWriter::new(Vec::new(), 4);
+        w.write_all(b"abcd").unwrap();
+        let e = w.write_all(b"e").unwrap_err();
+        assert!(e.to_string().contains("more than the 4 bytes"), "{e}");
+        assert_eq!(w.into_inner(), b"abcd");
+    }
+
+    #[test]
+    fn hashing_progress_and_tee() {
+        let mut seen = Vec::new();
+        let r = HashingReader::new(&b"abc"[..]);
+        let mut p = ProgressReader::new(r, |n| seen.push(n));
+        let mut tee = TeeWriter {
+            a: Vec::new(),
+            b: Vec::new(),
+        };
+        io::copy(&mut p, &mut tee).unwrap();
+        let (digest, _) = p.into_inner().finish();
+        assert_eq!(
+            digest,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(tee.a, b"abc");
+        assert_eq!(tee.b, b"abc");
+        assert_eq!(seen.last(), Some(&3));
+    }
+}

@@ -1,0 +1,837 @@
+//! The engine against a directory-backed host: file-backed partitions, an ESP
+//! directory, and a real HTTP server on 127.0.0.1 serving a channel signed
+//! with a test-only key.
+
+use super::engine::{self, Assessment, Mode, Outcome, RebootDecision};
+use super::fleet_lock::NoopLock;
+use super::state::State;
+use super::store::{self, UpdateState};
+use crate::config::{Strategy, UpdateSettings};
+use crate::disk::fixture::{write, HASH_A};
+use crate::host::DirHost;
+use crate::status::boot::LOADER_GUID;
+use crate::status::tests::booted_host;
+use ballast_common::keys::SecretKey;
+use ballast_common::manifest::{self, Manifest, Payload, Rollout, RootPayload, VerityParams};
+use ballast_common::verity::{self, TreeBuilder};
+use ballast_common::{gpt::Gpt, slot_partuuids};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+const MIB: u64 = 1 << 20;
+const BOOTED_UKI: &str = "ballast-1.2.3.efi";
+
+/// A static file server on 127.0.0.1, stopped when dropped.
+pub(crate) struct Server {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn start(root: &Path) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (root, flag) = (root.to_path_buf(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(c) = conn {
+                    serve_one(&root, c);
+                }
+            }
+        });
+        Server {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _wake = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+fn serve_one(root: &Path, mut c: TcpStream) {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&req);
+    let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let file = root.join(path.trim_start_matches('/'));
+    let (status, body) = match std::fs::read(&file) {
+        Ok(b) if !path.contains("..") => ("200 OK", b),
+        _ => ("404 Not Found", b"not found".to_vec()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    // A client that hung up early is the client's problem.
+    if c.write_all(head.as_bytes()).is_ok() {
+        let _sent = c.write_all(&body);
+    }
+}
+
+/// Pseudo-random bytes (so zstd cannot shrink them to nothing).
+fn noise(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (x >> 16) as u8
+        })
+        .collect()
+}
+
+struct Release {
+    version: String,
+    root: Vec<u8>,
+    uki: Vec<u8>,
+}
+
+impl Release {
+    fn new(version: &str, blocks: usize) -> Release {
+        Release {
+            version: version.into(),
+            root: noise(blocks * 4096, version.len() as u32 * 7 + blocks as u32),
+            uki: format!("uki of {version}").into_bytes(),
+        }
+    }
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    host: DirHost,
+    channel_dir: PathBuf,
+    server: Server,
+    key: SecretKey,
+    sequence: std::cell::Cell<u64>,
+}
+
+fn efi_string(s: &str) -> Vec<u8> {
+    let mut v = vec![6, 0, 0, 0];
+    for u in s.encode_utf16().chain([0]) {
+        v.extend(u.to_le_bytes());
+    }
+    v
+}
+
+fn sha(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// A host booted from slot A (version 1.2.3, entry ballast-1.2.3.efi) with
+/// an old entry left on the ESP, and a channel served over HTTP.
+fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    std::fs::create_dir_all(&root).unwrap();
+    let host = booted_host(&root, &HASH_A);
+    // File-backed partitions of the sizes sysfs gives: slot A full of a
+    // pattern that must never change, slot B empty.
+    for (dev, size, fill) in [
+        ("vda2", 2 * MIB, 0x5a),
+        ("vda3", MIB, 0xa5),
+        ("vda4", 2 * MIB, 0),
+        ("vda5", MIB, 0),
+    ] {
+        std::fs::write(root.join("dev").join(dev), vec![fill; size as usize]).unwrap();
+    }
+    write(
+        &root,
+        "etc/machine-id",
+        "0123456789abcdef0123456789abcdef\n",
+    );
+    write(&root, "proc/sys/kernel/random/boot_id", "boot-1\n");
+    let key = SecretKey::from_seed([9; 32]);
+    write(
+        &root,
+        &format!("usr/lib/ballast/keys/{}.pub", key.public().key_id()),
+        &key.public().to_text(),
+    );
+    let var = root.join(format!(
+        "sys/firmware/efi/efivars/LoaderEntrySelected-{LOADER_GUID}"
+    ));
+    std::fs::create_dir_all(var.parent().unwrap()).unwrap();
+    std::fs::write(&var, efi_string(BOOTED_UKI)).unwrap();
+    write(
+        &root,
+        &format!("efi/EFI/Linux/{BOOTED_UKI}"),
+        "uki of 1.2.3",
+    );
+    write(&root, "efi/EFI/Linux/ballast-1.1.0.efi", "old uki");
+    let channel_dir = dir.path().join("channel");
+    std::fs::create_dir_all(channel_dir.join("payloads")).unwrap();
+    let server = Server::start(&channel_dir);
+    write(
+        &root,
+        "etc/ballast/agent.d/50-test.toml",
+        &format!("[update]\nchannel_url = \"{}\"\n", server.url()),
+    );
+    World {
+        dir,
+        host,
+        channel_dir,
+        server,
+        key,
+        sequence: std::cell::Cell::new(0),
+    }
+}
+
+impl World {
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("host")
+    }
+
+    fn settings(&self) -> UpdateSettings {
+        crate::config::load(&self.host).unwrap().settings.update
+    }
+
+    /// The manifest for a release, payloads written to the channel.
+    fn manifest(&self, r: &Release) -> Manifest {
+        let salt = vec![7u8; 32];
+        let uuid = uuid::Uuid::from_bytes([3; 16]);
+        let mut b = TreeBuilder::new(verity::Params {
+            salt: salt.clone(),
+            uuid,
+        })
+        .unwrap();
+        b.write_all(&r.root).unwrap();
+        let tree = b.finish().unwrap();
+        let zst = zstd::encode_all(&r.root[..], 3).unwrap();
+        for bytes in [&zst, &r.uki] {
+            std::fs::write(self.channel_dir.join("payloads").join(sha(bytes)), bytes).unwrap();
+        }
+        self.sequence.set(self.sequence.get() + 1);
+        let now = store::now_unix();
+        Manifest {
+            channel: "stable".into(),
+            name: "ballast".into(),
+            version: r.version.clone(),
+            sequence: self.sequence.get(),
+            issued_at: now - 60,
+            expires_at: now + 86400,
+            architecture: engine::architecture().into(),
+            root_hash: tree.root_hash_hex(),
+            verity: VerityParams {
+                salt: hex::encode(&salt),
+                uuid: uuid.to_string(),
+                data_blocks: tree.data_blocks,
+            },
+            root: RootPayload {
+                url: format!("payloads/{}", sha(&zst)),
+                size: zst.len() as u64,
+                sha256: sha(&zst),
+                uncompressed_size: r.root.len() as u64,
+                compression: "zstd".into(),
+            },
+            uki: Payload {
+                url: format!("payloads/{}", sha(&r.uki)),
+                size: r.uki.len() as u64,
+                sha256: sha(&r.uki),
+            },
+            rollout: Rollout {
+                start: now - 60,
+                duration_secs: 0,
+            },
+        }
+    }
+
+    fn publish_with(&self, m: &Manifest, keys: &[&SecretKey]) {
+        let env = manifest::sign(m, keys).unwrap();
+        std::fs::create_dir_all(self.channel_dir.join("channels")).unwrap();
+        std::fs::write(
+            self.channel_dir.join("channels/stable.json"),
+            serde_json::to_vec(&env).unwrap(),
+        )
+        .unwrap();
+    }
+
+    fn publish(&self, m: &Manifest) {
+        self.publish_with(m, &[&self.key]);
+    }
+
+    fn apply(&self, mode: Mode) -> anyhow::Result<Outcome> {
+        engine::run(
+            &self.host,
+            &self.settings(),
+            mode,
+            &NoopLock,
+            &mut |_, _| {},
+        )
+    }
+
+    fn state(&self) -> UpdateState {
+        store::load(&self.host).unwrap()
+    }
+
+    fn esp(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.root().join("efi/EFI/Linux"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn gpt(&self) -> Gpt {
+        let mut f = std::fs::File::open(self.root().join("dev/vda")).unwrap();
+        Gpt::read_from(&mut f, 32 * MIB).unwrap()
+    }
+
+    fn dev(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.root().join("dev").join(name)).unwrap()
+    }
+
+    /// The running slot, its verity partition and its PARTUUIDs are as they were.
+    fn assert_running_slot_untouched(&self) {
+        assert!(
+            self.dev("vda2").iter().all(|&b| b == 0x5a),
+            "slot A data changed"
+        );
+        assert!(
+            self.dev("vda3").iter().all(|&b| b == 0xa5),
+            "slot A verity changed"
+        );
+        let (a, av) = slot_partuuids(&HASH_A);
+        let gpt = self.gpt();
+        assert_eq!(gpt.find("root-a").unwrap().uuid, a);
+        assert_eq!(gpt.find("root-a-verity").unwrap().uuid, av);
+        assert!(
+            self.esp().contains(&BOOTED_UKI.to_string()),
+            "{:?}",
+            self.esp()
+        );
+    }
+
+    /// As if the host rebooted into `version` with root hash `hash`, entry `entry`.
+    fn reboot_into(&self, hash_hex: &str, version: &str, entry: &str, boot: &str) {
+        let h: [u8; 32] = hex::decode(hash_hex).unwrap().try_into().unwrap();
+        let (d, v) = slot_partuuids(&h);
+        let root = self.root();
+        write(
+            &root,
+            "proc/cmdline",
+            &format!(
+                "roothash={hash_hex} systemd.verity_root_data=PARTUUID={d} \
+                 systemd.verity_root_hash=PARTUUID={v} ro\n"
+            ),
+        );
+        write(
+            &root,
+            "usr/lib/os-release",
+            &format!("ID=debian\nIMAGE_ID=ballast\nIMAGE_VERSION={version}\n"),
+        );
+        write(
+            &root,
+            "proc/sys/kernel/random/boot_id",
+            &format!("{boot}\n"),
+        );
+        std::fs::write(
+            root.join(format!(
+                "sys/firmware/efi/efivars/LoaderEntrySelected-{LOADER_GUID}"
+            )),
+            efi_string(entry),
+        )
+        .unwrap();
+    }
+
+    fn rename_uki(&self, from: &str, to: &str) {
+        let d = self.root().join("efi/EFI/Linux");
+        std::fs::rename(d.join(from), d.join(to)).unwrap();
+    }
+}
+
+#[test]
+fn applies_a_release_to_the_other_slot_and_makes_it_bootable_last() {
+    let w = world();
+    let r = Release::new("1.3.0", 64);
+    let m = w.manifest(&r);
+    w.publish(&m);
+    let mut seen = Vec::new();
+    let out = engine::run(
+        &w.host,
+        &w.settings(),
+        Mode::Poll,
+        &NoopLock,
+        &mut |b, t| seen.push((b, t)),
+    )
+    .unwrap();
+    let Outcome::Staged(staged) = out else {
+        panic!("not staged: {out:?}")
+    };
+    assert_eq!(staged.version, "1.3.0");
+    assert_eq!(staged.uki_file, "ballast-1.3.0+3.efi");
+    assert_eq!(seen.last(), Some(&(m.root.size, m.root.size)));
+    // Slot B holds the root, its verity partition the tree.
+    assert_eq!(&w.dev("vda4")[..r.root.len()], &r.root[..]);
+    let sb = verity::read_superblock(&w.dev("vda5")).unwrap();
+    assert_eq!(sb.data_blocks, 64);
+    // Its PARTUUIDs are the halves of the new root hash.
+    let h: [u8; 32] = hex::decode(&m.root_hash).unwrap().try_into().unwrap();
+    let (d, v) = slot_partuuids(&h);
+    assert_eq!(w.gpt().find("root-b").unwrap().uuid, d);
+    assert_eq!(w.gpt().find("root-b-verity").unwrap().uuid, v);
+    // The old entry is gone, the booted one kept, the new one counted.
+    assert_eq!(w.esp(), vec![BOOTED_UKI, "ballast-1.3.0+3.efi"]);
+    assert_eq!(
+        std::fs::read(w.root().join("efi/EFI/Linux/ballast-1.3.0+3.efi")).unwrap(),
+        r.uki
+    );
+    w.assert_running_slot_untouched();
+    let st = w.state();
+    assert_eq!(st.state, State::Staged);
+    assert_eq!(st.staged.as_ref().unwrap().version, "1.3.0");
+    assert_eq!(st.last_sequence, Some(m.sequence));
+
+    // Polled again in the same boot: already staged, nothing rewritten.
+    let out = w.apply(Mode::Now).unwrap();
+    assert!(matches!(out, Outcome::Staged(_)), "{out:?}");
+
+    // The reboot strategy: immediate reboots at once.
+    let d = engine::maybe_reboot(&w.host, &w.settings(), &NoopLock, store::now_unix()).unwrap();
+    assert_eq!(d, RebootDecision::Rebooting);
+    assert!(w
+        .host
+        .commands()
+        .contains(&vec!["systemctl".into(), "reboot".into()]));
+    assert_eq!(w.state().state, State::Rebooting);
+
+    // The new version boots with a counted entry: pending until blessed.
+    w.rename_uki("ballast-1.3.0+3.efi", "ballast-1.3.0+2-1.efi");
+    w.reboot_into(&m.root_hash, "1.3.0", "ballast-1.3.0+3.efi", "boot-2");
+    let b = engine::booted(&w.host).unwrap();
+    assert_eq!(b.status.slot, crate::disk::slot::Slot::B);
+    let mut st = w.state();
+    let a = engine::reconcile(&w.host, &mut st, &b, &NoopLock).unwrap();
+    assert_eq!(a, Assessment::Pending);
+    assert_eq!(w.state().state, State::Assessing);
+    let e = w.apply(Mode::Now).unwrap_err().to_string();
+    assert!(e.contains("has not been blessed yet"), "{e}");
+    // Blessed: done, and the channel has nothing newer.
+    w.rename_uki("ballast-1.3.0+2-1.efi", "ballast-1.3.0.efi");
+    let out = w.apply(Mode::Poll).unwrap();
+    let Outcome::NothingToDo(why) = out else {
+        panic!("{out:?}")
+    };
+    assert!(why.contains("not newer than the booted 1.3.0"), "{why}");
+    let st = w.state();
+    assert_eq!((st.state, st.staged), (State::Idle, None));
+    assert_eq!(st.last_result.as_deref(), Some(why.as_str()));
+}
+
+#[test]
+fn a_fallback_marks_the_version_failed_for_good() {
+    let w = world();
+    let m = w.manifest(&Release::new("1.3.0", 32));
+    w.publish(&m);
+    w.apply(Mode::Now).unwrap();
+    // The new entry used its tries; systemd-boot booted slot A again.
+    w.rename_uki("ballast-1.3.0+3.efi", "ballast-1.3.0+0-3.efi");
+    w.reboot_into(&hex::encode(HASH_A), "1.2.3", BOOTED_UKI, "boot-3");
+    let b = engine::booted(&w.host).unwrap();
+    // osctl update check sees the pending rollback before anything recorded it.
+    let st = w.state();
+    let c = engine::check(&w.host, &w.settings(), &st, &b, Some("1.3.0")).unwrap();
+    assert!(c.verdict.unwrap_err().to_string().contains("never retried"));
+
+    let out = w.apply(Mode::Now).unwrap();
+    let Outcome::NothingToDo(why) = out else {
+        panic!("{out:?}")
+    };
+    assert!(
+        why.contains("1.3.0 failed on this host before and is never retried"),
+        "{why}"
+    );
+    let st = w.state();
+    assert_eq!(st.failed_versions, vec!["1.3.0"]);
+    let rb = st.last_rollback.unwrap();
+    assert_eq!(
+        (rb.version.as_str(), rb.to_version.as_str()),
+        ("1.3.0", "1.2.3")
+    );
+    assert_eq!(w.esp(), vec![BOOTED_UKI]);
+    w.assert_running_slot_untouched();
+}
+
+#[test]
+fn an_interrupted_update_starts_over() {
+    let w = world();
+    let m = w.manifest(&Release::new("1.3.0", 16));
+    w.publish(&m);
+    let mut st = UpdateState {
+        state: State::Downloading {
+            bytes: 10,
+            total: 100,
+        },
+        ..UpdateState::default()
+    };
+    store::save(&w.host, &mut st).unwrap();
+    assert!(matches!(w.apply(Mode::Now).unwrap(), Outcome::Staged(_)));
+}
+
+#[test]
+fn window_and_fleet_lock_strategies() {
+    let w = world();
+    let m = w.manifest(&Release::new("1.3.0", 16));
+    w.publish(&m);
+    w.apply(Mode::Now).unwrap();
+    let now = 1_704_067_200; // a Monday, 00:00 UTC
+    let window = crate::update::window::Window {
+        days: vec![0],
+        start_minute: 120,
+        length_minutes: 60,
+        utc_offset_secs: 0,
+    };
+    let s = UpdateSettings {
+        strategy: Strategy::Window(window),
+        ..w.settings()
+    };
+    let d = engine::maybe_reboot(&w.host, &s, &NoopLock, now).unwrap();
+    assert_eq!(
+        d,
+        RebootDecision::Wait {
+            why: "outside the maintenance window mon 02:00 for 60 min (UTC)".into(),
+            until: Some(now + 7200)
+        }
+    );
+    assert!(w.host.commands().is_empty());
+
+    struct Busy;
+    impl super::fleet_lock::RebootLock for Busy {
+        fn acquire(&self) -> anyhow::Result<bool> {
+            Ok(false)
+        }
+        fn release(&self) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+    let s = UpdateSettings {
+        strategy: Strategy::FleetLock,
+        ..w.settings()
+    };
+    assert!(matches!(
+        engine::maybe_reboot(&w.host, &s, &Busy, now).unwrap(),
+        RebootDecision::Wait { .. }
+    ));
+    assert_eq!(
+        engine::maybe_reboot(&w.host, &s, &NoopLock, now).unwrap(),
+        RebootDecision::Rebooting
+    );
+}
+
+/// Every way a channel can be bad: a clear reason, the running slot
+/// untouched, nothing new bootable, the state says failed.
+#[test]
+fn table_of_rejections() {
+    type Tweak = Box<dyn Fn(&World, &mut Manifest, &mut Vec<u8>)>;
+    let other = SecretKey::from_seed([10; 32]);
+    let cases: Vec<(&str, usize, Tweak, &str)> = vec![
+        (
+            "bad signature",
+            16,
+            Box::new(|_, _, env| {
+                let mut e: manifest::Envelope = serde_json::from_slice(env).unwrap();
+                e.manifest = e.manifest.replace("1.3.0", "1.3.1");
+                *env = serde_json::to_vec(&e).unwrap();
+            }),
+            "does not verify",
+        ),
+        (
+            "unknown key",
+            16,
+            Box::new(move |_, m, env| {
+                *env = serde_json::to_vec(&manifest::sign(m, &[&other]).unwrap()).unwrap();
+            }),
+            "no signature by a trusted key",
+        ),
+        (
+            "expired",
+            16,
+            Box::new(|w, m, env| {
+                m.issued_at = 1000;
+                m.expires_at = 2000;
+                *env = w.sign(m);
+            }),
+            "expired at 2000",
+        ),
+        (
+            "wrong architecture",
+            16,
+            Box::new(|w, m, env| {
+                m.architecture = "riscv64".into();
+                *env = w.sign(m);
+            }),
+            "for architecture riscv64",
+        ),
+        (
+            "other image",
+            16,
+            Box::new(|w, m, env| {
+                m.name = "other".into();
+                *env = w.sign(m);
+            }),
+            "for image \"other\"",
+        ),
+        (
+            "compressed size",
+            16,
+            Box::new(|w, m, env| {
+                m.root.size -= 1;
+                *env = w.sign(m);
+            }),
+            "the compressed root payload is larger than",
+        ),
+        (
+            "sha256",
+            16,
+            Box::new(|w, m, env| {
+                m.root.sha256 = "00".repeat(32);
+                *env = w.sign(m);
+            }),
+            "sha256 of the root payload is",
+        ),
+        (
+            "root hash",
+            16,
+            Box::new(|w, m, env| {
+                m.root_hash = "11".repeat(32);
+                *env = w.sign(m);
+            }),
+            "verity root hash of the written slot is",
+        ),
+        (
+            "truncated download",
+            16,
+            Box::new(|w, m, env| {
+                let p = w.channel_dir.join(&m.root.url);
+                let b = std::fs::read(&p).unwrap();
+                std::fs::write(&p, &b[..b.len() / 2]).unwrap();
+                *env = w.sign(m);
+            }),
+            "truncated download of the root payload",
+        ),
+        (
+            "tampered payload",
+            16,
+            Box::new(|w, m, env| {
+                let p = w.channel_dir.join(&m.root.url);
+                let mut b = std::fs::read(&p).unwrap();
+                let i = b.len() / 2;
+                b[i] ^= 0x40;
+                std::fs::write(&p, &b).unwrap();
+                *env = w.sign(m);
+            }),
+            "root payload",
+        ),
+        (
+            "bigger than the slot",
+            768,
+            Box::new(|w, m, env| *env = w.sign(m)),
+            "root payload of 3145728 bytes does not fit slot B (root-b: 2097152 bytes)",
+        ),
+        (
+            "decompresses to more",
+            16,
+            Box::new(|w, m, env| {
+                m.root.uncompressed_size -= 4096;
+                m.verity.data_blocks -= 1;
+                *env = w.sign(m);
+            }),
+            "the decompressed root payload is larger than",
+        ),
+        (
+            "decompresses to less",
+            16,
+            Box::new(|w, m, env| {
+                m.root.uncompressed_size += 4096;
+                m.verity.data_blocks += 1;
+                *env = w.sign(m);
+            }),
+            "root payload decompressed to 65536 bytes, the manifest says 69632",
+        ),
+        (
+            "uki hash",
+            16,
+            Box::new(|w, m, env| {
+                m.uki.sha256 = "22".repeat(32);
+                *env = w.sign(m);
+            }),
+            "sha256 of the UKI is",
+        ),
+        (
+            "uki truncated",
+            16,
+            Box::new(|w, m, env| {
+                m.uki.size += 10;
+                *env = w.sign(m);
+            }),
+            "truncated download of the UKI",
+        ),
+    ];
+    for (name, blocks, tweak, want) in cases {
+        let w = world();
+        let mut m = w.manifest(&Release::new("1.3.0", blocks));
+        let mut env = w.sign(&m);
+        tweak(&w, &mut m, &mut env);
+        std::fs::create_dir_all(w.channel_dir.join("channels")).unwrap();
+        std::fs::write(w.channel_dir.join("channels/stable.json"), &env).unwrap();
+        let e = match w.apply(Mode::Now) {
+            Ok(o) => panic!("{name}: accepted: {o:?}"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(e.contains(want), "{name}: {e:?} lacks {want:?}");
+        w.assert_running_slot_untouched();
+        assert!(
+            !w.esp().iter().any(|f| f.contains("1.3.0")),
+            "{name}: {:?}",
+            w.esp()
+        );
+        let st = w.state();
+        assert_eq!(st.staged, None, "{name}");
+        assert!(
+            matches!(&st.state, State::Failed { reason } if reason.contains(want)),
+            "{name}: {:?}",
+            st.state
+        );
+        assert_eq!(
+            st.last_error.as_deref().map(|r| r.contains(want)),
+            Some(true)
+        );
+    }
+}
+
+#[test]
+fn lower_sequences_and_downgrades_are_refused() {
+    let w = world();
+    let m = w.manifest(&Release::new("1.3.0", 16));
+    w.publish(&m);
+    let mut st = UpdateState {
+        last_sequence: Some(m.sequence + 5),
+        ..UpdateState::default()
+    };
+    store::save(&w.host, &mut st).unwrap();
+    let e = format!("{:#}", w.apply(Mode::Now).unwrap_err());
+    assert!(e.contains(&format!("lower than {}", m.sequence + 5)), "{e}");
+    w.assert_running_slot_untouched();
+
+    let w = world();
+    let m = w.manifest(&Release::new("1.0.0", 16));
+    w.publish(&m);
+    let out = w.apply(Mode::Now).unwrap();
+    let Outcome::NothingToDo(why) = out else {
+        panic!("{out:?}")
+    };
+    assert!(
+        why.contains("version 1.0.0 is not newer than the booted 1.2.3"),
+        "{why}"
+    );
+    assert_eq!(w.esp(), vec!["ballast-1.1.0.efi", BOOTED_UKI]);
+    w.assert_running_slot_untouched();
+
+    // Not due yet: a poll waits, `apply` goes ahead.
+    let w = world();
+    let mut m = w.manifest(&Release::new("1.3.0", 16));
+    m.rollout.start = store::now_unix() + 3600;
+    w.publish(&m);
+    let Outcome::NothingToDo(why) = w.apply(Mode::Poll).unwrap() else {
+        panic!("applied before due")
+    };
+    assert!(why.contains("staged rollout"), "{why}");
+    assert!(matches!(w.apply(Mode::Now).unwrap(), Outcome::Staged(_)));
+}
+
+#[test]
+fn updates_off_and_no_keys_are_clear_errors() {
+    let w = world();
+    std::fs::remove_file(w.root().join("etc/ballast/agent.d/50-test.toml")).unwrap();
+    let e = format!("{:#}", w.apply(Mode::Now).unwrap_err());
+    assert!(e.contains("updates are off"), "{e}");
+    let w = world();
+    std::fs::remove_dir_all(w.root().join("usr/lib/ballast/keys")).unwrap();
+    let e = format!("{:#}", w.apply(Mode::Now).unwrap_err());
+    assert!(e.contains("no trusted update keys"), "{e}");
+    let _port = w.server.port;
+}
+
+impl World {
+    fn sign(&self, m: &Manifest) -> Vec<u8> {
+        serde_json::to_vec(&manifest::sign(m, &[&self.key]).unwrap()).unwrap()
+    }
+}
+
+#[test]
+fn operator_rollback_makes_the_other_entry_the_default() {
+    let w = world();
+    // Only entries of the booted version: nowhere to go.
+    std::fs::remove_file(w.root().join("efi/EFI/Linux/ballast-1.1.0.efi")).unwrap();
+    let e = format!("{:#}", super::cli::rollback(&w.host).unwrap_err());
+    assert!(e.contains("no other boot entry of ballast"), "{e}");
+
+    write(&w.root(), "efi/EFI/Linux/ballast-1.1.0.efi", "old uki");
+    super::cli::rollback(&w.host).unwrap();
+    assert_eq!(w.esp(), vec!["ballast-1.1.0.efi", "ballast-1.2.3+0-1.efi"]);
+    let st = w.state();
+    assert_eq!(st.failed_versions, vec!["1.2.3"]);
+    let rb = st.last_rollback.unwrap();
+    assert_eq!(
+        (rb.version.as_str(), rb.to_version.as_str()),
+        ("1.2.3", "1.1.0")
+    );
+    assert!(super::cli::render_status(&w.state()).contains("Rollback: 1.2.3 -> 1.1.0"));
+}
+
+#[test]
+fn the_daemon_tick_checks_when_due_and_reboots_per_strategy() {
+    let w = world();
+    let m = w.manifest(&Release::new("1.3.0", 16));
+    w.publish(&m);
+    // Not due: only the boot is looked at.
+    let t = super::agent::tick(&w.host, &NoopLock, false).unwrap();
+    assert!(!t.checked);
+    assert_eq!(w.state().state, State::Idle);
+    // Due: applies and, strategy immediate, reboots.
+    let t = super::agent::tick(&w.host, &NoopLock, true).unwrap();
+    assert!(t.checked);
+    assert_eq!(t.interval, std::time::Duration::from_secs(3600));
+    assert_eq!(w.state().state, State::Rebooting);
+    assert!(w
+        .host
+        .commands()
+        .contains(&vec!["systemctl".into(), "reboot".into()]));
+    // Booted into it, not yet blessed: the next tick comes soon and does not check.
+    w.rename_uki("ballast-1.3.0+3.efi", "ballast-1.3.0+2-1.efi");
+    w.reboot_into(&m.root_hash, "1.3.0", "ballast-1.3.0+2-1.efi", "boot-2");
+    let t = super::agent::tick(&w.host, &NoopLock, true).unwrap();
+    assert_eq!(
+        (t.checked, t.wake_in),
+        (false, super::agent::ASSESSING_POLL)
+    );
+    assert_eq!(w.state().state, State::Assessing);
+    assert!(super::agent::random_up_to(std::time::Duration::from_secs(5)).as_secs() <= 5);
+}
