@@ -2,10 +2,10 @@
 //! `qemu-tests/test-image.yaml`) under QEMU + OVMF and drives it over SSH.
 //!
 //! ```no_run
-//! use qemu_tests::{TestImage, Vm, VmOptions};
+//! use qemu_tests::{TestImage, Vm, VmOptions, DEFAULT_SSH_TIMEOUT};
 //! let image = TestImage::get();
 //! let vm = Vm::boot(VmOptions::default());
-//! vm.wait_ssh_default();
+//! vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
 //! assert_eq!(vm.ssh_ok("uname -m").trim(), image.info.architecture);
 //! ```
 //!
