@@ -67,7 +67,11 @@ lint:
 
 # Boot the built image with its serial console on this terminal (Ctrl-A X quits).
 # SSH is forwarded from 127.0.0.1:2222. KVM is used if ACCEL=kvm.
+# USER_DATA=<file> hands a #cloud-config document to the guest over fw_cfg
+# (give root your key with ssh_authorized_keys; see docs/user-data.md).
 ACCEL ?= tcg
+comma := ,
+USER_DATA ?=
 run:
 	@test -f $(OUT)/build.json || { echo "no image in $(OUT): run make image first" >&2; exit 1; }
 	@qcow=$$(sed -n 's/.*"qcow2": "\(.*\)".*/\1/p' $(OUT)/build.json); \
@@ -77,7 +81,8 @@ run:
 		-drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
 		-drive if=pflash,format=raw,file=$(OUT)/run-vars.fd \
 		-drive if=none,id=d0,file=$(OUT)/run-disk.qcow2,format=qcow2 -device virtio-blk-pci,drive=d0 \
-		-netdev user,id=n0,hostfwd=tcp:127.0.0.1:2222-:22 -device virtio-net-pci,netdev=n0
+		-netdev user,id=n0,hostfwd=tcp:127.0.0.1:2222-:22 -device virtio-net-pci,netdev=n0 \
+		$(if $(USER_DATA),-fw_cfg name=opt/org.ballast/user-data$(comma)file=$(abspath $(USER_DATA)))
 
 clean:
 	rm -rf $(OUT) target

@@ -35,7 +35,10 @@ pub use channel::{image_build, update_build, ChannelServer, GUEST_CHANNEL_URL, T
 pub use console::tail_lines;
 pub use image::TestImage;
 pub use net::pick_free_port;
-pub use seed::{fixture_public_key, user_with_fixture_key, FwCfg, Seed, UserData};
+pub use seed::{
+    fixture_public_key, harness_user_data, root_fixture_key, user_with_fixture_key, FwCfg, Seed,
+    UserData,
+};
 pub use vm::{Vm, VmOptions, DEFAULT_SSH_TIMEOUT};
 
 /// One GiB, for disk sizes in tests.

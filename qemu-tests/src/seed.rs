@@ -49,6 +49,21 @@ pub fn fixture_public_key() -> String {
     }
 }
 
+/// A top-level `ssh_authorized_keys:` (cloud-config YAML) with the fixture
+/// key, which Ballast gives to root: how the harness logs in.
+pub fn root_fixture_key() -> String {
+    format!("ssh_authorized_keys:\n  - {}\n", fixture_public_key())
+}
+
+/// The user data every VM gets unless its test brings its own
+/// ([`crate::VmOptions::own_user_data`]): root trusts the fixture key.
+pub fn harness_user_data() -> UserData {
+    UserData::new(
+        format!("#cloud-config\n{}", root_fixture_key()),
+        "iid-qemu-tests-harness",
+    )
+}
+
 /// A `users:` entry (cloud-config YAML, indented for a top-level `users:`
 /// list) for `name` that trusts the fixture key, so the harness can log in
 /// as `name` with [`crate::Vm::ssh_as`].

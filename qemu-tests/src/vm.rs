@@ -4,6 +4,7 @@ use std::fmt::Display;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::rc::Rc;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use crate::image::TestImage;
 use crate::monitor::Monitor;
 use crate::net::{is_hostfwd_collision, pick_free_port};
 use crate::process::{kill_and_reap, run_with_timeout, wait_until};
+use crate::seed::{harness_user_data, FwCfg};
 use crate::ssh::Ssh;
 
 /// How long [`Vm::wait_ssh`] callers should wait for a boot: TCG boots take
@@ -51,6 +53,13 @@ pub struct VmOptions {
     /// `tcp:10.0.2.100:80-tcp:127.0.0.1:8080` lets the guest reach a host
     /// server at 10.0.2.100:80.
     pub guest_forwards: Vec<String>,
+    /// The test gives the guest its own user data in `extra_args` (a seed,
+    /// fw_cfg files, or none at all). Otherwise the harness adds fw_cfg user
+    /// data that gives root the fixture SSH key: the test image bakes no
+    /// key, so that is how the tests log in, as a user provisions a host.
+    /// A test that brings its own must give root the key itself
+    /// ([`crate::root_fixture_key`]) if it wants to log in.
+    pub own_user_data: bool,
 }
 
 /// A running (or powered-off) VM. Its disk overlay and UEFI variables live
@@ -68,7 +77,11 @@ pub struct Vm {
     ssh: Ssh,
     qemu: Mutex<Option<Child>>,
     monitor: Mutex<Option<Monitor>>,
-    _one_at_a_time: MutexGuard<'static, ()>,
+    /// The harness's user data (see [`VmOptions::own_user_data`]); QEMU
+    /// reads its files at every power-on.
+    harness_user_data: Option<FwCfg>,
+    /// Shared by the VMs of one [`Vm::boot_several`].
+    _one_at_a_time: Rc<MutexGuard<'static, ()>>,
 }
 
 impl Vm {
@@ -84,14 +97,31 @@ impl Vm {
     pub fn boot_disk(backing: &Path, opts: VmOptions) -> Vm {
         // A test that panicked while holding the lock poisons it; the VM it
         // held is gone all the same.
-        let guard = lock(&ONE_VM_AT_A_TIME);
+        let guard = Rc::new(lock(&ONE_VM_AT_A_TIME));
         match Self::try_boot(backing, opts, guard) {
             Ok(vm) => vm,
             Err(e) => panic!("booting the test VM failed: {e:#}"),
         }
     }
 
-    fn try_boot(backing: &Path, opts: VmOptions, guard: MutexGuard<'static, ()>) -> Result<Vm> {
+    /// Boots `n` VMs of the test image at once, each with `opts` and a disk,
+    /// port and console of its own: a small fleet. The only way to hold more
+    /// than one `Vm`; give them little memory, and expect each boot to take
+    /// `n` times as long on two cores.
+    pub fn boot_several(n: usize, opts: VmOptions) -> Vec<Vm> {
+        let guard = Rc::new(lock(&ONE_VM_AT_A_TIME));
+        let backing = TestImage::get().qcow2_path();
+        (0..n)
+            .map(
+                |i| match Self::try_boot(&backing, opts.clone(), Rc::clone(&guard)) {
+                    Ok(vm) => vm,
+                    Err(e) => panic!("booting test VM {i} of {n} failed: {e:#}"),
+                },
+            )
+            .collect()
+    }
+
+    fn try_boot(backing: &Path, opts: VmOptions, guard: Rc<MutexGuard<'static, ()>>) -> Result<Vm> {
         let dir = tempfile::Builder::new()
             .prefix("ballast-vm-")
             .tempdir()
@@ -101,6 +131,7 @@ impl Vm {
         let vars_src = env_or("BALLAST_OVMF_VARS", OVMF_VARS);
         std::fs::copy(&vars_src, dir_path.join("OVMF_VARS.fd"))
             .with_context(|| format!("copying {vars_src} (is the ovmf package installed?)"))?;
+        let harness_user_data = (!opts.own_user_data).then(|| FwCfg::new(&harness_user_data()));
         let mut vm = Vm {
             console: Console::new(dir_path.join("console.log")),
             ssh: Ssh::new(&dir_path, 0)?,
@@ -109,6 +140,7 @@ impl Vm {
             opts,
             qemu: Mutex::new(None),
             monitor: Mutex::new(None),
+            harness_user_data,
             _one_at_a_time: guard,
         };
         match vm.start() {
@@ -270,6 +302,25 @@ impl Vm {
         if !out.status.success() && out.status.code() != Some(255) {
             self.fail(describe_output("systemctl poweroff", &out));
         }
+        self.wait_powered_off();
+    }
+
+    /// Presses the power button (ACPI) and waits for the guest to shut down
+    /// cleanly; for a guest the tests cannot log in to.
+    pub fn power_off_acpi(&mut self) {
+        let mut monitor = lock(&self.monitor);
+        let pressed = match monitor.as_mut() {
+            Some(m) => m.command("system_powerdown", Duration::from_secs(10)),
+            None => Err(anyhow::anyhow!("the VM is powered off")),
+        };
+        drop(monitor);
+        if let Err(e) = pressed {
+            self.fail(format!("system_powerdown: {e:#}"));
+        }
+        self.wait_powered_off();
+    }
+
+    fn wait_powered_off(&mut self) {
         let exited = match lock(&self.qemu).as_mut() {
             Some(child) => wait_until(child, Instant::now() + POWER_OFF_TIMEOUT),
             None => Err(anyhow::anyhow!("the VM is powered off already")),
@@ -433,6 +484,7 @@ impl Vm {
         let mut child = Command::new("qemu-system-x86_64")
             .args(&args)
             .args(&self.opts.extra_args)
+            .args(self.harness_user_data.iter().flat_map(FwCfg::qemu_args))
             .current_dir(&self.dir_path)
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("duplicating log handle")?)

@@ -5,8 +5,11 @@
 //! Each VM boot costs about a minute under TCG, so the tests check as much as
 //! one boot can show.
 
+use std::time::Duration;
+
 use qemu_tests::{
-    user_with_fixture_key, FwCfg, Seed, UserData, Vm, VmOptions, DEFAULT_SSH_TIMEOUT,
+    root_fixture_key, user_with_fixture_key, FwCfg, Seed, UserData, Vm, VmOptions,
+    DEFAULT_SSH_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -17,7 +20,7 @@ fn full_document(hostname: &str) -> String {
     format!(
         r#"#cloud-config
 hostname: {hostname}
-users:
+{root}users:
 {alice}
 write_files:
   - path: /etc/ballast-test/owned.conf
@@ -47,6 +50,7 @@ runcmd:
 packages: [htop]
 "#,
         alice = user_with_fixture_key("alice", &["systemd-journal"], "/bin/bash").trim_end(),
+        root = root_fixture_key(),
     )
 }
 
@@ -55,6 +59,7 @@ fn nocloud_seed_applies_once_per_instance_id() {
     let first = Seed::nocloud(&UserData::new(full_document("prov-a"), "iid-a-1"));
     let mut vm = Vm::boot(VmOptions {
         extra_args: first.qemu_args(),
+        own_user_data: true,
         ..VmOptions::default()
     });
     vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
@@ -133,12 +138,14 @@ fn nocloud_seed_applies_once_per_instance_id() {
 #[test]
 fn fw_cfg_delivers_user_data() {
     let doc = format!(
-        "#cloud-config\nhostname: prov-fw\nusers:\n{}",
+        "#cloud-config\nhostname: prov-fw\n{}users:\n{}",
+        root_fixture_key(),
         user_with_fixture_key("bob", &["systemd-journal"], "/bin/bash")
     );
     let fw = FwCfg::new(&UserData::new(doc, "iid-fw-1"));
     let vm = Vm::boot(VmOptions {
         extra_args: fw.qemu_args(),
+        own_user_data: true,
         ..VmOptions::default()
     });
     vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
@@ -155,20 +162,43 @@ fn fw_cfg_delivers_user_data() {
 #[test]
 fn invalid_document_leaves_the_host_booted_with_a_readable_error() {
     // Line 6, column 13: groups must be a list or a string, not a mapping.
-    let doc = "#cloud-config\nhostname: prov-bad\nusers:\n  - name: carol\n    shell: /bin/sh\n    groups: {wrong: type}\n";
+    // The document would also have given root the key: nothing of it may
+    // apply, so nobody can log in over SSH; the console is the way in.
+    let doc = format!(
+        "#cloud-config\nhostname: prov-bad\nusers:\n  - name: carol\n    shell: /bin/sh\n    groups: {{wrong: type}}\n{}",
+        root_fixture_key()
+    );
     let seed = Seed::nocloud(&UserData::new(doc, "iid-bad-1"));
-    let vm = Vm::boot(VmOptions {
+    let mut vm = Vm::boot(VmOptions {
         extra_args: seed.qemu_args(),
+        own_user_data: true,
         ..VmOptions::default()
     });
-    // Root still logs in with the key baked into the test image.
+    // The failed unit prints `osctl provision status` to the console, and
+    // the host boots on to its login prompt.
+    let console = vm.wait_console("result: invalid", DEFAULT_SSH_TIMEOUT);
+    if !mentions_line_6(&console) {
+        vm.fail("the console should name line 6 of the user data");
+    }
+    vm.wait_console("login:", Duration::from_secs(120));
+    if vm.ssh("true").status.success() {
+        vm.fail("root logged in with a key from an invalid document");
+    }
+
+    // Next boot: valid user data over fw_cfg (it comes first) lets the test
+    // in to look at what the first boot left.
+    vm.power_off_acpi();
+    let fix = FwCfg::new(&UserData::new(
+        format!("#cloud-config\n{}", root_fixture_key()),
+        "iid-bad-2",
+    ));
+    vm.set_extra_args([seed.qemu_args(), fix.qemu_args()].concat());
+    vm.power_on();
     vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
     let state = wait_boot_finished(&vm);
     if state != "running" && state != "degraded" {
         vm.fail(format!("systemctl is-system-running: {state}"));
     }
-    expect_unit(&vm, "multi-user.target", "active");
-    // Nothing of the document was applied.
     let hostname = vm.ssh_ok("hostname");
     if hostname.trim() == "prov-bad" {
         vm.fail("the hostname of an invalid document was applied");
@@ -177,19 +207,21 @@ fn invalid_document_leaves_the_host_booted_with_a_readable_error() {
     if carol.status.success() {
         vm.fail("user carol of an invalid document was created");
     }
-    // The error, with where it is, in `osctl provision status` and the journal.
-    let text = vm.ssh_ok("osctl provision status; true");
-    if !mentions_line_6(&text) {
-        vm.fail(format!(
-            "osctl provision status should name line 6 of the user data:\n{text}"
-        ));
-    }
-    let journal = vm.ssh_ok(&format!("journalctl -b -u {UNIT} --no-pager"));
+    // The first boot's error, with where it is, is in the journal (kept on
+    // /var across boots).
+    let journal = vm.ssh_ok(&format!("journalctl -b -1 -u {UNIT} --no-pager"));
     if !mentions_line_6(&journal) {
         vm.fail(format!(
             "the journal of {UNIT} should name line 6 of the user data:\n{journal}"
         ));
     }
+    expect_status(
+        &vm,
+        &provision_status(&vm),
+        "fw_cfg",
+        "iid-bad-2",
+        "applied",
+    );
     drop(seed);
 }
 
