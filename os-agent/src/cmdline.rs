@@ -28,7 +28,7 @@ const DATA: &str = "systemd.verity_root_data";
 const HASH: &str = "systemd.verity_root_hash";
 
 /// Splits a command line into words, honouring double quotes as the kernel does.
-fn words(cmdline: &str) -> Vec<String> {
+pub fn words(cmdline: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut quoted = false;

@@ -164,40 +164,7 @@ pub fn discover_with(
 /// The last `ballast.config_url=` on a command line (a later one wins, as
 /// for the kernel's own parameters).
 pub fn config_url(cmdline: &str) -> Option<String> {
-    split_cmdline(cmdline).into_iter().rev().find_map(|w| {
-        w.strip_prefix(CMDLINE_URL_KEY)
-            .and_then(|rest| rest.strip_prefix('='))
-            .map(str::to_string)
-    })
-}
-
-/// Splits a command line into words, honouring double quotes as the kernel does.
-fn split_cmdline(cmdline: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let (mut quoted, mut in_word) = (false, false);
-    for c in cmdline.chars() {
-        match c {
-            '"' => {
-                quoted = !quoted;
-                in_word = true;
-            }
-            c if c.is_whitespace() && !quoted => {
-                if in_word {
-                    out.push(std::mem::take(&mut cur));
-                    in_word = false;
-                }
-            }
-            c => {
-                cur.push(c);
-                in_word = true;
-            }
-        }
-    }
-    if in_word {
-        out.push(cur);
-    }
-    out
+    crate::cmdline::value(&crate::cmdline::words(cmdline), CMDLINE_URL_KEY).map(str::to_string)
 }
 
 /// How [`fetch_url`] retries: exponential backoff from `first_backoff`,
