@@ -80,6 +80,8 @@ pub struct Vm {
     /// The harness's user data (see [`VmOptions::own_user_data`]); QEMU
     /// reads its files at every power-on.
     harness_user_data: Option<FwCfg>,
+    /// Notices firmware stuck after a guest reset (see `unstick_firmware`).
+    reset_watch: Mutex<ResetWatch>,
     /// Shared by the VMs of one [`Vm::boot_several`].
     _one_at_a_time: Rc<MutexGuard<'static, ()>>,
 }
@@ -141,6 +143,7 @@ impl Vm {
             qemu: Mutex::new(None),
             monitor: Mutex::new(None),
             harness_user_data,
+            reset_watch: Mutex::new(ResetWatch::default()),
             _one_at_a_time: guard,
         };
         match vm.start() {
@@ -172,19 +175,9 @@ impl Vm {
     /// Runs `probe` over SSH until it succeeds and `accept` likes its stdout.
     fn wait_ssh_until(&self, timeout: Duration, probe: &str, accept: impl Fn(&str) -> bool) {
         let started = Instant::now();
-        let mut watch = ResetWatch::default();
         loop {
             self.check_running();
-            if watch.firmware_stuck(&self.console) {
-                // Seen here under TCG, now and then: after the guest's own
-                // reset the firmware never starts again (a fresh QEMU on the
-                // same disk and variables boots). The guest had already shut
-                // down cleanly, so a second reset loses nothing.
-                eprintln!(
-                    "firmware printed nothing for {RESET_STALL:?} after the guest reset; resetting the machine"
-                );
-                self.reset_hard();
-            }
+            self.unstick_firmware();
             let attempt = run_with_timeout(&mut self.ssh.command(probe), Duration::from_secs(30));
             let last = match attempt {
                 Ok(Some(out)) if out.status.success() => {
@@ -208,6 +201,22 @@ impl Vm {
         }
     }
 
+    /// Seen under TCG, now and then: after the guest's own reset the
+    /// firmware never starts again (a fresh QEMU on the same disk and
+    /// variables boots). The guest had already shut down cleanly, so a
+    /// second reset loses nothing.
+    fn unstick_firmware(&self) {
+        if lock(&self.monitor).is_none() {
+            return; // powered off
+        }
+        if lock(&self.reset_watch).firmware_stuck(&self.console) {
+            eprintln!(
+                "firmware printed nothing for {RESET_STALL:?} after the guest reset; resetting the machine"
+            );
+            self.reset_hard();
+        }
+    }
+
     /// Runs `cmd` in the guest's root shell. Panics only if ssh cannot run
     /// or hangs; the exit status is the caller's to judge.
     pub fn ssh(&self, cmd: &str) -> Output {
@@ -217,6 +226,9 @@ impl Vm {
     /// As [`Vm::ssh`], logged in as `user` with the fixture key (which
     /// provisioning must have given `user`).
     pub fn ssh_as(&self, user: &str, cmd: &str) -> Output {
+        // Tests poll with ssh while the guest reboots: that is where a
+        // firmware stuck after the guest's reset shows.
+        self.unstick_firmware();
         match run_with_timeout(&mut self.ssh.command_as(user, cmd), SSH_COMMAND_TIMEOUT) {
             Ok(Some(out)) => out,
             Ok(None) => self.fail(format!(
