@@ -522,12 +522,14 @@ fn window_and_fleet_lock_strategies() {
     );
     assert!(w.host.commands().is_empty());
 
-    struct Busy;
+    /// Refuses, and remembers which version was asked for.
+    struct Busy(std::cell::RefCell<Vec<String>>);
     impl super::fleet_lock::RebootLock for Busy {
-        fn acquire(&self) -> anyhow::Result<bool> {
+        fn acquire(&self, version: &str) -> anyhow::Result<bool> {
+            self.0.borrow_mut().push(version.to_string());
             Ok(false)
         }
-        fn release(&self) -> anyhow::Result<()> {
+        fn release(&self, _outcome: &super::fleet_lock::Released) -> anyhow::Result<()> {
             Ok(())
         }
     }
@@ -535,10 +537,12 @@ fn window_and_fleet_lock_strategies() {
         strategy: Strategy::FleetLock,
         ..w.settings()
     };
+    let busy = Busy(Default::default());
     assert!(matches!(
-        engine::maybe_reboot(&w.host, &s, &Busy, now).unwrap(),
+        engine::maybe_reboot(&w.host, &s, &busy, now).unwrap(),
         RebootDecision::Wait { .. }
     ));
+    assert_eq!(*busy.0.borrow(), ["1.3.0"]);
     assert_eq!(
         engine::maybe_reboot(&w.host, &s, &NoopLock, now).unwrap(),
         RebootDecision::Rebooting
