@@ -65,8 +65,10 @@ struct Partial {
     health: PartialHealth,
     #[serde(default)]
     update: update::PartialUpdate,
+    /// The host's fleet group (top level: provisioning writes it there).
+    group: Option<String>,
     #[serde(default)]
-    fleet: fleet_config::PartialFleet,
+    etcd: fleet_config::PartialFleet,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -221,7 +223,9 @@ pub fn load(host: &dyn Host) -> Result<Loaded> {
         let partial = parse_file(path, &text, &mut unknown)?;
         merge(&mut merged, partial.health);
         update::merge(&mut merged_update, partial.update);
-        fleet_config::merge(&mut merged_fleet, partial.fleet);
+        let mut fleet = partial.etcd;
+        fleet.group = partial.group;
+        fleet_config::merge(&mut merged_fleet, fleet);
     }
     let settings = validate(merged, merged_update, merged_fleet).with_context(|| {
         let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();

@@ -269,11 +269,11 @@ fn fleet_section_merges_across_drop_ins() {
     let (_d, h) = host(&[
         (
             "/usr/lib/ballast/agent.toml",
-            "[fleet]\nendpoints = [\"http://10.0.0.1:2379\"]\ngroup = \"web\"\n",
+            "group = \"web\"\n[etcd]\nendpoints = [\"http://10.0.0.1:2379\"]\n",
         ),
         (
             "/etc/ballast/agent.d/50-fleet.toml",
-            "[fleet]\nlease_ttl_secs = 20\ngroupp = \"typo\"\n",
+            "[etcd]\nlease_ttl_secs = 20\ngroupp = \"typo\"\n",
         ),
     ]);
     let l = load(&h).unwrap();
@@ -282,22 +282,22 @@ fn fleet_section_merges_across_drop_ins() {
     assert_eq!(f.group, "web");
     assert_eq!(f.lease_ttl, Duration::from_secs(20));
     assert_eq!(l.unknown_keys.len(), 1);
-    assert_eq!(l.unknown_keys[0].key, "fleet.groupp");
+    assert_eq!(l.unknown_keys[0].key, "etcd.groupp");
     // A drop-in turns the fleet off with an empty list.
     let (_d, h) = host(&[
         (
             "/usr/lib/ballast/agent.toml",
-            "[fleet]\nendpoints = [\"http://h:2379\"]\n",
+            "[etcd]\nendpoints = [\"http://h:2379\"]\n",
         ),
-        ("/run/ballast/agent.d/off.toml", "[fleet]\nendpoints = []\n"),
+        ("/run/ballast/agent.d/off.toml", "[etcd]\nendpoints = []\n"),
     ]);
     assert_eq!(load(&h).unwrap().settings.fleet, None);
     let e = err(&[(
         "/etc/ballast/agent.d/f.toml",
-        "[fleet]\nendpoints = [\"etcd:2379\"]\n",
+        "[etcd]\nendpoints = [\"etcd:2379\"]\n",
     )]);
     assert!(
-        e.contains("/etc/ballast/agent.d/f.toml") && e.contains("fleet.endpoints"),
+        e.contains("/etc/ballast/agent.d/f.toml") && e.contains("etcd.endpoints"),
         "{e}"
     );
 }

@@ -1,6 +1,7 @@
-//! The `[fleet]` section of the agent config: where etcd is, how to
-//! authenticate, and which group this host belongs to. No endpoints, no fleet:
-//! the host updates on its own (docs/etcd.md).
+//! The fleet's part of the agent config: the `[etcd]` section (where etcd
+//! is, how to authenticate, key prefix, lease TTLs) and the top-level `group`,
+//! the layout provisioning writes from user data. No endpoints, no fleet: the
+//! host updates on its own (docs/etcd.md).
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -65,23 +66,25 @@ pub(crate) struct PartialFleet {
     username: Option<String>,
     password: Option<String>,
     prefix: Option<String>,
-    group: Option<String>,
+    /// The top-level `group` key, moved in by the config loader.
+    #[serde(skip)]
+    pub(crate) group: Option<String>,
     lease_ttl_secs: Option<u64>,
     lock_ttl_secs: Option<u64>,
 }
 
 pub(crate) const KNOWN_KEYS: &[&str] = &[
-    "fleet",
-    "fleet.endpoints",
-    "fleet.ca_file",
-    "fleet.cert_file",
-    "fleet.key_file",
-    "fleet.username",
-    "fleet.password",
-    "fleet.prefix",
-    "fleet.group",
-    "fleet.lease_ttl_secs",
-    "fleet.lock_ttl_secs",
+    "group",
+    "etcd",
+    "etcd.endpoints",
+    "etcd.ca_file",
+    "etcd.cert_file",
+    "etcd.key_file",
+    "etcd.username",
+    "etcd.password",
+    "etcd.prefix",
+    "etcd.lease_ttl_secs",
+    "etcd.lock_ttl_secs",
 ];
 
 fn set<T>(into: &mut Option<T>, from: Option<T>) {
@@ -140,24 +143,24 @@ pub(crate) fn validate(p: PartialFleet) -> Result<Option<FleetSettings>> {
         } else if let Some(r) = e.strip_prefix("http://") {
             r
         } else {
-            bail!("fleet.endpoints: {e:?} is not an http:// or https:// URL");
+            bail!("etcd.endpoints: {e:?} is not an http:// or https:// URL");
         };
         if rest.is_empty() || rest.contains('/') {
-            bail!("fleet.endpoints: {e:?} must be scheme://host:port, without a path");
+            bail!("etcd.endpoints: {e:?} must be scheme://host:port, without a path");
         }
         s.endpoints.push(e);
     }
-    let ca_file = absolute("fleet.ca_file", p.ca_file)?;
-    let cert_file = absolute("fleet.cert_file", p.cert_file)?;
-    let key_file = absolute("fleet.key_file", p.key_file)?;
+    let ca_file = absolute("etcd.ca_file", p.ca_file)?;
+    let cert_file = absolute("etcd.cert_file", p.cert_file)?;
+    let key_file = absolute("etcd.key_file", p.key_file)?;
     let client = match (cert_file, key_file) {
         (Some(c), Some(k)) => Some((c, k)),
         (None, None) => None,
-        (Some(_), None) => bail!("fleet.cert_file is set but fleet.key_file is not"),
-        (None, Some(_)) => bail!("fleet.key_file is set but fleet.cert_file is not"),
+        (Some(_), None) => bail!("etcd.cert_file is set but etcd.key_file is not"),
+        (None, Some(_)) => bail!("etcd.key_file is set but etcd.cert_file is not"),
     };
     if (ca_file.is_some() || client.is_some()) && !https {
-        bail!("fleet: a CA or client certificate is set but no endpoint is https://");
+        bail!("etcd: a CA or client certificate is set but no endpoint is https://");
     }
     if https {
         s.tls = Some(Tls { ca_file, client });
@@ -165,18 +168,18 @@ pub(crate) fn validate(p: PartialFleet) -> Result<Option<FleetSettings>> {
     s.user = match (p.username, p.password) {
         (Some(u), Some(pw)) if !u.is_empty() => Some((u, pw)),
         (None, None) => None,
-        (Some(u), Some(_)) if u.is_empty() => bail!("fleet.username is empty"),
-        _ => bail!("fleet.username and fleet.password go together"),
+        (Some(u), Some(_)) if u.is_empty() => bail!("etcd.username is empty"),
+        _ => bail!("etcd.username and etcd.password go together"),
     };
     if let Some(prefix) = p.prefix {
         let prefix = prefix.trim_end_matches('/').to_string();
         if !prefix.starts_with('/') || prefix.contains("//") || prefix.len() < 2 {
-            bail!("fleet.prefix: {prefix:?} is not a key prefix like \"/ballast\"");
+            bail!("etcd.prefix: {prefix:?} is not a key prefix like \"/ballast\"");
         }
         s.prefix = prefix;
     }
     if let Some(g) = p.group {
-        check_group(&g).context("fleet.group")?;
+        check_group(&g).context("group")?;
         s.group = g;
     }
     let ttl = |key: &str, v: u64| -> Result<Duration> {
@@ -186,14 +189,14 @@ pub(crate) fn validate(p: PartialFleet) -> Result<Option<FleetSettings>> {
         Ok(Duration::from_secs(v))
     };
     if let Some(v) = p.lease_ttl_secs {
-        s.lease_ttl = ttl("fleet.lease_ttl_secs", v)?;
+        s.lease_ttl = ttl("etcd.lease_ttl_secs", v)?;
     }
     if let Some(v) = p.lock_ttl_secs {
-        s.lock_ttl = ttl("fleet.lock_ttl_secs", v)?;
+        s.lock_ttl = ttl("etcd.lock_ttl_secs", v)?;
     }
     if s.lock_ttl < s.lease_ttl {
         bail!(
-            "fleet.lock_ttl_secs ({}) is shorter than fleet.lease_ttl_secs ({}): \
+            "etcd.lock_ttl_secs ({}) is shorter than etcd.lease_ttl_secs ({}): \
              the lock must outlive a reboot",
             s.lock_ttl.as_secs(),
             s.lease_ttl.as_secs()
@@ -209,22 +212,25 @@ mod tests {
     fn parse(text: &str) -> Result<Option<FleetSettings>> {
         #[derive(Deserialize)]
         struct Doc {
-            fleet: PartialFleet,
+            group: Option<String>,
+            etcd: PartialFleet,
         }
-        let d: Doc = toml::from_str(text)?;
-        validate(d.fleet)
+        let mut d: Doc = toml::from_str(text)?;
+        d.etcd.group = d.group;
+        validate(d.etcd)
     }
 
     #[test]
     fn no_endpoints_no_fleet() {
-        assert_eq!(parse("[fleet]\ngroup = \"web\"").unwrap(), None);
-        assert_eq!(parse("[fleet]\nendpoints = []").unwrap(), None);
+        assert_eq!(parse("group = \"web\"\n[etcd]").unwrap(), None);
+        assert_eq!(parse("[etcd]\nendpoints = []").unwrap(), None);
     }
 
     #[test]
     fn full_settings() {
         let s = parse(
-            r#"[fleet]
+            r#"group = "web-eu"
+[etcd]
 endpoints = ["https://10.0.0.1:2379/", "https://10.0.0.2:2379"]
 ca_file = "/etc/ballast/etcd/ca.pem"
 cert_file = "/etc/ballast/etcd/host.pem"
@@ -232,7 +238,6 @@ key_file = "/etc/ballast/etcd/host.key"
 username = "agent"
 password = "secret"
 prefix = "/prod/"
-group = "web-eu"
 lease_ttl_secs = 30
 lock_ttl_secs = 1800
 "#,
@@ -259,11 +264,11 @@ lock_ttl_secs = 1800
     #[test]
     fn bad_settings_name_the_key() {
         let cases = [
-            ("endpoints = [\"10.0.0.1:2379\"]", "fleet.endpoints"),
+            ("endpoints = [\"10.0.0.1:2379\"]", "etcd.endpoints"),
             ("endpoints = [\"http://h:1/x\"]", "without a path"),
             (
                 "endpoints = [\"https://h:1\"]\ncert_file = \"/c\"",
-                "fleet.key_file is not",
+                "etcd.key_file is not",
             ),
             (
                 "endpoints = [\"http://h:1\"]\nca_file = \"/ca\"",
@@ -271,7 +276,7 @@ lock_ttl_secs = 1800
             ),
             (
                 "endpoints = [\"https://h:1\"]\nca_file = \"ca.pem\"",
-                "fleet.ca_file",
+                "etcd.ca_file",
             ),
             (
                 "endpoints = [\"http://h:1\"]\nusername = \"u\"",
@@ -279,15 +284,11 @@ lock_ttl_secs = 1800
             ),
             (
                 "endpoints = [\"http://h:1\"]\nprefix = \"ballast\"",
-                "fleet.prefix",
-            ),
-            (
-                "endpoints = [\"http://h:1\"]\ngroup = \"a/b\"",
-                "fleet.group",
+                "etcd.prefix",
             ),
             (
                 "endpoints = [\"http://h:1\"]\nlease_ttl_secs = 1",
-                "fleet.lease_ttl_secs",
+                "etcd.lease_ttl_secs",
             ),
             (
                 "endpoints = [\"http://h:1\"]\nlease_ttl_secs = 60\nlock_ttl_secs = 30",
@@ -295,9 +296,11 @@ lock_ttl_secs = 1800
             ),
         ];
         for (body, want) in cases {
-            let e = parse(&format!("[fleet]\n{body}")).unwrap_err();
+            let e = parse(&format!("[etcd]\n{body}")).unwrap_err();
             let msg = format!("{e:#}");
             assert!(msg.contains(want), "{body}: {msg}");
         }
+        let e = parse("group = \"a/b\"\n[etcd]\nendpoints = [\"http://h:1\"]").unwrap_err();
+        assert!(format!("{e:#}").starts_with("group: "), "{e:#}");
     }
 }
