@@ -7,13 +7,14 @@
 //! - [`register`]: the host's record, on a lease kept alive;
 //! - [`lock`]: the semaphore, failure reports, and [`lock::EtcdLock`], the
 //!   [`crate::update::fleet_lock::RebootLock`] the update engine calls;
-//! - [`admin`]: the operator's view and actions;
+//! - [`admin`]: the operator's view and actions, [`cli`]: `osctl fleet`;
 //! - [`sim`]: a simulated host, for the tests and the fleet bench;
 //! - [`server`]: a throwaway local etcd for the tests and the bench.
 //!
 //! Everything here is async on the caller's tokio runtime; nothing builds its own.
 
 pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod lock;
 pub mod model;
