@@ -63,6 +63,7 @@ bench: deps
 	@command -v curl >/dev/null || apt-get install -y -q curl
 	$(CARGO) build --release --locked -p ballast-bench
 	target/release/update-throughput 256
+	target/release/fleet-sim 1000 50 2
 
 lint:
 	$(CARGO) fmt --all --check
