@@ -164,6 +164,7 @@ async fn run() -> Result<()> {
     let after = counters(&etcd)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stats = watch.snapshot();
+    let busy = stats.holder_seconds / (f64::from(max) * took.as_secs_f64());
     let ideal = hosts as f64 / f64::from(max) * reboot.as_secs_f64();
     // Safe mode: the first host takes the new version alone.
     let ideal_safe =
@@ -174,6 +175,11 @@ async fn run() -> Result<()> {
         "max simultaneous lock holders seen (etcd watch): {} (max {max}); {} hosts ever held a slot",
         stats.max_seen,
         stats.ever.len()
+    );
+    println!(
+        "reboot slots in use during the rollout: {:.1}% (mean {:.1} holders)",
+        busy * 100.0,
+        stats.holder_seconds / took.as_secs_f64()
     );
     println!(
         "ideal (hosts / max x reboot): {ideal:.2} s; ratio {:.3}",

@@ -154,6 +154,20 @@ pub struct HolderStats {
     pub max_seen: usize,
     pub ever: BTreeSet<String>,
     pub events: u64,
+    /// The integral of the holder count over time, in holder-seconds.
+    pub holder_seconds: f64,
+    last_change: Option<std::time::Instant>,
+}
+
+impl HolderStats {
+    /// Brings `holder_seconds` up to now.
+    fn account(&mut self) {
+        let now = std::time::Instant::now();
+        if let Some(t) = self.last_change {
+            self.holder_seconds += self.current.len() as f64 * (now - t).as_secs_f64();
+        }
+        self.last_change = Some(now);
+    }
 }
 
 pub struct HolderWatch {
@@ -197,6 +211,7 @@ impl HolderWatch {
             let _watcher = _watcher;
             while let Some(resp) = stream.message().await.context("the holder watch failed")? {
                 let mut s = lock(&st);
+                s.account();
                 for ev in resp.events() {
                     let Some(kv) = ev.kv() else { continue };
                     let k = String::from_utf8_lossy(kv.key()).into_owned();
@@ -219,7 +234,9 @@ impl HolderWatch {
     }
 
     pub fn snapshot(&self) -> HolderStats {
-        lock(&self.stats).clone()
+        let mut s = lock(&self.stats);
+        s.account();
+        s.clone()
     }
 
     /// Whether the watch task died (etcd went away, say).
