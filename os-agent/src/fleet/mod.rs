@@ -2,7 +2,8 @@
 //! lock of the `fleet-lock` strategy (a counting semaphore per group), group
 //! policy and self-pausing rollouts, and what `osctl fleet` reads and writes.
 //!
-//! - [`config`]: the `[fleet]` section of the agent config;
+//! - [`config`]: the `[etcd]` section and `group` of the agent config;
+//! - [`agent`]: the daemon's side: the host's record, the policy watch;
 //! - [`model`]: key layout and the JSON values, parsed as untrusted input;
 //! - [`register`]: the host's record, on a lease kept alive;
 //! - [`lock`]: the semaphore, failure reports, and [`lock::EtcdLock`], the
@@ -14,6 +15,7 @@
 //! Everything here is async on the caller's tokio runtime; nothing builds its own.
 
 pub mod admin;
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod lock;
