@@ -5,8 +5,9 @@
 //! blessed or the host fell back; the lease is not kept alive, so a host that
 //! never comes back frees its slot when the lease runs out.
 //!
-//! Taking a slot is one read (policy, holders, guard, proven marker, in one
-//! transaction) and one compare-and-swap: put the holder key only if the
+//! Taking a slot is one read (policy, the number of holders, whether this
+//! host is one, guard, proven marker, in one transaction) and one
+//! compare-and-swap: put the holder key only if the
 //! guard key has not changed since the read and the holder key does not
 //! exist, and bump the guard in the same transaction. Two hosts that counted
 //! the same free slot both compare against the same guard version; one wins,
@@ -37,7 +38,10 @@ pub enum Acquire {
 #[derive(Debug, Clone)]
 pub struct LockState {
     pub policy: Policy,
-    pub holders: Vec<Holder>,
+    /// How many hosts hold a slot.
+    pub holders: usize,
+    /// Whether this host is one of them.
+    pub holding: bool,
     /// The guard key's version (0: never taken).
     pub guard_version: i64,
     /// Whether a host of the group already proved the version.
@@ -72,14 +76,13 @@ impl Fleet {
         let g = &self.group;
         let policy_key = self.keys.policy(g);
         let holders_key = self.keys.holders(g);
+        let count = || GetOptions::new().with_count_only();
         let txn = Txn::new().and_then([
             TxnOp::get(policy_key.as_str(), None),
-            TxnOp::get(holders_key.as_str(), Some(GetOptions::new().with_prefix())),
+            TxnOp::get(holders_key.as_str(), Some(count().with_prefix())),
+            TxnOp::get(self.keys.holder(g, &self.machine_id), Some(count())),
             TxnOp::get(self.keys.guard(g), None),
-            TxnOp::get(
-                self.keys.proven(g, version),
-                Some(GetOptions::new().with_count_only()),
-            ),
+            TxnOp::get(self.keys.proven(g, version), Some(count())),
         ]);
         let resp = self
             .client
@@ -93,16 +96,14 @@ impl Fleet {
             Some(kv) => Policy::parse(&policy_key, kv.value())?,
             None => Policy::default(),
         };
-        let mut holders = Vec::new();
-        for kv in range(next()?)?.kvs() {
-            let key = String::from_utf8_lossy(kv.key());
-            holders.push(Holder::parse(&key, kv.value())?);
-        }
+        let holders = usize::try_from(range(next()?)?.count()).unwrap_or(usize::MAX);
+        let holding = range(next()?)?.count() > 0;
         let guard_version = range(next()?)?.kvs().first().map_or(0, |kv| kv.version());
         let proven = range(next()?)?.count() > 0;
         Ok(LockState {
             policy,
             holders,
+            holding,
             guard_version,
             proven,
         })
@@ -114,14 +115,14 @@ impl Fleet {
         model::check_version(version).map_err(anyhow::Error::msg)?;
         for _ in 0..CAS_ATTEMPTS {
             let st = self.lock_state(version).await?;
-            if let Some(verdict) = decide(&st, &self.machine_id, version) {
+            if let Some(verdict) = decide(&st, version) {
                 return Ok(verdict);
             }
             if self.cas_take(version, st.guard_version).await? {
                 tracing::info!(
                     "took a reboot slot of group {} for {version} ({} of {} held before)",
                     self.group,
-                    st.holders.len(),
+                    st.holders,
                     st.policy.max_holders
                 );
                 return Ok(Acquire::Granted);
@@ -136,12 +137,18 @@ impl Fleet {
 
     async fn cas_take(&self, version: &str, guard_version: i64) -> Result<bool> {
         let mut c = self.client.clone();
-        let ttl = self.lock_ttl.as_secs() as i64;
-        let lease = c
-            .lease_grant(ttl, None)
-            .await
-            .context("cannot grant the lock lease")?
-            .id();
+        let (lease, granted) = match self.take_spare_lease() {
+            Some(spare) => spare,
+            None => {
+                let ttl = self.lock_ttl.as_secs() as i64;
+                let id = c
+                    .lease_grant(ttl, None)
+                    .await
+                    .context("cannot grant the lock lease")?
+                    .id();
+                (id, std::time::Instant::now())
+            }
+        };
         let holder_key = self.keys.holder(&self.group, &self.machine_id);
         let holder = Holder {
             machine_id: self.machine_id.clone(),
@@ -168,11 +175,21 @@ impl Fleet {
             .with_context(|| format!("cannot write {holder_key}"))?
             .succeeded();
         if !won {
-            c.lease_revoke(lease)
-                .await
-                .context("cannot revoke an unused lock lease")?;
+            *lock_spare(&self.spare_lease) = Some((lease, granted));
         }
         Ok(won)
+    }
+
+    /// The spare lease, if it still has nearly all of its TTL. An older one
+    /// is left to expire: it holds no keys.
+    fn take_spare_lease(&self) -> Option<(i64, std::time::Instant)> {
+        let (id, granted) = lock_spare(&self.spare_lease).take()?;
+        if granted.elapsed() < self.lock_ttl / 20 {
+            Some((id, granted))
+        } else {
+            tracing::debug!("letting the unused lock lease {id:x} expire");
+            None
+        }
     }
 
     /// Gives the slot back and tells the group how the version did: a
@@ -297,10 +314,15 @@ impl Fleet {
     }
 }
 
+fn lock_spare<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Holding the lock never panics; a poisoned one still holds a valid value.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The decision that needs no write: `Some` to answer now, `None` to try
 /// to take a slot.
-pub fn decide(st: &LockState, machine_id: &str, version: &str) -> Option<Acquire> {
-    if st.holders.iter().any(|h| h.machine_id == machine_id) {
+pub fn decide(st: &LockState, version: &str) -> Option<Acquire> {
+    if st.holding {
         return Some(Acquire::Granted);
     }
     let p = &st.policy;
@@ -321,10 +343,10 @@ pub fn decide(st: &LockState, machine_id: &str, version: &str) -> Option<Acquire
     } else {
         (1, " (safe mode: the first host takes a new version alone)")
     };
-    if st.holders.len() >= limit {
+    if st.holders >= limit {
         return Some(Acquire::Wait(format!(
             "{} of {limit} reboot slots are held{mode}",
-            st.holders.len()
+            st.holders
         )));
     }
     None
@@ -359,14 +381,6 @@ impl RebootLock for EtcdLock {
 mod tests {
     use super::*;
 
-    fn holder(m: &str) -> Holder {
-        Holder {
-            machine_id: m.into(),
-            version: "2.0".into(),
-            since: 0,
-        }
-    }
-
     #[test]
     fn decisions() {
         let base = LockState {
@@ -374,7 +388,8 @@ mod tests {
                 max_holders: 3,
                 ..Policy::default()
             },
-            holders: vec![holder("a"), holder("b")],
+            holders: 2,
+            holding: false,
             guard_version: 7,
             proven: true,
         };
@@ -383,27 +398,32 @@ mod tests {
             f(&mut s);
             s
         };
-        let wait = |s: &LockState, m: &str, v: &str| match decide(s, m, v) {
+        let wait = |s: &LockState, v: &str| match decide(s, v) {
             Some(Acquire::Wait(why)) => why,
             other => panic!("{other:?}"),
         };
-        assert_eq!(decide(&base, "c", "2.0"), None);
-        assert_eq!(decide(&base, "a", "2.0"), Some(Acquire::Granted));
-        let full = with(&|s| s.holders.push(holder("c")));
-        assert!(wait(&full, "d", "2.0").contains("3 of 3"));
+        assert_eq!(decide(&base, "2.0"), None);
+        let mine = with(&|s| s.holding = true);
+        assert_eq!(decide(&mine, "2.0"), Some(Acquire::Granted));
+        let full = with(&|s| s.holders = 3);
+        assert!(wait(&full, "2.0").contains("3 of 3"));
         let paused = with(&|s| s.policy.paused = true);
-        assert!(wait(&paused, "c", "2.0").contains("paused"));
+        assert!(wait(&paused, "2.0").contains("paused"));
         // A holder keeps its slot even when the group pauses.
-        assert_eq!(decide(&paused, "a", "2.0"), Some(Acquire::Granted));
+        let paused_mine = with(&|s| {
+            s.policy.paused = true;
+            s.holding = true;
+        });
+        assert_eq!(decide(&paused_mine, "2.0"), Some(Acquire::Granted));
         let pinned = with(&|s| s.policy.pinned_version = Some("1.5".into()));
-        assert!(wait(&pinned, "c", "2.0").contains("pinned to 1.5"));
-        assert_eq!(decide(&pinned, "c", "1.5"), None);
+        assert!(wait(&pinned, "2.0").contains("pinned to 1.5"));
+        assert_eq!(decide(&pinned, "1.5"), None);
         let fresh = with(&|s| s.proven = false);
-        assert!(wait(&fresh, "c", "2.0").contains("safe mode"));
+        assert!(wait(&fresh, "2.0").contains("safe mode"));
         let fresh_empty = with(&|s| {
             s.proven = false;
-            s.holders.clear();
+            s.holders = 0;
         });
-        assert_eq!(decide(&fresh_empty, "c", "2.0"), None);
+        assert_eq!(decide(&fresh_empty, "2.0"), None);
     }
 }

@@ -26,7 +26,8 @@ pub mod sim;
 
 use anyhow::{Context, Result};
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub use config::FleetSettings;
 pub use model::Keys;
@@ -85,6 +86,10 @@ pub struct Fleet {
     pub machine_id: String,
     pub lease_ttl: Duration,
     pub lock_ttl: Duration,
+    /// A lock lease granted for a compare-and-swap that lost, kept for the
+    /// next attempt so that contention does not cost a grant and a revoke
+    /// each time: (id, when granted).
+    pub(crate) spare_lease: Arc<Mutex<Option<(i64, Instant)>>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -106,6 +111,7 @@ impl Fleet {
             machine_id: machine_id.to_string(),
             lease_ttl: settings.lease_ttl,
             lock_ttl: settings.lock_ttl,
+            spare_lease: Arc::new(Mutex::new(None)),
         }
     }
 }
