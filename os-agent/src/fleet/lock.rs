@@ -18,7 +18,9 @@ use super::model::{self, FailureReport, Holder, Policy};
 use super::{now_unix, Fleet};
 use crate::update::fleet_lock::{RebootLock, Released};
 use anyhow::{bail, Context, Result};
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{
+    Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
 use std::time::Duration;
 
 /// How many times a host retries a lost compare-and-swap before it waits for
@@ -196,50 +198,77 @@ impl Fleet {
     /// blessed boot proves it (ending safe mode), a rollback files a failure
     /// report and may pause the group.
     pub async fn release(&self, outcome: &Released) -> Result<()> {
-        match outcome {
-            Released::Blessed { version } => self.mark_proven(version).await?,
+        let holder = self.keys.holder(&self.group, &self.machine_id);
+        let delete = TxnOp::delete(holder.as_str(), Some(DeleteOptions::new().with_prev_key()));
+        let resp = match outcome {
+            // One transaction frees the slot and proves the version, so the
+            // slot is free after a single round trip.
+            Released::Blessed { version } => {
+                let proven = self.keys.proven(&self.group, version);
+                let txn = Txn::new()
+                    .when([Compare::create_revision(
+                        proven.as_str(),
+                        CompareOp::Equal,
+                        0,
+                    )])
+                    .and_then([
+                        TxnOp::put(proven.as_str(), self.machine_id.as_str(), None),
+                        delete.clone(),
+                    ])
+                    .or_else([delete]);
+                self.client
+                    .clone()
+                    .txn(txn)
+                    .await
+                    .with_context(|| format!("cannot release {holder}"))?
+            }
+            // The report (and the pause it may cause) goes first, so no
+            // other host takes the freed slot to a version that just paused
+            // its group.
             Released::RolledBack { version, reason } => {
-                self.report_failure(version, reason).await?
+                self.report_failure(version, reason).await?;
+                self.client
+                    .clone()
+                    .txn(Txn::new().and_then([delete]))
+                    .await
+                    .with_context(|| format!("cannot release {holder}"))?
             }
-        }
-        self.delete_holder(&self.machine_id).await
-    }
-
-    /// Deletes a holder key and revokes its lease (also `osctl fleet unlock`).
-    pub async fn delete_holder(&self, machine_id: &str) -> Result<()> {
-        let key = self.keys.holder(&self.group, machine_id);
-        let mut c = self.client.clone();
-        let resp = c
-            .get(key.as_str(), None)
-            .await
-            .with_context(|| format!("cannot read {key}"))?;
-        let Some(kv) = resp.kvs().first() else {
-            return Ok(());
         };
-        let lease = kv.lease();
-        c.delete(key.as_str(), None)
-            .await
-            .with_context(|| format!("cannot delete {key}"))?;
-        if lease != 0 {
-            if let Err(e) = c.lease_revoke(lease).await {
-                // Already expired is the common case; the key is gone either way.
-                tracing::debug!("revoking the lease of {key}: {e}");
-            }
+        let lease = resp.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Delete(d) => d.prev_kvs().first().map(|kv| kv.lease()),
+            _ => None,
+        });
+        if let Some(lease) = lease {
+            tracing::info!("released the reboot slot {holder}");
+            self.revoke_quietly(lease, &holder).await;
         }
-        tracing::info!("released the reboot slot {key}");
         Ok(())
     }
 
-    async fn mark_proven(&self, version: &str) -> Result<()> {
-        let key = self.keys.proven(&self.group, version);
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.as_str(), self.machine_id.as_str(), None)]);
-        self.client
+    /// Revokes a holder's lease once its key is gone; an expired lease is
+    /// the common case and not an error.
+    async fn revoke_quietly(&self, lease: i64, key: &str) {
+        if lease == 0 {
+            return;
+        }
+        if let Err(e) = self.client.clone().lease_revoke(lease).await {
+            tracing::debug!("revoking the lease of {key}: {e}");
+        }
+    }
+
+    /// Deletes a holder key and revokes its lease (`osctl fleet unlock`).
+    pub async fn delete_holder(&self, machine_id: &str) -> Result<()> {
+        let key = self.keys.holder(&self.group, machine_id);
+        let resp = self
+            .client
             .clone()
-            .txn(txn)
+            .delete(key.as_str(), Some(DeleteOptions::new().with_prev_key()))
             .await
-            .with_context(|| format!("cannot write {key}"))?;
+            .with_context(|| format!("cannot delete {key}"))?;
+        if let Some(kv) = resp.prev_kvs().first() {
+            tracing::info!("released the reboot slot {key}");
+            self.revoke_quietly(kv.lease(), &key).await;
+        }
         Ok(())
     }
 
