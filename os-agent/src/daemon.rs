@@ -220,11 +220,14 @@ impl RebootLock for RefuseLock {
         )
     }
 
-    fn release(&self, _outcome: &crate::update::fleet_lock::Released) -> Result<()> {
-        anyhow::bail!(
-            "the fleet is configured but could not be joined: {}",
+    /// There is no fleet to tell: failing here would keep the engine from
+    /// ever recording the end of the update, so this logs instead.
+    fn release(&self, outcome: &crate::update::fleet_lock::Released) -> Result<()> {
+        tracing::error!(
+            "cannot tell the fleet {outcome:?}: it is configured but could not be joined: {}",
             self.0
-        )
+        );
+        Ok(())
     }
 }
 
@@ -233,6 +236,17 @@ mod tests {
     use super::*;
     use crate::disk::fixture::HASH_B;
     use crate::status::tests::booted_host;
+
+    #[test]
+    fn an_unusable_fleet_config_never_grants_the_lock() {
+        let l = RefuseLock("cannot read /etc/ballast/etcd/key.pem".into());
+        let e = format!("{:#}", l.acquire("2.0").unwrap_err());
+        assert!(e.contains("could not be joined: cannot read"), "{e}");
+        let blessed = crate::update::fleet_lock::Released::Blessed {
+            version: "2.0".into(),
+        };
+        l.release(&blessed).unwrap();
+    }
 
     #[test]
     fn start_publishes_the_status_with_our_pid() {
