@@ -237,6 +237,63 @@ mod tests {
     use crate::disk::fixture::HASH_B;
     use crate::status::tests::booted_host;
 
+    /// The daemon's fleet wiring against a real etcd: the config's
+    /// endpoints and group, the DirHost's record, a policy change that wakes
+    /// the update loop.
+    #[test]
+    fn joins_the_fleet_named_in_the_config() {
+        use crate::disk::fixture::write;
+        use crate::fleet::{admin, model::HostRecord, server::LocalEtcd};
+        let etcd_dir = tempfile::tempdir().unwrap();
+        let etcd = LocalEtcd::start(etcd_dir.path(), None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let host: Arc<dyn Host + Send + Sync> = Arc::new(booted_host(dir.path(), &HASH_B));
+        write(dir.path(), "proc/sys/kernel/hostname", "web-7\n");
+        write(
+            dir.path(),
+            "etc/machine-id",
+            &format!("{}\n", "7e".repeat(16)),
+        );
+        write(
+            dir.path(),
+            "etc/ballast/agent.d/fleet.toml",
+            &format!(
+                "group = \"web\"\n[etcd]\nendpoints = [\"{}\"]\nlease_ttl_secs = 2\nlock_ttl_secs = 4\n",
+                etcd.endpoint()
+            ),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let f = join_fleet(host.clone())
+                .await
+                .unwrap()
+                .expect("a fleet is configured");
+            tokio::time::timeout(Duration::from_secs(10), f.registration.wait_sessions(1))
+                .await
+                .unwrap();
+            let mut c = f.fleet.client.clone();
+            let key = f.fleet.keys.host(&"7e".repeat(16));
+            let resp = c.get(key.as_str(), None).await.unwrap();
+            let r = HostRecord::parse(&key, resp.kvs()[0].value()).unwrap();
+            assert_eq!((r.hostname.as_str(), r.group.as_str()), ("web-7", "web"));
+            assert_eq!(
+                (r.booted_version.as_str(), r.booted_slot.as_str()),
+                ("1.2.3", "b")
+            );
+            // The policy watch wakes the update loop.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            admin::pause(&f.fleet.client, &f.fleet.keys, "web")
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(5), f.wake.notified())
+                .await
+                .expect("a policy change wakes the update loop");
+        });
+    }
+
     #[test]
     fn an_unusable_fleet_config_never_grants_the_lock() {
         let l = RefuseLock("cannot read /etc/ballast/etcd/key.pem".into());
