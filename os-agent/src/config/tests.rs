@@ -224,6 +224,25 @@ fn update_section_defaults_and_overrides() {
     assert_eq!(w.start_minute, 210);
     assert_eq!(w.utc_offset_secs, 7200);
 
+    // Under fleet-lock a window is kept, not ignored.
+    let (_d, h) = host(&[(
+        "/etc/ballast/agent.d/50-fleet.toml",
+        "[update]\nstrategy = \"fleet-lock\"\n[update.window]\ndays = [\"mon\"]\nstart = \"01:00\"\nlength_minutes = 60\n",
+    )]);
+    let u = load(&h).unwrap().settings.update;
+    let Strategy::FleetLock(Some(w)) = u.strategy else {
+        panic!("{:?}", u.strategy)
+    };
+    assert_eq!((w.days, w.start_minute), (vec![0], 60));
+    let (_d, h) = host(&[(
+        "/etc/ballast/agent.d/50-fleet.toml",
+        "[update]\nstrategy = \"fleet-lock\"\n",
+    )]);
+    assert_eq!(
+        load(&h).unwrap().settings.update.strategy,
+        Strategy::FleetLock(None)
+    );
+
     // An empty URL in a later drop-in turns updates off again.
     let (_d, h) = host(&[
         (

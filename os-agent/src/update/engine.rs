@@ -494,7 +494,13 @@ pub fn maybe_reboot(
                 until: Some(w.next_opening(now)),
             })
         }
-        Strategy::FleetLock => {
+        Strategy::FleetLock(Some(w)) if !w.contains(now) => {
+            return Ok(RebootDecision::Wait {
+                why: format!("outside the maintenance window {}", w.describe()),
+                until: Some(w.next_opening(now)),
+            })
+        }
+        Strategy::FleetLock(_) => {
             let version = st
                 .staged
                 .as_ref()

@@ -509,7 +509,7 @@ fn window_and_fleet_lock_strategies() {
         utc_offset_secs: 0,
     };
     let s = UpdateSettings {
-        strategy: Strategy::Window(window),
+        strategy: Strategy::Window(window.clone()),
         ..w.settings()
     };
     let d = engine::maybe_reboot(&w.host, &s, &NoopLock, now).unwrap();
@@ -534,7 +534,7 @@ fn window_and_fleet_lock_strategies() {
         }
     }
     let s = UpdateSettings {
-        strategy: Strategy::FleetLock,
+        strategy: Strategy::FleetLock(None),
         ..w.settings()
     };
     let busy = Busy(Default::default());
@@ -543,6 +543,23 @@ fn window_and_fleet_lock_strategies() {
         RebootDecision::Wait { .. }
     ));
     assert_eq!(*busy.0.borrow(), ["1.3.0"]);
+    // Under fleet-lock a window still applies, and outside it the lock is not even asked for.
+    let s_window = UpdateSettings {
+        strategy: Strategy::FleetLock(Some(window.clone())),
+        ..w.settings()
+    };
+    let d = engine::maybe_reboot(&w.host, &s_window, &busy, now).unwrap();
+    assert!(
+        matches!(&d, RebootDecision::Wait { why, until: Some(u) } if why.contains("outside the maintenance window") && *u == now + 7200),
+        "{d:?}"
+    );
+    assert_eq!(busy.0.borrow().len(), 1);
+    let d = engine::maybe_reboot(&w.host, &s_window, &busy, now + 7200).unwrap();
+    assert!(
+        matches!(&d, RebootDecision::Wait { why, .. } if why.contains("held by other hosts")),
+        "{d:?}"
+    );
+    assert_eq!(busy.0.borrow().len(), 2);
     assert_eq!(
         engine::maybe_reboot(&w.host, &s, &NoopLock, now).unwrap(),
         RebootDecision::Rebooting
@@ -881,7 +898,7 @@ fn fleet_lock_with_a_real_etcd() {
         runtime: rt.handle().clone(),
     };
     let s = UpdateSettings {
-        strategy: Strategy::FleetLock,
+        strategy: Strategy::FleetLock(None),
         ..w.settings()
     };
     let now = store::now_unix();
