@@ -11,9 +11,12 @@ export SOURCE_DATE_EPOCH
 # systemd-boot-efi for the UKI unit tests, cryptsetup-bin for the verity tests,
 # cloud-image-utils (cloud-localds, pulls genisoimage) for the provisioning tests,
 # netcat-openbsd to forward the guest's update channel connections to the host.
+# protobuf-compiler builds the etcd client; etcd-server, etcd-client (etcdctl) and
+# openssl (test certificates) for the fleet tests.
 HOST_PACKAGES := mmdebstrap erofs-utils cryptsetup-bin dosfstools mtools binutils \
 	e2fsprogs fdisk qemu-utils qemu-system-x86 ovmf systemd-boot-efi openssh-client \
-	zstd ca-certificates cloud-image-utils netcat-openbsd
+	zstd ca-certificates cloud-image-utils netcat-openbsd \
+	protobuf-compiler etcd-server etcd-client openssl
 
 IMAGE_SPEC ?= configs/image.yaml
 OUT ?= out
@@ -60,6 +63,7 @@ bench: deps
 	@command -v curl >/dev/null || apt-get install -y -q curl
 	$(CARGO) build --release --locked -p ballast-bench
 	target/release/update-throughput 256
+	target/release/fleet-sim 1000 50 2
 
 lint:
 	$(CARGO) fmt --all --check

@@ -1,9 +1,14 @@
 //! `os-agent daemon`: publish the host's status, tell systemd we are ready,
-//! then run the update loop until asked to stop.
+//! join the fleet in etcd if the config names one, then run the update loop
+//! until asked to stop.
 
+use crate::fleet::{self, lock::EtcdLock, register::Registration, Fleet};
 use crate::host::Host;
 use crate::status::{self, HostStatus};
-use crate::update::{agent, fleet_lock::NoopLock};
+use crate::update::{
+    agent,
+    fleet_lock::{NoopLock, RebootLock},
+};
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::sync::Arc;
@@ -46,7 +51,11 @@ async fn wait_for_stop() -> Result<&'static str> {
 /// between, wakes up now and then to follow the boot's assessment and the
 /// reboot strategy. The first check comes a random part of the jitter after
 /// start, so a fleet booted together does not poll together.
-async fn update_loop(host: Arc<dyn Host + Send + Sync>) {
+async fn update_loop(
+    host: Arc<dyn Host + Send + Sync>,
+    lock: Arc<dyn RebootLock + Send + Sync>,
+    fleet: Option<FleetState>,
+) {
     let settings = crate::config::load_and_warn(&*host).map(|s| s.update);
     let first = settings
         .as_ref()
@@ -55,8 +64,11 @@ async fn update_loop(host: Arc<dyn Host + Send + Sync>) {
     let mut next_check = Instant::now() + first;
     loop {
         let due = Instant::now() >= next_check;
-        let h = host.clone();
-        let result = tokio::task::spawn_blocking(move || agent::tick(&*h, &NoopLock, due)).await;
+        let (h, l) = (host.clone(), lock.clone());
+        let result = tokio::task::spawn_blocking(move || agent::tick(&*h, &*l, due)).await;
+        if let Some(f) = &fleet {
+            f.refresh(host.clone()).await;
+        }
         let wake_in = match result {
             Ok(Ok(t)) => {
                 if t.checked {
@@ -77,8 +89,77 @@ async fn update_loop(host: Arc<dyn Host + Send + Sync>) {
             }
         };
         let until_check = next_check.saturating_duration_since(Instant::now());
-        tokio::time::sleep(wake_in.min(until_check).max(Duration::from_secs(1))).await;
+        let sleep = tokio::time::sleep(wake_in.min(until_check).max(Duration::from_secs(1)));
+        match &fleet {
+            // A policy change (resume, pin, a higher max) is worth a look now.
+            Some(f) => {
+                tokio::select! {
+                    _ = sleep => {}
+                    _ = f.wake.notified() => {}
+                }
+            }
+            None => sleep.await,
+        }
     }
+}
+
+/// The daemon's membership in the fleet.
+struct FleetState {
+    fleet: Fleet,
+    registration: Registration,
+    wake: Arc<tokio::sync::Notify>,
+    policy_watch: tokio::task::JoinHandle<()>,
+}
+
+impl FleetState {
+    /// Publishes the host's record if it changed (the registration writes
+    /// only changes).
+    async fn refresh(&self, host: Arc<dyn Host + Send + Sync>) {
+        let (group, id) = (self.fleet.group.clone(), self.fleet.machine_id.clone());
+        match tokio::task::spawn_blocking(move || fleet::agent::record(&*host, &group, &id)).await {
+            Ok(Ok(r)) => self.registration.update(r),
+            Ok(Err(e)) => tracing::warn!("cannot build the fleet record: {e:#}"),
+            Err(e) => tracing::warn!("cannot build the fleet record: {e}"),
+        }
+    }
+}
+
+impl Drop for FleetState {
+    fn drop(&mut self) {
+        self.policy_watch.abort();
+    }
+}
+
+/// Joins the fleet if the config has etcd endpoints. etcd being down is
+/// not an error here: the registration retries, and the lock refuses.
+async fn join_fleet(host: Arc<dyn Host + Send + Sync>) -> Result<Option<FleetState>> {
+    let h = host.clone();
+    let settings = tokio::task::spawn_blocking(move || crate::config::load_and_warn(&*h))
+        .await
+        .context("the config loader failed")??;
+    let Some(fs) = settings.fleet else {
+        return Ok(None);
+    };
+    let id = fleet::agent::machine_id(&*host)?;
+    let client = fleet::connect(&fs).await?;
+    let f = Fleet::new(client, &fs, &id);
+    let h = host.clone();
+    let (group, mid) = (fs.group.clone(), id.clone());
+    let record = tokio::task::spawn_blocking(move || fleet::agent::record(&*h, &group, &mid))
+        .await
+        .context("the record builder failed")??;
+    tracing::info!(
+        "joining the fleet at {} as {id} in group {}",
+        fs.endpoints.join(", "),
+        fs.group
+    );
+    let wake = Arc::new(tokio::sync::Notify::new());
+    Ok(Some(FleetState {
+        registration: Registration::start(f.clone(), record),
+        policy_watch: tokio::spawn(fleet::agent::watch_policy(f.clone(), wake.clone())),
+        fleet: f,
+        wake,
+    }))
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -96,7 +177,23 @@ pub fn run(host: Arc<dyn Host + Send + Sync>) -> Result<()> {
         ],
     )
     .context("cannot notify systemd that the agent is ready")?;
-    let updates = rt.spawn(update_loop(host.clone()));
+    let joined = rt.block_on(join_fleet(host.clone()));
+    let (lock, fleet): (Arc<dyn RebootLock + Send + Sync>, _) = match joined {
+        Ok(Some(f)) => (
+            Arc::new(EtcdLock {
+                fleet: f.fleet.clone(),
+                runtime: rt.handle().clone(),
+            }),
+            Some(f),
+        ),
+        Ok(None) => (Arc::new(NoopLock), None),
+        Err(e) => {
+            // Updates go on; under fleet-lock they wait, since no lock is granted.
+            tracing::error!("cannot join the fleet: {e:#}");
+            (Arc::new(RefuseLock(format!("{e:#}"))), None)
+        }
+    };
+    let updates = rt.spawn(update_loop(host.clone(), lock, fleet));
     let why = rt.block_on(wait_for_stop())?;
     updates.abort();
     tracing::info!("stopping on {why}");
@@ -111,11 +208,102 @@ pub fn run(host: Arc<dyn Host + Send + Sync>) -> Result<()> {
     Ok(())
 }
 
+/// The lock when the fleet config is there but unusable: never granted, so
+/// a `fleet-lock` host does not reboot without the lock.
+struct RefuseLock(String);
+
+impl RebootLock for RefuseLock {
+    fn acquire(&self, _version: &str) -> Result<bool> {
+        anyhow::bail!(
+            "the fleet is configured but could not be joined: {}",
+            self.0
+        )
+    }
+
+    /// There is no fleet to tell: failing here would keep the engine from
+    /// ever recording the end of the update, so this logs instead.
+    fn release(&self, outcome: &crate::update::fleet_lock::Released) -> Result<()> {
+        tracing::error!(
+            "cannot tell the fleet {outcome:?}: it is configured but could not be joined: {}",
+            self.0
+        );
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::disk::fixture::HASH_B;
     use crate::status::tests::booted_host;
+
+    /// The daemon's fleet wiring against a real etcd: the config's
+    /// endpoints and group, the DirHost's record, a policy change that wakes
+    /// the update loop.
+    #[test]
+    fn joins_the_fleet_named_in_the_config() {
+        use crate::disk::fixture::write;
+        use crate::fleet::{admin, model::HostRecord, server::LocalEtcd};
+        let etcd_dir = tempfile::tempdir().unwrap();
+        let etcd = LocalEtcd::start(etcd_dir.path(), None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let host: Arc<dyn Host + Send + Sync> = Arc::new(booted_host(dir.path(), &HASH_B));
+        write(dir.path(), "proc/sys/kernel/hostname", "web-7\n");
+        write(
+            dir.path(),
+            "etc/machine-id",
+            &format!("{}\n", "7e".repeat(16)),
+        );
+        write(
+            dir.path(),
+            "etc/ballast/agent.d/fleet.toml",
+            &format!(
+                "group = \"web\"\n[etcd]\nendpoints = [\"{}\"]\nlease_ttl_secs = 2\nlock_ttl_secs = 4\n",
+                etcd.endpoint()
+            ),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let f = join_fleet(host.clone())
+                .await
+                .unwrap()
+                .expect("a fleet is configured");
+            tokio::time::timeout(Duration::from_secs(10), f.registration.wait_sessions(1))
+                .await
+                .unwrap();
+            let mut c = f.fleet.client.clone();
+            let key = f.fleet.keys.host(&"7e".repeat(16));
+            let resp = c.get(key.as_str(), None).await.unwrap();
+            let r = HostRecord::parse(&key, resp.kvs()[0].value()).unwrap();
+            assert_eq!((r.hostname.as_str(), r.group.as_str()), ("web-7", "web"));
+            assert_eq!(
+                (r.booted_version.as_str(), r.booted_slot.as_str()),
+                ("1.2.3", "b")
+            );
+            // The policy watch wakes the update loop.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            admin::pause(&f.fleet.client, &f.fleet.keys, "web")
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(5), f.wake.notified())
+                .await
+                .expect("a policy change wakes the update loop");
+        });
+    }
+
+    #[test]
+    fn an_unusable_fleet_config_never_grants_the_lock() {
+        let l = RefuseLock("cannot read /etc/ballast/etcd/key.pem".into());
+        let e = format!("{:#}", l.acquire("2.0").unwrap_err());
+        assert!(e.contains("could not be joined: cannot read"), "{e}");
+        let blessed = crate::update::fleet_lock::Released::Blessed {
+            version: "2.0".into(),
+        };
+        l.release(&blessed).unwrap();
+    }
 
     #[test]
     fn start_publishes_the_status_with_our_pid() {

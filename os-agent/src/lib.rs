@@ -5,6 +5,7 @@ pub mod cmdline;
 pub mod config;
 pub mod daemon;
 pub mod disk;
+pub mod fleet;
 pub mod health;
 pub mod host;
 pub mod logging;

@@ -34,6 +34,14 @@ enum Command {
     Rollback,
     /// Reboot the host (into a staged update, if there is one).
     Reboot,
+    /// The fleet in etcd: status of hosts and groups, and group actions
+    /// (docs/etcd.md).
+    Fleet {
+        #[command(flatten)]
+        etcd: os_agent::fleet::cli::EtcdArgs,
+        #[command(subcommand)]
+        command: os_agent::fleet::cli::FleetCommand,
+    },
     /// User data (cloud-config) provisioning.
     Provision {
         #[command(subcommand)]
@@ -101,6 +109,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Provision { command } => return provision(command),
         Command::Update { command } => os_agent::update::cli::run(&RealHost, command)?,
+        Command::Fleet { etcd, command } => os_agent::fleet::cli::run(&RealHost, &etcd, command)?,
         Command::Rollback => os_agent::update::cli::rollback(&RealHost)?,
         Command::Reboot => os_agent::update::cli::reboot(&RealHost)?,
         Command::Status { json } => {

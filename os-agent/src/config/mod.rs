@@ -10,6 +10,8 @@ pub mod update;
 
 pub use update::{Strategy, UpdateSettings};
 
+use crate::fleet::config::{self as fleet_config, FleetSettings};
+
 use crate::host::Host;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -25,6 +27,8 @@ const MAX_STATUS_TIMEOUT_SECS: u64 = 3600;
 pub struct Settings {
     pub health: HealthSettings,
     pub update: UpdateSettings,
+    /// `None`: no etcd endpoints, the host is not part of a fleet.
+    pub fleet: Option<FleetSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +53,7 @@ impl Default for Settings {
                 status_timeout: DEFAULT_STATUS_TIMEOUT,
             },
             update: UpdateSettings::default(),
+            fleet: None,
         }
     }
 }
@@ -60,6 +65,10 @@ struct Partial {
     health: PartialHealth,
     #[serde(default)]
     update: update::PartialUpdate,
+    /// The host's fleet group (top level: provisioning writes it there).
+    group: Option<String>,
+    #[serde(default)]
+    etcd: fleet_config::PartialFleet,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,7 +121,10 @@ fn unknown_keys(table: &toml::Table, prefix: &str, file: &Path, out: &mut Vec<Un
         } else {
             format!("{prefix}.{k}")
         };
-        if !KNOWN_KEYS.contains(&key.as_str()) && !update::KNOWN_KEYS.contains(&key.as_str()) {
+        if !KNOWN_KEYS.contains(&key.as_str())
+            && !update::KNOWN_KEYS.contains(&key.as_str())
+            && !fleet_config::KNOWN_KEYS.contains(&key.as_str())
+        {
             out.push(UnknownKey {
                 file: file.to_path_buf(),
                 key,
@@ -154,9 +166,14 @@ fn merge(into: &mut PartialHealth, from: PartialHealth) {
     }
 }
 
-fn validate(merged: PartialHealth, update: update::PartialUpdate) -> Result<Settings> {
+fn validate(
+    merged: PartialHealth,
+    update: update::PartialUpdate,
+    fleet: fleet_config::PartialFleet,
+) -> Result<Settings> {
     let mut s = Settings {
         update: update::validate(update)?,
+        fleet: fleet_config::validate(fleet)?,
         ..Settings::default()
     };
     if let Some(units) = merged.required_units {
@@ -197,6 +214,7 @@ pub fn load(host: &dyn Host) -> Result<Loaded> {
     let files = files::config_files(host)?;
     let mut merged = PartialHealth::default();
     let mut merged_update = update::PartialUpdate::default();
+    let mut merged_fleet = fleet_config::PartialFleet::default();
     let mut unknown = Vec::new();
     for path in &files {
         let text = host
@@ -205,8 +223,11 @@ pub fn load(host: &dyn Host) -> Result<Loaded> {
         let partial = parse_file(path, &text, &mut unknown)?;
         merge(&mut merged, partial.health);
         update::merge(&mut merged_update, partial.update);
+        let mut fleet = partial.etcd;
+        fleet.group = partial.group;
+        fleet_config::merge(&mut merged_fleet, fleet);
     }
-    let settings = validate(merged, merged_update).with_context(|| {
+    let settings = validate(merged, merged_update, merged_fleet).with_context(|| {
         let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         format!("invalid agent configuration (from {})", names.join(", "))
     })?;

@@ -224,6 +224,25 @@ fn update_section_defaults_and_overrides() {
     assert_eq!(w.start_minute, 210);
     assert_eq!(w.utc_offset_secs, 7200);
 
+    // Under fleet-lock a window is kept, not ignored.
+    let (_d, h) = host(&[(
+        "/etc/ballast/agent.d/50-fleet.toml",
+        "[update]\nstrategy = \"fleet-lock\"\n[update.window]\ndays = [\"mon\"]\nstart = \"01:00\"\nlength_minutes = 60\n",
+    )]);
+    let u = load(&h).unwrap().settings.update;
+    let Strategy::FleetLock(Some(w)) = u.strategy else {
+        panic!("{:?}", u.strategy)
+    };
+    assert_eq!((w.days, w.start_minute), (vec![0], 60));
+    let (_d, h) = host(&[(
+        "/etc/ballast/agent.d/50-fleet.toml",
+        "[update]\nstrategy = \"fleet-lock\"\n",
+    )]);
+    assert_eq!(
+        load(&h).unwrap().settings.update.strategy,
+        Strategy::FleetLock(None)
+    );
+
     // An empty URL in a later drop-in turns updates off again.
     let (_d, h) = host(&[
         (
@@ -262,4 +281,42 @@ fn bad_update_settings_are_named() {
     let (_d, h) = host(&[("/etc/ballast/agent.d/10.toml", "[update]\nchanel = \"x\"\n")]);
     let l = load(&h).unwrap();
     assert_eq!(l.unknown_keys[0].key, "update.chanel");
+}
+
+#[test]
+fn fleet_section_merges_across_drop_ins() {
+    let (_d, h) = host(&[
+        (
+            "/usr/lib/ballast/agent.toml",
+            "group = \"web\"\n[etcd]\nendpoints = [\"http://10.0.0.1:2379\"]\n",
+        ),
+        (
+            "/etc/ballast/agent.d/50-fleet.toml",
+            "[etcd]\nlease_ttl_secs = 20\ngroupp = \"typo\"\n",
+        ),
+    ]);
+    let l = load(&h).unwrap();
+    let f = l.settings.fleet.unwrap();
+    assert_eq!(f.endpoints, ["http://10.0.0.1:2379"]);
+    assert_eq!(f.group, "web");
+    assert_eq!(f.lease_ttl, Duration::from_secs(20));
+    assert_eq!(l.unknown_keys.len(), 1);
+    assert_eq!(l.unknown_keys[0].key, "etcd.groupp");
+    // A drop-in turns the fleet off with an empty list.
+    let (_d, h) = host(&[
+        (
+            "/usr/lib/ballast/agent.toml",
+            "[etcd]\nendpoints = [\"http://h:2379\"]\n",
+        ),
+        ("/run/ballast/agent.d/off.toml", "[etcd]\nendpoints = []\n"),
+    ]);
+    assert_eq!(load(&h).unwrap().settings.fleet, None);
+    let e = err(&[(
+        "/etc/ballast/agent.d/f.toml",
+        "[etcd]\nendpoints = [\"etcd:2379\"]\n",
+    )]);
+    assert!(
+        e.contains("/etc/ballast/agent.d/f.toml") && e.contains("etcd.endpoints"),
+        "{e}"
+    );
 }

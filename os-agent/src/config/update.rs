@@ -18,8 +18,9 @@ pub enum Strategy {
     Immediate,
     /// Reboot only inside a maintenance window.
     Window(Window),
-    /// Reboot once the fleet's reboot lock is held (see `update::lock`).
-    FleetLock,
+    /// Reboot once the fleet's reboot lock is held (docs/etcd.md), and
+    /// inside the maintenance window if one is set.
+    FleetLock(Option<Window>),
 }
 
 impl Strategy {
@@ -27,7 +28,7 @@ impl Strategy {
         match self {
             Strategy::Immediate => "immediate",
             Strategy::Window(_) => "window",
-            Strategy::FleetLock => "fleet-lock",
+            Strategy::FleetLock(_) => "fleet-lock",
         }
     }
 }
@@ -174,12 +175,13 @@ pub(super) fn validate(p: PartialUpdate) -> Result<UpdateSettings> {
     s.strategy = match p.strategy.as_deref().unwrap_or("immediate") {
         "immediate" => Strategy::Immediate,
         "window" => Strategy::Window(validate_window(p.window)?),
-        "fleet-lock" => Strategy::FleetLock,
+        "fleet-lock" if window_set => Strategy::FleetLock(Some(validate_window(p.window)?)),
+        "fleet-lock" => Strategy::FleetLock(None),
         other => bail!(
             "update.strategy: {other:?} is not one of \"immediate\", \"window\", \"fleet-lock\""
         ),
     };
-    if window_set && !matches!(s.strategy, Strategy::Window(_)) {
+    if window_set && matches!(s.strategy, Strategy::Immediate) {
         tracing::warn!(
             "update.window is set but update.strategy is {:?}: the window is ignored",
             s.strategy.name()

@@ -103,7 +103,11 @@ fn strategy_line(s: &Strategy) -> String {
     match s {
         Strategy::Immediate => "immediate".into(),
         Strategy::Window(w) => format!("in the maintenance window {}", w.describe()),
-        Strategy::FleetLock => "once the fleet reboot lock is held".into(),
+        Strategy::FleetLock(None) => "once the fleet reboot lock is held".into(),
+        Strategy::FleetLock(Some(w)) => format!(
+            "once the fleet reboot lock is held, inside the maintenance window {}",
+            w.describe()
+        ),
     }
 }
 

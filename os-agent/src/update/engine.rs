@@ -21,7 +21,7 @@
 use super::apply::{self, Rejection};
 use super::channel::{self, Channel};
 use super::esp;
-use super::fleet_lock::RebootLock;
+use super::fleet_lock::{RebootLock, Released};
 use super::state::{Event, State};
 use super::store::{self, now_unix, Rollback, Staged, UpdateState};
 use crate::config::{Strategy, UpdateSettings};
@@ -161,7 +161,7 @@ pub fn reconcile(
             st.last_result = Some(format!("updated to {v}"));
             settle(st)?;
             fleet
-                .release()
+                .release(&Released::Blessed { version: v })
                 .context("cannot release the fleet reboot lock")?;
         }
         Assessment::RolledBack { version } => {
@@ -174,16 +174,20 @@ pub fn reconcile(
                 b.status.slot
             );
             st.mark_failed(version);
+            let reason = "it did not pass boot assessment within its tries";
             st.last_rollback = Some(Rollback {
                 version: version.clone(),
                 to_version: b.status.image_version.clone(),
                 at: now_unix(),
-                reason: "it did not pass boot assessment within its tries".into(),
+                reason: reason.into(),
             });
             st.staged = None;
             settle(st)?;
             fleet
-                .release()
+                .release(&Released::RolledBack {
+                    version: version.clone(),
+                    reason: format!("fell back to {}: {reason}", b.status.image_version),
+                })
                 .context("cannot release the fleet reboot lock")?;
         }
         Assessment::Superseded => {
@@ -490,9 +494,20 @@ pub fn maybe_reboot(
                 until: Some(w.next_opening(now)),
             })
         }
-        Strategy::FleetLock => {
+        Strategy::FleetLock(Some(w)) if !w.contains(now) => {
+            return Ok(RebootDecision::Wait {
+                why: format!("outside the maintenance window {}", w.describe()),
+                until: Some(w.next_opening(now)),
+            })
+        }
+        Strategy::FleetLock(_) => {
+            let version = st
+                .staged
+                .as_ref()
+                .map(|s| s.version.clone())
+                .context("state is staged but no staged update is recorded")?;
             if !fleet
-                .acquire()
+                .acquire(&version)
                 .context("cannot take the fleet reboot lock")?
             {
                 return Ok(RebootDecision::Wait {

@@ -509,7 +509,7 @@ fn window_and_fleet_lock_strategies() {
         utc_offset_secs: 0,
     };
     let s = UpdateSettings {
-        strategy: Strategy::Window(window),
+        strategy: Strategy::Window(window.clone()),
         ..w.settings()
     };
     let d = engine::maybe_reboot(&w.host, &s, &NoopLock, now).unwrap();
@@ -522,23 +522,44 @@ fn window_and_fleet_lock_strategies() {
     );
     assert!(w.host.commands().is_empty());
 
-    struct Busy;
+    /// Refuses, and remembers which version was asked for.
+    struct Busy(std::cell::RefCell<Vec<String>>);
     impl super::fleet_lock::RebootLock for Busy {
-        fn acquire(&self) -> anyhow::Result<bool> {
+        fn acquire(&self, version: &str) -> anyhow::Result<bool> {
+            self.0.borrow_mut().push(version.to_string());
             Ok(false)
         }
-        fn release(&self) -> anyhow::Result<()> {
+        fn release(&self, _outcome: &super::fleet_lock::Released) -> anyhow::Result<()> {
             Ok(())
         }
     }
     let s = UpdateSettings {
-        strategy: Strategy::FleetLock,
+        strategy: Strategy::FleetLock(None),
         ..w.settings()
     };
+    let busy = Busy(Default::default());
     assert!(matches!(
-        engine::maybe_reboot(&w.host, &s, &Busy, now).unwrap(),
+        engine::maybe_reboot(&w.host, &s, &busy, now).unwrap(),
         RebootDecision::Wait { .. }
     ));
+    assert_eq!(*busy.0.borrow(), ["1.3.0"]);
+    // Under fleet-lock a window still applies, and outside it the lock is not even asked for.
+    let s_window = UpdateSettings {
+        strategy: Strategy::FleetLock(Some(window.clone())),
+        ..w.settings()
+    };
+    let d = engine::maybe_reboot(&w.host, &s_window, &busy, now).unwrap();
+    assert!(
+        matches!(&d, RebootDecision::Wait { why, until: Some(u) } if why.contains("outside the maintenance window") && *u == now + 7200),
+        "{d:?}"
+    );
+    assert_eq!(busy.0.borrow().len(), 1);
+    let d = engine::maybe_reboot(&w.host, &s_window, &busy, now + 7200).unwrap();
+    assert!(
+        matches!(&d, RebootDecision::Wait { why, .. } if why.contains("held by other hosts")),
+        "{d:?}"
+    );
+    assert_eq!(busy.0.borrow().len(), 2);
     assert_eq!(
         engine::maybe_reboot(&w.host, &s, &NoopLock, now).unwrap(),
         RebootDecision::Rebooting
@@ -834,4 +855,94 @@ fn the_daemon_tick_checks_when_due_and_reboots_per_strategy() {
     );
     assert_eq!(w.state().state, State::Assessing);
     assert!(super::agent::random_up_to(std::time::Duration::from_secs(5)).as_secs() <= 5);
+}
+
+/// The engine under `fleet-lock` with the real etcd semaphore: it waits while
+/// the group's only slot is held, reboots once it holds it, and after the
+/// blessed boot gives it back and proves the version for its group.
+#[test]
+fn fleet_lock_with_a_real_etcd() {
+    use crate::fleet::lock::{Acquire, EtcdLock};
+    use crate::fleet::{self, admin, server::LocalEtcd, Fleet, FleetSettings};
+
+    let w = world();
+    let m = w.manifest(&Release::new("1.3.0", 16));
+    w.publish(&m);
+    w.apply(Mode::Now).unwrap();
+
+    let etcd_dir = tempfile::tempdir().unwrap();
+    let etcd = LocalEtcd::start(etcd_dir.path(), None).unwrap();
+    // As in the daemon: one runtime, driven by a thread of its own, and the
+    // blocking engine calling into it through its handle.
+    let rt = std::sync::Arc::new(
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let driver = {
+        let rt = rt.clone();
+        std::thread::spawn(move || rt.block_on(stopped))
+    };
+    let fs = FleetSettings {
+        group: "web".into(),
+        ..FleetSettings::new(vec![etcd.endpoint()])
+    };
+    let client = rt.handle().block_on(fleet::connect(&fs)).unwrap();
+    let machine_id = engine::booted(&w.host).unwrap().machine_id;
+    let me = Fleet::new(client.clone(), &fs, &machine_id);
+    let other = Fleet::new(client.clone(), &fs, &"0f".repeat(16));
+    let lock = EtcdLock {
+        fleet: me.clone(),
+        runtime: rt.handle().clone(),
+    };
+    let s = UpdateSettings {
+        strategy: Strategy::FleetLock(None),
+        ..w.settings()
+    };
+    let now = store::now_unix();
+
+    // Another host holds the group's only slot: wait, no reboot.
+    assert_eq!(
+        rt.handle().block_on(other.try_acquire("1.3.0")).unwrap(),
+        Acquire::Granted
+    );
+    let d = engine::maybe_reboot(&w.host, &s, &lock, now).unwrap();
+    assert!(
+        matches!(&d, RebootDecision::Wait { why, .. } if why.contains("held by other hosts")),
+        "{d:?}"
+    );
+    assert!(w.host.commands().is_empty());
+    // It is freed: this host takes it and reboots.
+    rt.handle()
+        .block_on(admin::unlock(&client, &me.keys, "web", &other.machine_id))
+        .unwrap();
+    assert_eq!(
+        engine::maybe_reboot(&w.host, &s, &lock, now).unwrap(),
+        RebootDecision::Rebooting
+    );
+    let o = rt
+        .handle()
+        .block_on(admin::overview(&client, &me.keys))
+        .unwrap();
+    let holders = &o.groups[0].holders;
+    assert_eq!(holders.len(), 1);
+    assert_eq!(holders[0].machine_id, machine_id);
+    assert_eq!(holders[0].version, "1.3.0");
+
+    // The new boot is blessed: the slot is released and 1.3.0 is proven.
+    w.reboot_into(&m.root_hash, "1.3.0", "ballast-1.3.0.efi", "boot-2");
+    w.rename_uki("ballast-1.3.0+3.efi", "ballast-1.3.0.efi");
+    let b = engine::booted(&w.host).unwrap();
+    let mut st = w.state();
+    assert_eq!(
+        engine::reconcile(&w.host, &mut st, &b, &lock).unwrap(),
+        Assessment::Succeeded
+    );
+    let state = rt.handle().block_on(me.lock_state("1.3.0")).unwrap();
+    assert_eq!((state.holders, state.holding), (0, false));
+    assert!(state.proven);
+    stop.send(()).unwrap();
+    driver.join().unwrap().unwrap();
 }

@@ -1,0 +1,221 @@
+//! fleet-sim: a real etcd on 127.0.0.1 and many simulated hosts in one
+//! process (os_agent::fleet::sim). Registers them, measures etcd's load in
+//! steady state, publishes a release and rolls it out through the group's
+//! reboot semaphore. Prints figures; asserts nothing.
+//!
+//! Usage: fleet-sim [HOSTS] [MAX] [REBOOT_SECS]   (defaults 1000 50 2)
+
+use anyhow::{bail, Context, Result};
+use os_agent::fleet::server::LocalEtcd;
+use os_agent::fleet::sim::{HolderWatch, SimEnd, SimHost, SimParams};
+use os_agent::fleet::{admin, connect, Fleet, FleetSettings, Keys};
+use std::time::Duration;
+use tokio::time::Instant;
+
+const GROUP: &str = "bench";
+const LEASE_TTL: Duration = Duration::from_secs(30);
+const STEADY_WINDOW: Duration = Duration::from_secs(15);
+/// Hosts per etcd client connection (a real host has one each).
+const HOSTS_PER_CLIENT: usize = 50;
+
+fn arg<T: std::str::FromStr>(n: usize, default: T) -> Result<T> {
+    match std::env::args().nth(n) {
+        None => Ok(default),
+        Some(s) => s
+            .parse()
+            .map_err(|_| anyhow::anyhow!("argument {n}: {s:?} is not a number")),
+    }
+}
+
+/// Sums a counter over all its label sets in etcd's Prometheus metrics.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+struct Counters {
+    unary: f64,
+    stream_msgs: f64,
+}
+
+fn counters(etcd: &LocalEtcd) -> Result<Counters> {
+    let text = ureq::get(&etcd.metrics_url())
+        .call()
+        .context("cannot read etcd's metrics")?
+        .into_string()
+        .context("cannot read etcd's metrics")?;
+    let unary = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("grpc_server_handled_total{") && l.contains("grpc_type=\"unary\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    Ok(Counters {
+        unary,
+        stream_msgs: metric_sum(&text, "grpc_server_msg_received_total")
+            - text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("grpc_server_msg_received_total{")
+                        && l.contains("grpc_type=\"unary\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>(),
+    })
+}
+
+async fn run() -> Result<()> {
+    let hosts: usize = arg(1, 1000)?;
+    let max: u32 = arg(2, 50)?;
+    let reboot = Duration::from_secs_f64(arg(3, 2.0)?);
+    if hosts == 0 || max == 0 {
+        bail!("HOSTS and MAX must be at least 1");
+    }
+    let dir = tempfile::tempdir().context("cannot make a temporary directory")?;
+    let etcd = LocalEtcd::start(dir.path(), None)?;
+    let settings = FleetSettings {
+        group: GROUP.into(),
+        lease_ttl: LEASE_TTL,
+        lock_ttl: Duration::from_secs(600),
+        ..FleetSettings::new(vec![etcd.endpoint()])
+    };
+    let keys = Keys::new(&settings.prefix);
+    let admin_client = connect(&settings).await?;
+    admin::set_max(&admin_client, &keys, GROUP, max).await?;
+    println!(
+        "fleet-sim: {hosts} hosts, max {max} concurrent reboots, simulated reboot {:.1} s, lease TTL {} s",
+        reboot.as_secs_f64(),
+        LEASE_TTL.as_secs()
+    );
+
+    // Registration.
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..hosts.div_ceil(HOSTS_PER_CLIENT) {
+        clients.push(connect(&settings).await?);
+    }
+    let sims: Vec<SimHost> = (0..hosts)
+        .map(|i| {
+            let client = clients[i / HOSTS_PER_CLIENT].clone();
+            let id = format!("{:032x}", 0xba11_a570_0000_u128 + i as u128);
+            SimHost::start(Fleet::new(client, &settings, &id), "1.0")
+        })
+        .collect();
+    for s in &sims {
+        tokio::time::timeout(Duration::from_secs(120), s.registration.wait_sessions(1))
+            .await
+            .context("a host did not register within 120 s")?;
+    }
+    let registration = started.elapsed();
+    println!(
+        "registration: {hosts} hosts in {:.2} s ({:.0} hosts/s)",
+        registration.as_secs_f64(),
+        hosts as f64 / registration.as_secs_f64()
+    );
+
+    // Steady state: registered, nothing to do but keep leases alive.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = counters(&etcd)?;
+    tokio::time::sleep(STEADY_WINDOW).await;
+    let after = counters(&etcd)?;
+    let secs = STEADY_WINDOW.as_secs_f64();
+    let unary = (after.unary - before.unary) / secs;
+    let msgs = (after.stream_msgs - before.stream_msgs) / secs;
+    let per_host_ttl = (unary + msgs) * LEASE_TTL.as_secs_f64() / hosts as f64;
+    println!(
+        "steady state: {unary:.1} unary requests/s + {msgs:.1} stream messages/s (lease keep-alives) \
+         = {per_host_ttl:.2} per host per lease TTL"
+    );
+
+    // The rollout.
+    let watch = HolderWatch::start(&admin_client, &keys, GROUP).await?;
+    let params = SimParams {
+        reboot,
+        // A waiting host asks every 1-2 reboot times: with hundreds waiting, a
+        // freed slot is still found within milliseconds.
+        poll: reboot,
+        fails: false,
+    };
+    let before = counters(&etcd)?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(3600);
+    let tasks: Vec<_> = sims
+        .into_iter()
+        .map(|mut h| {
+            let p = params.clone();
+            tokio::spawn(async move {
+                let end = h.roll("2.0", &p, deadline).await;
+                (h, end)
+            })
+        })
+        .collect();
+    let mut updated = 0;
+    let mut kept = Vec::new();
+    for t in tasks {
+        let (h, end) = t.await.context("a simulated host panicked")?;
+        match end? {
+            SimEnd::Updated => updated += 1,
+            other => println!("{}: {other:?}", h.fleet.machine_id),
+        }
+        kept.push(h);
+    }
+    let took = started.elapsed();
+    let after = counters(&etcd)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = watch.snapshot();
+    let busy = stats.holder_seconds / (f64::from(max) * took.as_secs_f64());
+    let ideal = hosts as f64 / f64::from(max) * reboot.as_secs_f64();
+    // Safe mode: the first host takes the new version alone.
+    let ideal_safe =
+        reboot.as_secs_f64() + (hosts - 1) as f64 / f64::from(max) * reboot.as_secs_f64();
+    let rollout = took.as_secs_f64();
+    println!("rollout: {updated} of {hosts} hosts on 2.0 in {rollout:.2} s");
+    println!(
+        "max simultaneous lock holders seen (etcd watch): {} (max {max}); {} hosts ever held a slot",
+        stats.max_seen,
+        stats.ever.len()
+    );
+    println!(
+        "reboot slots in use during the rollout: {:.1}% (mean {:.1} holders)",
+        busy * 100.0,
+        stats.holder_seconds / took.as_secs_f64()
+    );
+    println!(
+        "ideal (hosts / max x reboot): {ideal:.2} s; ratio {:.3}",
+        rollout / ideal
+    );
+    println!(
+        "ideal with safe mode (first host alone): {ideal_safe:.2} s; ratio {:.3}",
+        rollout / ideal_safe
+    );
+    println!(
+        "during the rollout: {:.1} unary requests/s + {:.1} stream messages/s",
+        (after.unary - before.unary) / rollout,
+        (after.stream_msgs - before.stream_msgs) / rollout
+    );
+    drop(kept);
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the tokio runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            os_agent::print_error_chain(&e);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

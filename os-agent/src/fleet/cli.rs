@@ -1,0 +1,324 @@
+//! `osctl fleet`: the operator's view of the fleet in etcd, and the group
+//! actions (docs/etcd.md). Talks to etcd directly, with the endpoints, TLS
+//! and prefix of the agent config unless given on the command line.
+
+use super::admin::{self, GroupView, Overview};
+use super::config::{FleetSettings, Tls, DEFAULT_PREFIX};
+use super::model::Keys;
+use crate::host::Host;
+use anyhow::{bail, Context, Result};
+use ballast_common::version;
+use std::path::PathBuf;
+
+/// Where etcd is; by default from the agent config's `[etcd]` section.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints (comma-separated URLs), instead of the agent config's.
+    #[arg(long, value_delimiter = ',', global = true)]
+    pub endpoints: Vec<String>,
+    /// Key prefix (default: the agent config's, else /ballast).
+    #[arg(long, global = true)]
+    pub prefix: Option<String>,
+    /// CA certificate of etcd's server certificate (with --endpoints).
+    #[arg(long, global = true)]
+    pub cacert: Option<PathBuf>,
+    /// Client certificate (with --key and --endpoints).
+    #[arg(long, global = true)]
+    pub cert: Option<PathBuf>,
+    /// Client key.
+    #[arg(long, global = true)]
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum FleetCommand {
+    /// Hosts, versions, update states, lock holders, failures and rollout
+    /// progress per group.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a group's hosts from starting reboots into updates.
+    Pause { group: String },
+    /// Let a paused group go on.
+    Resume { group: String },
+    /// Let a group's hosts reboot only into this version.
+    Pin {
+        group: String,
+        /// The version; leave out with --none to unpin.
+        version: Option<String>,
+        /// Remove the pin.
+        #[arg(long, conflicts_with = "version")]
+        none: bool,
+    },
+    /// Set how many hosts of a group may reboot at once.
+    SetMax { group: String, max: u32 },
+    /// Free the reboot slot of a stuck holder.
+    Unlock { group: String, machine_id: String },
+}
+
+/// Settings from the command line, else from the agent config.
+pub fn settings(host: &dyn Host, args: &EtcdArgs) -> Result<FleetSettings> {
+    let mut s = if args.endpoints.is_empty() {
+        crate::config::load_and_warn(host)?.fleet.context(
+            "no etcd endpoints: set [etcd] endpoints in the agent config or pass --endpoints",
+        )?
+    } else {
+        let mut s = FleetSettings::new(args.endpoints.clone());
+        let https = args.endpoints.iter().any(|e| e.starts_with("https://"));
+        let client = match (&args.cert, &args.key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => bail!("--cert and --key go together"),
+        };
+        if https {
+            s.tls = Some(Tls {
+                ca_file: args.cacert.clone(),
+                client,
+            });
+        } else if args.cacert.is_some() || client.is_some() {
+            bail!("--cacert, --cert and --key need https:// endpoints");
+        }
+        s
+    };
+    if let Some(p) = &args.prefix {
+        if !p.starts_with('/') {
+            bail!("--prefix {p:?} must start with /");
+        }
+        s.prefix = p.trim_end_matches('/').to_string();
+    }
+    if s.prefix.is_empty() {
+        s.prefix = DEFAULT_PREFIX.into();
+    }
+    Ok(s)
+}
+
+/// Runs one command on a runtime of its own (osctl has no other).
+pub fn run(host: &dyn Host, args: &EtcdArgs, cmd: FleetCommand) -> Result<()> {
+    let s = settings(host, args)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    rt.block_on(run_async(&s, cmd))
+}
+
+async fn run_async(s: &FleetSettings, cmd: FleetCommand) -> Result<()> {
+    let client = super::connect(s).await?;
+    let keys = Keys::new(&s.prefix);
+    let show = |p: super::model::Policy| println!("{}", p.to_json());
+    match cmd {
+        FleetCommand::Status { json } => {
+            let o = admin::overview(&client, &keys).await?;
+            if json {
+                let text = serde_json::to_string_pretty(&o)
+                    .context("cannot serialize the fleet status")?;
+                println!("{text}");
+            } else {
+                print!("{}", render(&o));
+            }
+        }
+        FleetCommand::Pause { group } => show(admin::pause(&client, &keys, &group).await?),
+        FleetCommand::Resume { group } => show(admin::resume(&client, &keys, &group).await?),
+        FleetCommand::Pin {
+            group,
+            version,
+            none,
+        } => {
+            if version.is_none() && !none {
+                bail!("give a version to pin, or --none to unpin");
+            }
+            show(admin::pin(&client, &keys, &group, version.as_deref()).await?)
+        }
+        FleetCommand::SetMax { group, max } => {
+            show(admin::set_max(&client, &keys, &group, max).await?)
+        }
+        FleetCommand::Unlock { group, machine_id } => {
+            admin::unlock(&client, &keys, &group, &machine_id).await?;
+            println!("freed the reboot slot of {machine_id} in group {group}");
+        }
+    }
+    Ok(())
+}
+
+/// The newest version the group's hosts are on or heading for.
+fn newest(g: &GroupView) -> Option<String> {
+    g.versions
+        .keys()
+        .chain(g.holders.iter().map(|h| &h.version))
+        .max_by(|a, b| version::compare(a, b))
+        .cloned()
+}
+
+fn render_group(g: &GroupView, out: &mut String) {
+    let p = &g.policy;
+    let mut state = if p.paused {
+        format!(
+            "paused ({})",
+            p.paused_reason.as_deref().unwrap_or("by an operator")
+        )
+    } else {
+        "active".to_string()
+    };
+    if let Some(v) = &p.pinned_version {
+        state.push_str(&format!(", pinned to {v}"));
+    }
+    out.push_str(&format!(
+        "group {}: {state}; {} of max {} reboot slots held; failure threshold {}\n",
+        g.name,
+        g.holders.len(),
+        p.max_holders,
+        p.failure_threshold
+    ));
+    if let Some(v) = newest(g) {
+        let on = g.versions.get(&v).copied().unwrap_or(0);
+        let safe = if g.proven.contains(&v) {
+            ""
+        } else {
+            " (not proven yet: safe mode, one host at a time)"
+        };
+        out.push_str(&format!(
+            "  rollout of {v}: {on} of {} hosts{safe}\n",
+            g.hosts
+        ));
+    }
+    for (v, n) in &g.versions {
+        out.push_str(&format!("  on {v}: {n}\n"));
+    }
+    for h in &g.holders {
+        out.push_str(&format!(
+            "  holder {} -> {} since {}\n",
+            h.machine_id, h.version, h.since
+        ));
+    }
+    for (v, reports) in &g.failures {
+        out.push_str(&format!("  failures of {v}: {}\n", reports.len()));
+        for r in reports {
+            out.push_str(&format!("    {}: {}\n", r.machine_id, r.reason));
+        }
+    }
+}
+
+/// The human-readable form.
+pub fn render(o: &Overview) -> String {
+    let mut out = String::new();
+    for g in &o.groups {
+        render_group(g, &mut out);
+    }
+    if !o.hosts.is_empty() {
+        out.push_str(&format!(
+            "\n{:<32} {:<20} {:<10} {:<12} {:<10} {}\n",
+            "MACHINE ID", "HOSTNAME", "GROUP", "VERSION", "STATE", "STAGED"
+        ));
+    }
+    for h in &o.hosts {
+        out.push_str(&format!(
+            "{:<32} {:<20} {:<10} {:<12} {:<10} {}\n",
+            h.machine_id,
+            h.hostname,
+            h.group,
+            h.booted_version,
+            h.update_state,
+            h.staged_version.as_deref().unwrap_or("-")
+        ));
+        if let Some(e) = &h.last_error {
+            out.push_str(&format!("  last error: {e}\n"));
+        }
+    }
+    if o.groups.is_empty() && o.hosts.is_empty() {
+        out.push_str("no hosts and no groups in etcd\n");
+    }
+    for p in &o.problems {
+        out.push_str(&format!("problem: {p}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::model::{FailureReport, Holder, HostRecord, Policy};
+
+    #[test]
+    fn renders_groups_hosts_and_problems() {
+        let mut g = GroupView {
+            name: "web".into(),
+            policy: Policy {
+                paused: true,
+                paused_reason: Some("2 hosts failed version 2.0 (threshold 2)".into()),
+                max_holders: 3,
+                ..Policy::default()
+            },
+            holders: vec![Holder {
+                machine_id: "m2".into(),
+                version: "2.0".into(),
+                since: 5,
+            }],
+            hosts: 3,
+            ..GroupView::default()
+        };
+        g.versions.insert("1.0".into(), 2);
+        g.versions.insert("2.0".into(), 1);
+        g.failures.insert(
+            "2.0".into(),
+            vec![FailureReport {
+                machine_id: "m3".into(),
+                version: "2.0".into(),
+                reason: "fell back".into(),
+                at: 1,
+            }],
+        );
+        let o = Overview {
+            hosts: vec![HostRecord {
+                machine_id: "m1".into(),
+                hostname: "web-1".into(),
+                group: "web".into(),
+                booted_version: "1.0".into(),
+                update_state: "staged".into(),
+                staged_version: Some("2.0".into()),
+                ..HostRecord::default()
+            }],
+            groups: vec![g],
+            problems: vec!["/ballast/groups/web/policy: invalid group policy".into()],
+        };
+        let text = render(&o);
+        for want in [
+            "group web: paused (2 hosts failed version 2.0 (threshold 2)); 1 of max 3 reboot slots held",
+            "rollout of 2.0: 1 of 3 hosts (not proven yet",
+            "holder m2 -> 2.0",
+            "failures of 2.0: 1",
+            "web-1",
+            "problem: /ballast/groups/web/policy",
+        ] {
+            assert!(text.contains(want), "{want:?} not in\n{text}");
+        }
+    }
+
+    #[test]
+    fn command_line_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = crate::host::DirHost::new(dir.path()).unwrap();
+        let none = EtcdArgs {
+            endpoints: vec![],
+            prefix: None,
+            cacert: None,
+            cert: None,
+            key: None,
+        };
+        let e = format!("{:#}", settings(&host, &none).unwrap_err());
+        assert!(e.contains("no etcd endpoints"), "{e}");
+        let args = EtcdArgs {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: Some("/prod/".into()),
+            ..none.clone()
+        };
+        let s = settings(&host, &args).unwrap();
+        assert_eq!((s.prefix.as_str(), s.tls), ("/prod", None));
+        let bad = EtcdArgs {
+            cert: Some("/c".into()),
+            ..args
+        };
+        assert!(settings(&host, &bad).is_err());
+    }
+}

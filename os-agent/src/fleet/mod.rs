@@ -1,0 +1,175 @@
+//! Fleet state in etcd (docs/etcd.md): the host's registration, the reboot
+//! lock of the `fleet-lock` strategy (a counting semaphore per group), group
+//! policy and self-pausing rollouts, and what `osctl fleet` reads and writes.
+//!
+//! - [`config`]: the `[etcd]` section and `group` of the agent config;
+//! - [`agent`]: the daemon's side: the host's record, the policy watch;
+//! - [`model`]: key layout and the JSON values, parsed as untrusted input;
+//! - [`register`]: the host's record, on a lease kept alive;
+//! - [`lock`]: the semaphore, failure reports, and [`lock::EtcdLock`], the
+//!   [`crate::update::fleet_lock::RebootLock`] the update engine calls;
+//! - [`admin`]: the operator's view and actions, [`cli`]: `osctl fleet`;
+//! - [`sim`]: a simulated host, for the tests and the fleet bench;
+//! - [`server`]: a throwaway local etcd for the tests and the bench.
+//!
+//! Everything here is async on the caller's tokio runtime; nothing builds its own.
+
+pub mod admin;
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod lock;
+pub mod model;
+pub mod register;
+pub mod server;
+pub mod sim;
+
+use anyhow::{Context, Result};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use config::FleetSettings;
+pub use model::Keys;
+
+/// How long one etcd request may take before it counts as a failure.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A client for etcd as `settings` describe it. The connection is made
+/// lazily and re-made after failures, so this succeeds with etcd down as
+/// long as the settings (certificates included) are usable.
+pub async fn connect(settings: &FleetSettings) -> Result<Client> {
+    let mut opts = ConnectOptions::new()
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_connect_timeout(CONNECT_TIMEOUT)
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+    if let Some(tls) = &settings.tls {
+        let mut t = TlsOptions::new();
+        if let Some(ca) = &tls.ca_file {
+            let pem = tokio::fs::read(ca)
+                .await
+                .with_context(|| format!("cannot read the etcd CA {}", ca.display()))?;
+            t = t.ca_certificate(Certificate::from_pem(pem));
+        }
+        if let Some((cert, key)) = &tls.client {
+            let c = tokio::fs::read(cert).await.with_context(|| {
+                format!("cannot read the client certificate {}", cert.display())
+            })?;
+            let k = tokio::fs::read(key)
+                .await
+                .with_context(|| format!("cannot read the client key {}", key.display()))?;
+            t = t.identity(Identity::from_pem(c, k));
+        }
+        opts = opts.with_tls(t);
+    }
+    if let Some((user, password)) = &settings.user {
+        opts = opts.with_user(user.clone(), password.clone());
+    }
+    Client::connect(&settings.endpoints, Some(opts))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to etcd at {}",
+                settings.endpoints.join(", ")
+            )
+        })
+}
+
+/// One host's handle on the fleet: a client, where its keys are, who it is.
+/// Cheap to clone (the client shares its connection).
+#[derive(Clone)]
+pub struct Fleet {
+    pub client: Client,
+    pub keys: Keys,
+    pub group: String,
+    pub machine_id: String,
+    pub lease_ttl: Duration,
+    pub lock_ttl: Duration,
+    /// A lock lease granted for a compare-and-swap that lost, kept for the
+    /// next attempt so that contention does not cost a grant and a revoke
+    /// each time: (id, when granted).
+    pub(crate) spare_lease: Arc<Mutex<Option<(i64, Instant)>>>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("keys", &self.keys)
+            .field("group", &self.group)
+            .field("machine_id", &self.machine_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Fleet {
+    pub fn new(client: Client, settings: &FleetSettings, machine_id: &str) -> Fleet {
+        Fleet {
+            client,
+            keys: Keys::new(&settings.prefix),
+            group: settings.group.clone(),
+            machine_id: machine_id.to_string(),
+            lease_ttl: settings.lease_ttl,
+            lock_ttl: settings.lock_ttl,
+            spare_lease: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+/// Exponential backoff with jitter for retrying etcd.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            next: min,
+            min,
+            max,
+        }
+    }
+
+    /// The next wait: the current step plus up to half of it at random.
+    pub fn next_wait(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        base + random_up_to(base / 2)
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// A random duration in [0, max] at millisecond resolution.
+pub fn random_up_to(max: Duration) -> Duration {
+    let ms = max.as_millis() as u64;
+    if ms == 0 {
+        return Duration::ZERO;
+    }
+    let r = (uuid::Uuid::new_v4().as_u128() as u64) % (ms + 1);
+    Duration::from_millis(r)
+}
+
+pub fn now_unix() -> u64 {
+    crate::update::store::now_unix()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let waits: Vec<Duration> = (0..6).map(|_| b.next_wait()).collect();
+        assert!(waits[0] >= Duration::from_millis(100) && waits[0] <= Duration::from_millis(150));
+        assert!(waits[5] >= Duration::from_secs(1) && waits[5] <= Duration::from_millis(1500));
+        b.reset();
+        assert!(b.next_wait() <= Duration::from_millis(150));
+    }
+}

@@ -1,0 +1,256 @@
+//! Simulated hosts for the fleet tests and the fleet bench: each registers,
+//! takes its group's reboot lock through the same [`Fleet`] calls the real
+//! agent makes, "reboots" (its registration stops and a new one starts after
+//! the simulated reboot time, as a rebooted host's would), then reports the
+//! outcome and releases the slot. Many of them share one process and one etcd.
+//!
+//! [`HolderWatch`] counts lock holders from etcd's own event stream, so a
+//! test checks the semaphore from outside the hosts that use it.
+
+use super::lock::Acquire;
+use super::model::{HostRecord, Keys};
+use super::register::Registration;
+use super::Fleet;
+use crate::update::fleet_lock::Released;
+use anyhow::{Context, Result};
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct SimParams {
+    /// How long a reboot takes.
+    pub reboot: Duration,
+    /// How often a host waiting for the lock asks again (plus up to as much
+    /// again at random).
+    pub poll: Duration,
+    /// The new version fails its boot assessment on this host.
+    pub fails: bool,
+}
+
+/// How a simulated rollout ended for one host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SimEnd {
+    Updated,
+    RolledBack,
+    /// The deadline passed while waiting; the last reason it waited.
+    GaveUp(String),
+}
+
+pub struct SimHost {
+    pub fleet: Fleet,
+    pub registration: Registration,
+    /// Reboots done.
+    pub reboots: u32,
+}
+
+impl SimHost {
+    pub fn record(fleet: &Fleet, version: &str) -> HostRecord {
+        HostRecord {
+            machine_id: fleet.machine_id.clone(),
+            hostname: format!("sim-{}", &fleet.machine_id[..8.min(fleet.machine_id.len())]),
+            addresses: vec!["127.0.0.1".into()],
+            group: fleet.group.clone(),
+            booted_version: version.into(),
+            booted_slot: "a".into(),
+            staged_version: None,
+            update_state: "idle".into(),
+            last_error: None,
+            containers: Default::default(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    /// Registers a host booted on `version`.
+    pub fn start(fleet: Fleet, version: &str) -> SimHost {
+        let registration = Registration::start(fleet.clone(), Self::record(&fleet, version));
+        SimHost {
+            fleet,
+            registration,
+            reboots: 0,
+        }
+    }
+
+    pub fn booted_version(&self) -> String {
+        self.registration.record().booted_version
+    }
+
+    /// Stages `target` and waits for a reboot slot until `deadline`; reboots
+    /// into it, then releases the slot as blessed or rolled back. etcd
+    /// errors are retried; without the lock the host never reboots.
+    pub async fn roll(&mut self, target: &str, p: &SimParams, deadline: Instant) -> Result<SimEnd> {
+        self.registration.modify(|r| {
+            r.staged_version = Some(target.into());
+            r.update_state = "staged".into();
+        });
+        let mut last = String::from("never asked");
+        loop {
+            if Instant::now() >= deadline {
+                return Ok(SimEnd::GaveUp(last));
+            }
+            match self.fleet.try_acquire(target).await {
+                Ok(Acquire::Granted) => break,
+                Ok(Acquire::Wait(why)) => last = why,
+                Err(e) => {
+                    last = format!("{e:#}");
+                    self.registration
+                        .modify(|r| r.last_error = Some(last.clone()));
+                }
+            }
+            tokio::time::sleep(p.poll + super::random_up_to(p.poll)).await;
+        }
+        // The reboot: the agent stops, the lease lives on until its TTL, the
+        // new boot registers afresh.
+        self.registration
+            .modify(|r| r.update_state = "rebooting".into());
+        let mut rec = self.registration.record();
+        self.registration.stop();
+        tokio::time::sleep(p.reboot).await;
+        self.reboots += 1;
+        let (outcome, end) = if p.fails {
+            rec.last_error = Some(format!("{target} failed its boot assessment"));
+            (
+                Released::RolledBack {
+                    version: target.into(),
+                    reason: "simulated failure".into(),
+                },
+                SimEnd::RolledBack,
+            )
+        } else {
+            rec.booted_version = target.into();
+            rec.booted_slot = "b".into();
+            rec.last_error = None;
+            (
+                Released::Blessed {
+                    version: target.into(),
+                },
+                SimEnd::Updated,
+            )
+        };
+        rec.staged_version = None;
+        rec.update_state = "idle".into();
+        self.registration = Registration::start(self.fleet.clone(), rec);
+        // The new boot retries its release until etcd takes it.
+        loop {
+            match self.fleet.release(&outcome).await {
+                Ok(()) => return Ok(end),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!("{}: release failed: {e:#}", self.fleet.machine_id);
+                    tokio::time::sleep(p.poll).await;
+                }
+                Err(e) => return Err(e.context("cannot release the reboot slot")),
+            }
+        }
+    }
+}
+
+/// Counts a group's lock holders from etcd's watch stream and remembers the
+/// most seen at once, and every host that ever held a slot.
+#[derive(Debug, Clone, Default)]
+pub struct HolderStats {
+    pub current: BTreeSet<String>,
+    pub max_seen: usize,
+    pub ever: BTreeSet<String>,
+    pub events: u64,
+    /// The integral of the holder count over time, in holder-seconds.
+    pub holder_seconds: f64,
+    last_change: Option<std::time::Instant>,
+}
+
+impl HolderStats {
+    /// Brings `holder_seconds` up to now.
+    fn account(&mut self) {
+        let now = std::time::Instant::now();
+        if let Some(t) = self.last_change {
+            self.holder_seconds += self.current.len() as f64 * (now - t).as_secs_f64();
+        }
+        self.last_change = Some(now);
+    }
+}
+
+pub struct HolderWatch {
+    pub stats: Arc<Mutex<HolderStats>>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl HolderWatch {
+    pub async fn start(client: &Client, keys: &Keys, group: &str) -> Result<HolderWatch> {
+        let prefix = keys.holders(group);
+        let mut c = client.clone();
+        let now = c
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .context("cannot read the holders")?;
+        let rev = now.header().map_or(0, |h| h.revision());
+        let stats = Arc::new(Mutex::new(HolderStats::default()));
+        {
+            let mut s = lock(&stats);
+            for kv in now.kvs() {
+                let k = String::from_utf8_lossy(kv.key()).into_owned();
+                s.ever.insert(k.clone());
+                s.current.insert(k);
+            }
+            s.max_seen = s.current.len();
+        }
+        let (_watcher, mut stream) = c
+            .watch(
+                prefix.as_str(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(rev + 1),
+                ),
+            )
+            .await
+            .context("cannot watch the holders")?;
+        let st = stats.clone();
+        let task = tokio::spawn(async move {
+            // The watcher cancels the watch when dropped: keep it here.
+            let _watcher = _watcher;
+            while let Some(resp) = stream.message().await.context("the holder watch failed")? {
+                let mut s = lock(&st);
+                s.account();
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let k = String::from_utf8_lossy(kv.key()).into_owned();
+                    s.events += 1;
+                    match ev.event_type() {
+                        EventType::Put => {
+                            s.ever.insert(k.clone());
+                            s.current.insert(k);
+                        }
+                        EventType::Delete => {
+                            s.current.remove(&k);
+                        }
+                    }
+                }
+                s.max_seen = s.max_seen.max(s.current.len());
+            }
+            Ok(())
+        });
+        Ok(HolderWatch { stats, task })
+    }
+
+    pub fn snapshot(&self) -> HolderStats {
+        let mut s = lock(&self.stats);
+        s.account();
+        s.clone()
+    }
+
+    /// Whether the watch task died (etcd went away, say).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Drop for HolderWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,540 @@
+//! The fleet against a real etcd (Debian's /usr/bin/etcd), started per test
+//! on 127.0.0.1 with ports picked at run time and killed at the end.
+//! Simulated hosts run as tasks of one runtime; the lock is checked from
+//! etcd's own watch stream, not from what the hosts say.
+
+// The helpers below are test code too (clippy only knows #[test] functions).
+#![allow(clippy::unwrap_used)]
+
+use anyhow::Result;
+use os_agent::fleet::lock::Acquire;
+use os_agent::fleet::server::{LocalEtcd, ServerTls};
+use os_agent::fleet::sim::{HolderWatch, SimEnd, SimHost, SimParams};
+use os_agent::fleet::{admin, config::Tls, connect, Fleet, FleetSettings, Keys};
+use os_agent::update::fleet_lock::Released;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const GROUP: &str = "web";
+
+fn settings(etcd: &LocalEtcd) -> FleetSettings {
+    FleetSettings {
+        group: GROUP.into(),
+        lease_ttl: Duration::from_secs(2),
+        lock_ttl: Duration::from_secs(3),
+        ..FleetSettings::new(vec![etcd.endpoint()])
+    }
+}
+
+fn machine_id(i: usize) -> String {
+    format!("{i:08x}{}", "0".repeat(24))
+}
+
+async fn fleet(s: &FleetSettings, i: usize) -> Fleet {
+    let client = connect(s).await.unwrap();
+    Fleet::new(client, s, &machine_id(i))
+}
+
+fn params() -> SimParams {
+    SimParams {
+        reboot: Duration::from_millis(300),
+        poll: Duration::from_millis(100),
+        fails: false,
+    }
+}
+
+/// Runs `hosts` towards `target`, each in its own task; returns them with their ends.
+async fn roll_all(
+    hosts: Vec<SimHost>,
+    target: &str,
+    p: &SimParams,
+    within: Duration,
+) -> Vec<(SimHost, SimEnd)> {
+    let deadline = Instant::now() + within;
+    let tasks: Vec<_> = hosts
+        .into_iter()
+        .map(|mut h| {
+            let (t, p) = (target.to_string(), p.clone());
+            tokio::spawn(async move {
+                let end = h.roll(&t, &p, deadline).await.unwrap();
+                (h, end)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+async fn start_hosts(s: &FleetSettings, n: usize, version: &str) -> Vec<SimHost> {
+    let client = connect(s).await.unwrap();
+    let hosts: Vec<SimHost> = (0..n)
+        .map(|i| SimHost::start(Fleet::new(client.clone(), s, &machine_id(i)), version))
+        .collect();
+    for h in &hosts {
+        tokio::time::timeout(Duration::from_secs(10), h.registration.wait_sessions(1))
+            .await
+            .expect("host registered");
+    }
+    hosts
+}
+
+async fn set_policy(s: &FleetSettings, f: impl Fn(&mut os_agent::fleet::model::Policy)) {
+    let client = connect(s).await.unwrap();
+    admin::modify_policy(&client, &Keys::new(&s.prefix), GROUP, |p| {
+        f(p);
+        Ok(())
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn fifty_hosts_never_more_than_three_holders() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LocalEtcd::start(dir.path(), None).unwrap();
+    let s = settings(&etcd);
+    set_policy(&s, |p| p.max_holders = 3).await;
+    let client = connect(&s).await.unwrap();
+    let keys = Keys::new(&s.prefix);
+    let watch = HolderWatch::start(&client, &keys, GROUP).await.unwrap();
+    let hosts = start_hosts(&s, 50, "1.0").await;
+    let started = Instant::now();
+    let ended = roll_all(hosts, "2.0", &params(), Duration::from_secs(60)).await;
+    let took = started.elapsed();
+    for (h, end) in &ended {
+        assert_eq!(*end, SimEnd::Updated, "{}", h.fleet.machine_id);
+        assert_eq!(h.booted_version(), "2.0");
+        assert_eq!(h.reboots, 1);
+    }
+    // Let the watch see the last release.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = watch.snapshot();
+    assert!(!watch.is_finished(), "the holder watch stopped");
+    assert!(stats.max_seen <= 3, "{} holders at once", stats.max_seen);
+    // The semaphore was shared, not handed out one at a time.
+    assert!(
+        stats.max_seen >= 2,
+        "never more than {} holder",
+        stats.max_seen
+    );
+    assert_eq!(stats.ever.len(), 50, "every host held the lock once");
+    assert!(
+        stats.current.is_empty(),
+        "left holding: {:?}",
+        stats.current
+    );
+    // etcd's view: every host registered on 2.0, 2.0 proven in the group.
+    let o = admin::overview(&client, &keys).await.unwrap();
+    assert!(o.problems.is_empty(), "{:?}", o.problems);
+    assert_eq!(o.hosts.len(), 50);
+    assert!(o.hosts.iter().all(|h| h.booted_version == "2.0"));
+    let g = o.groups.iter().find(|g| g.name == GROUP).unwrap();
+    assert_eq!(g.proven, ["2.0"]);
+    // 1 alone (safe mode), then 49 three at a time: 17 rounds of 0.3 s.
+    eprintln!("50 hosts rolled out in {took:?}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+}
+
+#[tokio::test]
+async fn safe_mode_first_host_takes_a_new_version_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LocalEtcd::start(dir.path(), None).unwrap();
+    let s = settings(&etcd);
+    set_policy(&s, |p| p.max_holders = 5).await;
+    let (a, b) = (fleet(&s, 1).await, fleet(&s, 2).await);
+    assert_eq!(a.try_acquire("2.0").await.unwrap(), Acquire::Granted);
+    let Acquire::Wait(why) = b.try_acquire("2.0").await.unwrap() else {
+        panic!("a second host took an unproven version")
+    };
+    assert!(why.contains("safe mode"), "{why}");
+    a.release(&Released::Blessed {
+        version: "2.0".into(),
+    })
+    .await
+    .unwrap();
+    let c = fleet(&s, 3).await;
+    assert_eq!(b.try_acquire("2.0").await.unwrap(), Acquire::Granted);
+    assert_eq!(c.try_acquire("2.0").await.unwrap(), Acquire::Granted);
+    // Taking a slot already held is granted again (across the reboot).
+    assert_eq!(b.try_acquire("2.0").await.unwrap(), Acquire::Granted);
+}
+
+#[tokio::test]
+async fn a_dead_holder_is_released_by_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LocalEtcd::start(dir.path(), None).unwrap();
+    let s = settings(&etcd);
+    let keys = Keys::new(&s.prefix);
+    let dead = SimHost::start(fleet(&s, 1).await, "1.0");
+    dead.registration.wait_sessions(1).await;
+    assert_eq!(
+        dead.fleet.try_acquire("2.0").await.unwrap(),
+        Acquire::Granted
+    );
+    // It goes down and never comes back.
+    dead.registration.stop();
+    let other = fleet(&s, 2).await;
+    assert!(matches!(
+        other.try_acquire("2.0").await.unwrap(),
+        Acquire::Wait(_)
+    ));
+    let started = Instant::now();
+    loop {
+        if other.try_acquire("2.0").await.unwrap() == Acquire::Granted {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the dead holder kept its slot"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Lock TTL 3 s: not much earlier, not much later.
+    let freed = started.elapsed();
+    assert!(
+        freed >= Duration::from_millis(1500),
+        "freed after {freed:?}"
+    );
+    // Its registration went with its own (shorter) lease.
+    let o = admin::overview(&other.client, &keys).await.unwrap();
+    assert!(o.hosts.is_empty(), "{:?}", o.hosts);
+}
+
+#[tokio::test]
+async fn a_paused_group_starts_no_reboots_until_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LocalEtcd::start(dir.path(), None).unwrap();
+    let s = settings(&etcd);
+    let client = connect(&s).await.unwrap();
+    let keys = Keys::new(&s.prefix);
+    admin::set_max(&client, &keys, GROUP, 3).await.unwrap();
+    admin::pause(&client, &keys, GROUP).await.unwrap();
+    let watch = HolderWatch::start(&client, &keys, GROUP).await.unwrap();
+    let hosts = start_hosts(&s, 5, "1.0").await;
+    let ended = roll_all(hosts, "2.0", &params(), Duration::from_secs(2)).await;
+    for (h, end) in &ended {
+        let SimEnd::GaveUp(why) = end else {
+            panic!("{} rebooted in a paused group: {end:?}", h.fleet.machine_id)
+        };
+        assert!(why.contains("paused"), "{why}");
+        assert_eq!(h.reboots, 0);
+    }
+    assert!(watch.snapshot().ever.is_empty());
+    admin::resume(&client, &keys, GROUP).await.unwrap();
+    let hosts = ended.into_iter().map(|(h, _)| h).collect();
+    let ended = roll_all(hosts, "2.0", &params(), Duration::from_secs(20)).await;
+    assert!(
+        ended.iter().all(|(_, e)| *e == SimEnd::Updated),
+        "{ended:?}",
+        ended = ended.iter().map(|(_, e)| e).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn a_pinned_version_is_respected() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LocalEtcd::start(dir.path(), None).unwrap();
+    let s = settings(&etcd);
+    let client = connect(&s).await.unwrap();
+    let keys = Keys::new(&s.prefix);
+    admin::pin(&client, &keys, GROUP, Some("2.0"))
+        .await
+        .unwrap();
+    let hosts = start_hosts(&s, 3, "1.0").await;
+    let ended = roll_all(hosts, "3.0", &params(), Duration::from_secs(1)).await;
+    for (h, end) in &ended {
+        assert!(
+            matches!(end, SimEnd::GaveUp(w) if w.contains("pinned to 2.0")),
+            "{end:?}"
+        );
+        assert_eq!(h.booted_version(), "1.0");
+    }
+    let hosts = ended.into_iter().map(|(h, _)| h).collect();
+    let ended = roll_all(hosts, "2.0", &params(), Duration::from_secs(20)).await;
+    for (h, end) in &ended {
+        assert_eq!(*end, SimEnd::Updated);
+        assert_eq!(h.booted_version(), "2.0");
+    }
+}
+
+#[tokio::test]
+async fn failure_reports_pause_the_group_at_the_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LocalEtcd::start(dir.path(), None).unwrap();
+    let s = settings(&etcd);
+    let client = connect(&s).await.unwrap();
+    let keys = Keys::new(&s.prefix);
+    set_policy(&s, |p| {
+        p.max_holders = 4;
+        p.failure_threshold = 2;
+    })
+    .await;
+    let failing = SimParams {
+        fails: true,
+        ..params()
+    };
+    let hosts = start_hosts(&s, 6, "1.0").await;
+    let ended = roll_all(hosts, "2.0", &failing, Duration::from_secs(5)).await;
+    let ends: Vec<&SimEnd> = ended.iter().map(|(_, e)| e).collect();
+    // Safe mode lets one host try at a time; the second failure pauses.
+    let rolled_back = ends.iter().filter(|e| ***e == SimEnd::RolledBack).count();
+    assert_eq!(rolled_back, 2, "{ends:?}");
+    for e in &ends {
+        if let SimEnd::GaveUp(why) = e {
+            assert!(why.contains("2 hosts failed version 2.0"), "{why}");
+        }
+    }
+    let o = admin::overview(&client, &keys).await.unwrap();
+    let g = o.groups.iter().find(|g| g.name == GROUP).unwrap();
+    assert!(g.policy.paused);
+    assert_eq!(g.failures["2.0"].len(), 2);
+    assert!(g.proven.is_empty());
+    assert!(o.hosts.iter().all(|h| h.booted_version == "1.0"));
+}
+
+#[tokio::test]
+async fn hosts_survive_an_etcd_restart_and_never_reboot_without_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = LocalEtcd::start(dir.path(), None).unwrap();
+    let s = settings(&etcd);
+    let keys = Keys::new(&s.prefix);
+    set_policy(&s, |p| p.max_holders = 3).await;
+    let hosts = start_hosts(&s, 5, "1.0").await;
+    etcd.stop().unwrap();
+    // While etcd is away the hosts try to roll: errors, no reboot.
+    let ended = roll_all(hosts, "2.0", &params(), Duration::from_secs(3)).await;
+    for (h, end) in &ended {
+        assert!(matches!(end, SimEnd::GaveUp(_)), "{end:?}");
+        assert_eq!(h.reboots, 0);
+        assert!(
+            h.registration.registered().lease.is_none(),
+            "still registered with etcd down"
+        );
+    }
+    etcd.restart().unwrap();
+    for (h, _) in &ended {
+        tokio::time::timeout(Duration::from_secs(20), h.registration.wait_sessions(2))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} did not re-register:\n{}",
+                    h.fleet.machine_id,
+                    etcd.log_tail()
+                )
+            });
+    }
+    let client = connect(&s).await.unwrap();
+    let o = admin::overview(&client, &keys).await.unwrap();
+    assert_eq!(o.hosts.len(), 5, "{:?}", o.hosts);
+    let hosts = ended.into_iter().map(|(h, _)| h).collect();
+    let ended = roll_all(hosts, "2.0", &params(), Duration::from_secs(20)).await;
+    assert!(ended
+        .iter()
+        .all(|(h, e)| *e == SimEnd::Updated && h.reboots == 1));
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate.
+fn make_certs(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+        ],
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (name, cn) in [("server", "127.0.0.1"), ("client", "agent")] {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+            ],
+        );
+    }
+}
+
+#[tokio::test]
+async fn tls_with_client_certificates() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&certs)?;
+    make_certs(&certs);
+    let etcd = LocalEtcd::start(
+        dir.path(),
+        Some(ServerTls {
+            ca: certs.join("ca.pem"),
+            cert: certs.join("server.pem"),
+            key: certs.join("server.key"),
+        }),
+    )?;
+    let with_cert = FleetSettings {
+        tls: Some(Tls {
+            ca_file: Some(certs.join("ca.pem")),
+            client: Some((certs.join("client.pem"), certs.join("client.key"))),
+        }),
+        ..settings(&etcd)
+    };
+    let f = fleet(&with_cert, 7).await;
+    let h = SimHost::start(f.clone(), "1.0");
+    tokio::time::timeout(Duration::from_secs(10), h.registration.wait_sessions(1)).await?;
+    let o = admin::overview(&f.client, &f.keys).await?;
+    assert_eq!(o.hosts.len(), 1);
+    assert_eq!(f.try_acquire("2.0").await?, Acquire::Granted);
+
+    // The same CA but no client certificate: refused.
+    let without = FleetSettings {
+        tls: Some(Tls {
+            ca_file: Some(certs.join("ca.pem")),
+            client: None,
+        }),
+        ..settings(&etcd)
+    };
+    let refused = match connect(&without).await {
+        Err(e) => format!("{e:#}"),
+        Ok(c) => match admin::overview(&c, &f.keys).await {
+            Err(e) => format!("{e:#}"),
+            Ok(o) => panic!("etcd answered a client without a certificate: {o:?}"),
+        },
+    };
+    eprintln!("refused without a certificate: {refused}");
+    // And plain HTTP to the TLS port gets nowhere either.
+    let plain = FleetSettings::new(vec![format!("http://127.0.0.1:{}", etcd.client_port)]);
+    if let Ok(c) = connect(&plain).await {
+        assert!(admin::overview(&c, &f.keys).await.is_err());
+    }
+    Ok(())
+}
+
+fn osctl(etcd: &LocalEtcd, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_osctl"))
+        .arg("fleet")
+        .arg("--endpoints")
+        .arg(etcd.endpoint())
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn osctl_fleet_reads_and_changes_the_fleet() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LocalEtcd::start(dir.path(), None).unwrap();
+    let s = settings(&etcd);
+    let hosts = start_hosts(&s, 2, "1.0").await;
+    let f = &hosts[0].fleet;
+    let ok = |args: &[&str]| {
+        let (ok, text) = osctl(&etcd, args);
+        assert!(ok, "osctl fleet {args:?}: {text}");
+        text
+    };
+    assert!(ok(&["set-max", GROUP, "4"]).contains("\"max_holders\":4"));
+    assert!(ok(&["pin", GROUP, "2.0"]).contains("\"pinned_version\":\"2.0\""));
+    assert!(ok(&["pause", GROUP]).contains("\"paused\":true"));
+    assert_eq!(f.policy().await.unwrap().max_holders, 4);
+    assert!(
+        matches!(f.try_acquire("2.0").await.unwrap(), Acquire::Wait(w) if w.contains("paused"))
+    );
+    ok(&["resume", GROUP]);
+    assert!(!ok(&["pin", GROUP, "--none"]).contains("pinned_version"));
+    assert_eq!(f.try_acquire("2.0").await.unwrap(), Acquire::Granted);
+    let text = ok(&["status"]);
+    assert!(
+        text.contains("group web: active; 1 of max 4 reboot slots held"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("holder {} -> 2.0", f.machine_id)),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(&["status", "--json"])).unwrap();
+    assert_eq!(json["hosts"].as_array().unwrap().len(), 2);
+    ok(&["unlock", GROUP, &f.machine_id]);
+    let (failed, text) = osctl(&etcd, &["unlock", GROUP, &f.machine_id]);
+    assert!(!failed && text.contains("holds no reboot slot"), "{text}");
+    // An operator's bad JSON: the CLI names the key; the host refuses to reboot on it.
+    let mut c = f.client.clone();
+    c.put(f.keys.policy(GROUP), "{\"max\": 3}", None)
+        .await
+        .unwrap();
+    let (failed, text) = osctl(&etcd, &["pause", GROUP]);
+    assert!(
+        !failed && text.contains("/ballast/groups/web/policy: invalid group policy"),
+        "{text}"
+    );
+    assert!(ok(&["status"]).contains("problem: /ballast/groups/web/policy"));
+    let e = format!("{:#}", f.try_acquire("2.0").await.unwrap_err());
+    assert!(e.contains("unknown field `max`"), "{e}");
+}
