@@ -1,6 +1,6 @@
 //! Updates on the real image: A→B→A through a channel served from the host,
 //! a release that fails its health check and rolls back by itself, and
-//! releases the host must refuse.
+//! releases the host must refuse, and power cuts in the middle of an update.
 //!
 //! Needs the update test images next to the test image (`make test-image`
 //! builds them: out/test-v2, out/test-v3, out/test-bad). Each boot costs
@@ -101,24 +101,16 @@ fn boot_id(vm: &Vm) -> Option<String> {
 
 /// Runs `cmd` in the guest as a transient unit (it may outlive the SSH
 /// session, or reboot the guest). Returns its output and exit code once it
-/// ends, or `None` if the guest rebooted first.
+/// ends, or `None` if the boot it ran in is gone (the guest went down).
 fn run_detached(vm: &Vm, cmd: &str, timeout: Duration) -> Option<(String, i32)> {
     let before = boot_id(vm).unwrap_or_else(|| vm.fail("no boot id"));
-    let unit = format!("ballast-test-{}", std::process::id());
-    let log = format!("/var/log/{unit}.log");
-    vm.ssh_ok(&format!(
-        "rm -f {log}; systemd-run --quiet --unit={unit}-$RANDOM sh -c '{cmd} > {log} 2>&1; echo \"exit=$?\" >> {log}'"
-    ));
+    let log = start_detached(vm, cmd);
     let mut result = None;
-    let mut rebooted = false;
+    let mut gone = false;
     let done = poll(timeout, || {
-        match boot_id(vm) {
-            None => return false,
-            Some(id) if id != before => {
-                rebooted = true;
-                return true;
-            }
-            Some(_) => {}
+        if boot_id(vm).as_deref() != Some(before.as_str()) {
+            gone = true;
+            return true;
         }
         let text = String::from_utf8_lossy(&vm.ssh(&format!("cat {log}")).stdout).into_owned();
         if let Some(code) = text.lines().find_map(|l| l.strip_prefix("exit=")) {
@@ -132,18 +124,42 @@ fn run_detached(vm: &Vm, cmd: &str, timeout: Duration) -> Option<(String, i32)> 
             "`{cmd}` neither finished nor rebooted within {timeout:?}"
         ));
     }
-    if rebooted {
-        vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
+    if gone {
         return None;
     }
     result
 }
 
-/// `osctl update apply`, which reboots into the update.
+/// Starts `cmd` in the guest as a transient unit and returns the file its
+/// output goes to, ending with `exit=<code>`.
+fn start_detached(vm: &Vm, cmd: &str) -> String {
+    let unit = format!("ballast-test-{}", std::process::id());
+    let log = format!("/var/log/{unit}.log");
+    vm.ssh_ok(&format!(
+        "rm -f {log}; systemd-run --quiet --unit={unit}-$RANDOM sh -c '{cmd} > {log} 2>&1; echo \"exit=$?\" >> {log}'"
+    ));
+    log
+}
+
+/// `osctl update apply`, which reboots into the update. Returns once the
+/// boot it ran in is gone; the new one may still be starting (or, for a
+/// bad release, never become reachable).
 fn apply_and_reboot(vm: &Vm) {
-    if let Some((log, code)) = run_detached(vm, "osctl update apply", APPLY_TIMEOUT) {
+    let before = boot_id(vm).unwrap_or_else(|| vm.fail("no boot id"));
+    let Some((log, code)) = run_detached(vm, "osctl update apply", APPLY_TIMEOUT) else {
+        return;
+    };
+    // osctl may finish (having asked for the reboot) while SSH still answers.
+    if code != 0 || !log.lines().any(|l| l == "rebooting") {
         vm.fail(format!(
             "osctl update apply exited {code} without rebooting:\n{log}"
+        ));
+    }
+    if !poll(DEFAULT_SSH_TIMEOUT, || {
+        boot_id(vm).as_deref() != Some(before.as_str())
+    }) {
+        vm.fail(format!(
+            "osctl update apply said it reboots, but the guest did not:\n{log}"
         ));
     }
 }
@@ -176,6 +192,7 @@ fn updates_a_to_b_and_back_to_a() {
         vm.fail(format!("osctl update check:\n{check}"));
     }
     apply_and_reboot(&vm);
+    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
     let s = expect_running(&vm, "b", "0.2.0");
     wait_blessed(&vm, "0.2.0");
     // The daemon saw the blessing, recorded the success and checked again.
@@ -193,6 +210,7 @@ fn updates_a_to_b_and_back_to_a() {
     ch.publish(&update_build("v3"), TEST_KEY.as_ref())
         .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
     apply_and_reboot(&vm);
+    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
     expect_running(&vm, "a", "0.3.0");
     wait_blessed(&vm, "0.3.0");
     // The previous version stays as the other slot's entry: a way back.
@@ -328,4 +346,120 @@ fn tampered_payloads_and_untrusted_keys_are_refused() {
     vm.reboot();
     expect_running(&vm, "a", &v1);
     wait_blessed(&vm, &v1);
+}
+
+/// As [`configure`], but in /run, so the setting is gone after the next boot
+/// and the daemon of that boot does not go on with the update by itself:
+/// the test wants to look at the boot a power cut left.
+fn configure_this_boot(vm: &Vm) {
+    vm.ssh_ok(&format!(
+        "mkdir -p /run/ballast/agent.d && printf '[update]\\nchannel_url = \"{GUEST_CHANNEL_URL}\"\\n' \
+           > /run/ballast/agent.d/50-test.toml"
+    ));
+}
+
+/// The booted root is the dm-verity device over the root hash of the build
+/// of `version`, and /var kept what was written before the cut.
+fn expect_verified_boot_and_var_intact(vm: &Vm, version: &str) {
+    let build = if version == TestImage::get().info.version {
+        TestImage::get().dir.clone()
+    } else {
+        update_build("v2")
+    };
+    let info = TestImage::load(&build).unwrap_or_else(|e| vm.fail(format!("{e:#}")));
+    if info.info.version != version {
+        vm.fail(format!(
+            "{} holds {}, not {version}",
+            build.display(),
+            info.info.version
+        ));
+    }
+    let out = vm.ssh_ok(
+        "findmnt -no SOURCE /; dev=$(basename $(readlink -f /dev/mapper/root)); \
+         cut -c1-13 /sys/block/$dev/dm/uuid; \
+         tr ' ' '\\n' < /proc/cmdline | sed -n 's/^roothash=//p'; \
+         cat /var/lib/ballast-test/marker",
+    );
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    let want = [
+        "/dev/mapper/root",
+        "CRYPT-VERITY-",
+        info.info.root_hash.as_str(),
+        "written before the power cut",
+    ];
+    if lines != want {
+        vm.fail(format!(
+            "want the verity root of {version} and the /var marker: {want:?}; got {lines:?}"
+        ));
+    }
+}
+
+#[test]
+fn power_cuts_during_an_update_leave_a_verified_boot() {
+    let ch = ChannelServer::start().expect("channel server");
+    let mut vm = boot(&ch);
+    let v1 = TestImage::get().info.version.clone();
+    wait_blessed(&vm, &v1);
+    vm.ssh_ok(
+        "mkdir -p /var/lib/ballast-test && echo 'written before the power cut' \
+           > /var/lib/ballast-test/marker && sync",
+    );
+    ch.publish(&update_build("v2"), TEST_KEY.as_ref())
+        .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
+
+    // 1. The power goes while the root payload streams into slot B.
+    configure_this_boot(&vm);
+    let log = start_detached(&vm, "osctl update apply");
+    let mut st = Value::Null;
+    if !poll(APPLY_TIMEOUT, || {
+        st = json(&vm, "osctl update status --json");
+        let bytes = st["state"]["bytes"].as_u64().unwrap_or(0);
+        st["state"]["name"] == "downloading" && bytes > 0
+    }) {
+        vm.fail(format!(
+            "never saw the download under way: {st:#}\n{}",
+            vm.ssh_ok(&format!("cat {log}; true"))
+        ));
+    }
+    vm.power_off_hard();
+    vm.power_on();
+    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
+    expect_running(&vm, "a", &v1);
+    expect_verified_boot_and_var_intact(&vm, &v1);
+    let entries = esp(&vm);
+    if entries.iter().any(|e| e.contains("0.2.0")) {
+        vm.fail(format!(
+            "the half-written slot has a boot entry: {entries:?}"
+        ));
+    }
+
+    // 2. The next attempt starts over; the power goes right after the new
+    // entry appears on the ESP.
+    configure_this_boot(&vm);
+    let log = start_detached(&vm, "osctl update apply");
+    let mut entries = Vec::new();
+    if !poll(APPLY_TIMEOUT, || {
+        entries = esp(&vm);
+        entries.iter().any(|e| e.contains("0.2.0"))
+    }) {
+        vm.fail(format!(
+            "no entry for 0.2.0 appeared: {entries:?}\n{}",
+            vm.ssh_ok(&format!("cat {log}; true"))
+        ));
+    }
+    vm.power_off_hard();
+    vm.power_on();
+    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
+    // The entry may or may not have reached the disk before the cut; either
+    // way the host boots a verified slot, and a new one only with its entry.
+    let s = json(&vm, "osctl status --json");
+    let booted = match (s["slot"].as_str(), s["image_version"].as_str()) {
+        (Some("b"), Some("0.2.0")) => {
+            wait_blessed(&vm, "0.2.0");
+            "0.2.0"
+        }
+        (Some("a"), Some(v)) if v == v1 => v1.as_str(),
+        _ => vm.fail(format!("booted neither the old nor the new slot: {s:#}")),
+    };
+    expect_verified_boot_and_var_intact(&vm, booted);
 }
