@@ -72,6 +72,8 @@ struct PartialHealth {
 
 /// Every key the agent understands, as dotted paths.
 const KNOWN_KEYS: &[&str] = &[
+    // Read by the containers' desired state (containers/desired.rs), not here.
+    "containers",
     "health",
     "health.required_units",
     "health.commands",

@@ -1,0 +1,7 @@
+//! Containers: desired state from several sources ([`desired`]), OCI images
+//! pulled and unpacked under /var/lib/ballast, and systemd-nspawn units
+//! reconciled over D-Bus. The format is documented in docs/containers.md.
+
+pub mod desired;
+pub mod reference;
+pub mod spec;
