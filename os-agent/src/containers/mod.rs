@@ -5,3 +5,4 @@
 pub mod desired;
 pub mod reference;
 pub mod spec;
+pub mod unpack;
