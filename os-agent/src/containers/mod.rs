@@ -3,6 +3,8 @@
 //! reconciled over D-Bus. The format is documented in docs/containers.md.
 
 pub mod desired;
+pub mod oci;
 pub mod reference;
 pub mod spec;
+pub mod store;
 pub mod unpack;
