@@ -10,10 +10,12 @@ export SOURCE_DATE_EPOCH
 # Host packages: image building, QEMU + OVMF for the tests and `make run`,
 # systemd-boot-efi for the UKI unit tests, cryptsetup-bin for the verity tests,
 # cloud-image-utils (cloud-localds, pulls genisoimage) for the provisioning tests,
-# netcat-openbsd to forward the guest's update channel connections to the host.
+# netcat-openbsd to forward the guest's update channel connections to the host,
+# docker-registry (a real OCI registry) and skopeo (pushes test images to it) for
+# the container puller's tests and bench.
 HOST_PACKAGES := mmdebstrap erofs-utils cryptsetup-bin dosfstools mtools binutils \
 	e2fsprogs fdisk qemu-utils qemu-system-x86 ovmf systemd-boot-efi openssh-client \
-	zstd ca-certificates cloud-image-utils netcat-openbsd
+	zstd ca-certificates cloud-image-utils netcat-openbsd docker-registry skopeo
 
 IMAGE_SPEC ?= configs/image.yaml
 OUT ?= out

@@ -5,6 +5,7 @@
 pub mod desired;
 pub mod oci;
 pub mod reference;
+pub mod registry;
 pub mod spec;
 pub mod store;
 pub mod unpack;

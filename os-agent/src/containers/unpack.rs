@@ -57,6 +57,13 @@ pub fn decompress<'a, R: Read + 'a>(r: R) -> io::Result<Box<dyn Read + 'a>> {
 
 /// A path inside the layer as a clean relative path; `None` is the root itself.
 fn clean(entry: &str, raw: &Path) -> Result<Option<PathBuf>, UnpackError> {
+    // The root's own entry: `/` (umoci writes it), `./` or `.`.
+    if raw
+        .components()
+        .all(|c| matches!(c, Component::RootDir | Component::CurDir))
+    {
+        return Ok(None);
+    }
     let mut out = PathBuf::new();
     for c in raw.components() {
         match c {
@@ -184,7 +191,7 @@ pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), 
         let raw_path = entry.path().map_err(UnpackError::Read)?.into_owned();
         let name = raw_path.display().to_string();
         let Some(rel) = clean(&name, &raw_path)? else {
-            continue; // "./": the root's own entry
+            continue;
         };
         prepare_parents(root, &rel, &name)?;
         let file_name = rel

@@ -99,7 +99,7 @@ fn layers_table() {
     );
     let cases: Vec<Case> = vec![
         (
-            "files, dirs, implicit parents, ./ prefix",
+            "files, dirs, implicit parents, ./ prefix, / and ./ for the root",
             vec![&[
                 Dir("./"),
                 Dir("./etc"),
