@@ -2,10 +2,14 @@
 //! pulled and unpacked under /var/lib/ballast, and systemd-nspawn units
 //! reconciled over D-Bus. The format is documented in docs/containers.md.
 
+pub mod agent;
 pub mod desired;
 pub mod oci;
+pub mod reconcile;
 pub mod reference;
 pub mod registry;
 pub mod spec;
 pub mod store;
+pub mod systemd;
+pub mod unit;
 pub mod unpack;

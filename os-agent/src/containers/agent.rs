@@ -1,0 +1,283 @@
+//! One reconcile pass, as the daemon runs it on start and then periodically:
+//! load the desired state → pull or find each image → render units → compare
+//! with the units on the host → act over D-Bus → keep the layers that were
+//! applied → collect images no container uses.
+//!
+//! A container whose image cannot be pulled runs the image its reference last
+//! resolved to (refs.json), so a registry outage does not stop anything; if
+//! there is none, whatever runs is left alone and the problem is reported.
+
+use super::desired::{self, AgentConfigSource, FilesSource, SavedLayers, Source};
+use super::reconcile::{self, Action, Current, Want};
+use super::reference::Digest;
+use super::registry::{reference_key, Puller};
+use super::store::{Image, Store};
+use super::systemd::Systemd;
+use super::unit::{self, Rendered};
+use crate::host::Host;
+use anyhow::{Context, Result};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where things live; tests and the bench point these elsewhere.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The image store, a real directory (not through [`Host`]): layers are
+    /// unpacked with their owners and modes.
+    pub store: PathBuf,
+    pub unit_dir: PathBuf,
+    pub state_file: PathBuf,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Paths {
+            store: PathBuf::from(super::store::DEFAULT_ROOT),
+            unit_dir: PathBuf::from(unit::UNIT_DIR),
+            state_file: PathBuf::from(desired::STATE_FILE),
+        }
+    }
+}
+
+/// What a pass did and what went wrong on the way.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub actions: Vec<Action>,
+    pub problems: Vec<String>,
+}
+
+/// The blocking half: desired state, images, rendered units, current units.
+struct Prepared {
+    layers: SavedLayers,
+    want: BTreeMap<String, Want>,
+    rendered: BTreeMap<String, Rendered>,
+    current: BTreeMap<String, Option<String>>,
+    keep: BTreeSet<Digest>,
+    problems: Vec<String>,
+}
+
+fn resolve_image(store: &Store, puller: &Puller, c: &super::spec::Container) -> Result<Image> {
+    match puller.pull(&c.image) {
+        Ok(p) => Ok(p.image),
+        Err(pull_err) => {
+            let key = reference_key(&c.image);
+            let known = store.refs()?.get(&key).cloned();
+            match known.map(|d| store.image(&d)).transpose()?.flatten() {
+                Some(img) => {
+                    tracing::warn!(
+                        "container {}: cannot pull {}: {pull_err}; running the last pulled {}",
+                        c.name,
+                        c.image,
+                        img.info.manifest
+                    );
+                    Ok(img)
+                }
+                None => Err(anyhow::Error::new(pull_err).context(format!(
+                    "cannot pull {} and it was never pulled before",
+                    c.image
+                ))),
+            }
+        }
+    }
+}
+
+/// Unit files of ours in `dir` and the spec each records.
+pub fn current_units(host: &dyn Host, dir: &Path) -> Result<BTreeMap<String, Option<String>>> {
+    let mut out = BTreeMap::new();
+    for name in host
+        .list_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+    {
+        let Some(container) = unit::container_of(&name) else {
+            continue;
+        };
+        let path = dir.join(&name);
+        let text = host
+            .read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        out.insert(container.to_string(), unit::recorded(&text).0);
+    }
+    Ok(out)
+}
+
+fn prepare(host: &dyn Host, paths: &Paths, insecure: &[String]) -> Result<Prepared> {
+    let saved = SavedLayers::load(host, &paths.state_file)?;
+    let files = FilesSource { host };
+    let agent = AgentConfigSource { host };
+    let sources: [&dyn Source; 2] = [&agent, &files];
+    let loaded = desired::load_all(&sources, &saved);
+    let mut problems = loaded.problems;
+    let store = Store::open(&paths.store)?;
+    let puller = Puller::new(&store).insecure(insecure.to_vec());
+    let mut want = BTreeMap::new();
+    let mut rendered = BTreeMap::new();
+    let mut keep = BTreeSet::new();
+    for (name, d) in &loaded.desired {
+        let c = &d.container;
+        if !c.enabled {
+            // Its image stays, so enabling it again needs no registry.
+            if let Some(m) = store.refs()?.get(&reference_key(&c.image)) {
+                keep.insert(m.clone());
+            }
+            want.insert(name.clone(), Want::Disabled);
+            continue;
+        }
+        let image = match resolve_image(&store, &puller, c) {
+            Ok(i) => i,
+            Err(e) => {
+                problems.push(format!("container {name}: {e:#}"));
+                want.insert(name.clone(), Want::Unresolved);
+                continue;
+            }
+        };
+        keep.insert(image.info.manifest.clone());
+        match unit::render(c, &image) {
+            Ok(r) => {
+                want.insert(
+                    name.clone(),
+                    Want::Run {
+                        spec: r.spec.clone(),
+                    },
+                );
+                rendered.insert(name.clone(), r);
+            }
+            Err(e) => {
+                problems.push(e.to_string());
+                want.insert(name.clone(), Want::Unresolved);
+            }
+        }
+    }
+    let current = current_units(host, &paths.unit_dir)?;
+    // Images of units left running (unresolved ones) are in use too.
+    for (name, w) in &want {
+        if *w == Want::Unresolved && current.contains_key(name) {
+            let path = paths.unit_dir.join(unit::unit_name(name));
+            let text = host
+                .read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if let Some(d) = unit::recorded(&text).1.and_then(|d| Digest::parse(&d).ok()) {
+                keep.insert(d);
+            }
+        }
+    }
+    Ok(Prepared {
+        layers: loaded.layers,
+        want,
+        rendered,
+        current,
+        keep,
+        problems,
+    })
+}
+
+async fn execute(
+    host: &dyn Host,
+    sd: &Systemd,
+    unit_dir: &Path,
+    actions: &[Action],
+    rendered: &BTreeMap<String, Rendered>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut failed: BTreeSet<String> = BTreeSet::new();
+    for a in actions {
+        let name = a.container();
+        let u = unit::unit_name(name);
+        let r: Result<()> = async {
+            match a {
+                Action::Remove(_) => {
+                    sd.stop(&u).await?;
+                    sd.disable(&u).await?;
+                    let p = unit_dir.join(&u);
+                    host.remove_file(&p)
+                        .with_context(|| format!("cannot remove {}", p.display()))
+                }
+                Action::Create(_) | Action::Replace(_) => {
+                    let r = rendered
+                        .get(name)
+                        .with_context(|| format!("no rendered unit for {name}"))?;
+                    let p = unit_dir.join(&u);
+                    host.write_atomic(&p, r.text.as_bytes())
+                        .with_context(|| format!("cannot write {}", p.display()))
+                }
+                Action::Start(_) => Ok(()),
+            }
+        }
+        .await;
+        if let Err(e) = r {
+            problems.push(format!("container {name}: {e:#}"));
+            failed.insert(name.to_string());
+        }
+    }
+    if let Err(e) = sd.reload().await {
+        problems.push(format!("{e:#}"));
+        return problems;
+    }
+    for a in actions.iter().filter(|a| !failed.contains(a.container())) {
+        let u = unit::unit_name(a.container());
+        let r = match a {
+            Action::Create(_) => match sd.enable(&u).await {
+                Ok(()) => sd.start(&u).await,
+                Err(e) => Err(e),
+            },
+            Action::Replace(_) => match sd.enable(&u).await {
+                Ok(()) => sd.restart(&u).await,
+                Err(e) => Err(e),
+            },
+            Action::Start(_) => sd.start(&u).await,
+            Action::Remove(_) => Ok(()),
+        };
+        if let Err(e) = r {
+            problems.push(format!("container {}: {e:#}", a.container()));
+        }
+    }
+    problems
+}
+
+/// One reconcile pass against the real systemd.
+pub async fn reconcile_once(
+    host: Arc<dyn Host + Send + Sync>,
+    sd: &Systemd,
+    paths: &Paths,
+    insecure: &[String],
+) -> Result<Report> {
+    let (h, p, i) = (host.clone(), paths.clone(), insecure.to_vec());
+    let prepared = tokio::task::spawn_blocking(move || prepare(&*h, &p, &i))
+        .await
+        .context("the container preparation task failed")??;
+    let mut current = BTreeMap::new();
+    for (name, spec) in &prepared.current {
+        let (active, _) = sd.state(&unit::unit_name(name)).await?;
+        current.insert(
+            name.clone(),
+            Current {
+                spec: spec.clone(),
+                active: matches!(active.as_str(), "active" | "activating" | "reloading"),
+            },
+        );
+    }
+    let actions = reconcile::plan(&current, &prepared.want);
+    for a in &actions {
+        tracing::info!("containers: {a:?}");
+    }
+    let mut problems = prepared.problems;
+    problems.extend(execute(&*host, sd, &paths.unit_dir, &actions, &prepared.rendered).await);
+    let (h, p, layers, keep) = (host.clone(), paths.clone(), prepared.layers, prepared.keep);
+    let gc = tokio::task::spawn_blocking(move || -> Result<()> {
+        layers.save(&*h, &p.state_file)?;
+        let collected = Store::open(&p.store)?.gc(&keep)?;
+        if !collected.images.is_empty() {
+            tracing::info!("containers: removed unused images {:?}", collected.images);
+        }
+        Ok(())
+    })
+    .await
+    .context("the container GC task failed")?;
+    if let Err(e) = gc {
+        problems.push(format!("{e:#}"));
+    }
+    for p in &problems {
+        tracing::error!("containers: {p}");
+    }
+    Ok(Report { actions, problems })
+}
