@@ -34,6 +34,11 @@ enum Command {
     Rollback,
     /// Reboot the host (into a staged update, if there is one).
     Reboot,
+    /// The containers this host runs (docs/containers.md).
+    Containers {
+        #[command(subcommand)]
+        command: os_agent::containers::cli::ContainersCommand,
+    },
     /// User data (cloud-config) provisioning.
     Provision {
         #[command(subcommand)]
@@ -100,6 +105,9 @@ fn provision(cmd: ProvisionCommand) -> Result<ExitCode> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Provision { command } => return provision(command),
+        Command::Containers { command } => {
+            return os_agent::containers::cli::run(&RealHost, command)
+        }
         Command::Update { command } => os_agent::update::cli::run(&RealHost, command)?,
         Command::Rollback => os_agent::update::cli::rollback(&RealHost)?,
         Command::Reboot => os_agent::update::cli::reboot(&RealHost)?,

@@ -49,7 +49,8 @@ pub struct Report {
 
 /// The blocking half: desired state, images, rendered units, current units.
 struct Prepared {
-    layers: SavedLayers,
+    /// The layers used, if they differ from the saved ones.
+    layers: Option<SavedLayers>,
     want: BTreeMap<String, Want>,
     rendered: BTreeMap<String, Rendered>,
     current: BTreeMap<String, Option<String>>,
@@ -162,7 +163,7 @@ fn prepare(host: &dyn Host, paths: &Paths, insecure: &[String]) -> Result<Prepar
         }
     }
     Ok(Prepared {
-        layers: loaded.layers,
+        layers: (loaded.layers != saved).then_some(loaded.layers),
         want,
         rendered,
         current,
@@ -172,7 +173,7 @@ fn prepare(host: &dyn Host, paths: &Paths, insecure: &[String]) -> Result<Prepar
 }
 
 async fn execute(
-    host: &dyn Host,
+    host: &(dyn Host + Send + Sync),
     sd: &Systemd,
     unit_dir: &Path,
     actions: &[Action],
@@ -264,7 +265,9 @@ pub async fn reconcile_once(
     problems.extend(execute(&*host, sd, &paths.unit_dir, &actions, &prepared.rendered).await);
     let (h, p, layers, keep) = (host.clone(), paths.clone(), prepared.layers, prepared.keep);
     let gc = tokio::task::spawn_blocking(move || -> Result<()> {
-        layers.save(&*h, &p.state_file)?;
+        if let Some(layers) = layers {
+            layers.save(&*h, &p.state_file)?;
+        }
         let collected = Store::open(&p.store)?.gc(&keep)?;
         if !collected.images.is_empty() {
             tracing::info!("containers: removed unused images {:?}", collected.images);

@@ -3,6 +3,7 @@
 //! reconciled over D-Bus. The format is documented in docs/containers.md.
 
 pub mod agent;
+pub mod cli;
 pub mod desired;
 pub mod oci;
 pub mod reconcile;
