@@ -62,6 +62,7 @@ bench: deps
 	@command -v curl >/dev/null || apt-get install -y -q curl
 	$(CARGO) build --release --locked -p ballast-bench
 	target/release/update-throughput 256
+	target/release/containers 128
 
 lint:
 	$(CARGO) fmt --all --check

@@ -226,11 +226,17 @@ pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), 
         let header = entry.header();
         let kind = header.entry_type();
         let mode = header.mode().map_err(|e| io_err(&name, e))? & 0o7777;
-        let id = |v: io::Result<u64>| -> Result<u32, UnpackError> {
-            let v = v.map_err(|e| io_err(&name, e))?;
+        // An empty id field is 0, as Go's archive/tar (and so docker) reads it.
+        let id = |v: io::Result<u64>, raw: &[u8]| -> Result<u32, UnpackError> {
+            let v = match v {
+                Ok(v) => v,
+                Err(_) if raw.iter().all(|b| matches!(b, 0 | b' ')) => 0,
+                Err(e) => return Err(io_err(&name, e)),
+            };
             u32::try_from(v).map_err(|_| refused(&name, format!("owner id {v} is out of range")))
         };
-        let owner = (id(header.uid())?, id(header.gid())?);
+        let old = header.as_old();
+        let owner = (id(header.uid(), &old.uid)?, id(header.gid(), &old.gid)?);
         let existing = fs::symlink_metadata(&dest);
         // A directory over a directory merges; anything else replaces.
         let keep_dir = kind.is_dir() && matches!(&existing, Ok(m) if m.is_dir());

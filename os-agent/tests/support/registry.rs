@@ -3,6 +3,9 @@
 //! and images (OCI layouts) pushed to it with skopeo. Shared by the registry
 //! tests and the containers bench (which includes this file by path).
 
+// Shared by the registry test and the bench; each uses part of it.
+#![allow(dead_code)]
+
 use anyhow::{bail, Context, Result};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -128,4 +131,59 @@ pub fn push(layout: &Path, tag: &str, reg: &Registry, repo: &str, all: bool) -> 
     cmd.arg(format!("oci:{}:{tag}", layout.display()))
         .arg(format!("docker://{}/{repo}:{tag}", reg.addr));
     run(&mut cmd).map(drop)
+}
+
+/// Writes an OCI layout at `layout` with one image tagged `tag`: the given
+/// layer blobs (media type, bytes) and their uncompressed digests, and an
+/// image config for this host's platform running `cmd`.
+pub fn write_layout(
+    layout: &Path,
+    tag: &str,
+    layers: &[(&str, Vec<u8>, String)],
+    cmd: &[&str],
+) -> Result<()> {
+    use sha2::Digest as _;
+    std::fs::create_dir_all(layout.join("blobs/sha256"))?;
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    let put = |media_type: &str, bytes: &[u8]| -> Result<serde_json::Value> {
+        let hex = hex::encode(sha2::Sha256::digest(bytes));
+        std::fs::write(layout.join("blobs/sha256").join(&hex), bytes)?;
+        Ok(
+            serde_json::json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": bytes.len()}),
+        )
+    };
+    let mut descs = Vec::new();
+    for (media_type, bytes, _) in layers {
+        descs.push(put(media_type, bytes)?);
+    }
+    let diff_ids: Vec<&String> = layers.iter().map(|(_, _, d)| d).collect();
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let config = serde_json::json!({
+        "architecture": arch, "os": "linux",
+        "config": {"Cmd": cmd},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    });
+    let config = put(
+        "application/vnd.oci.image.config.v1+json",
+        &serde_json::to_vec(&config)?,
+    )?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config, "layers": descs,
+    });
+    let mut manifest = put(
+        "application/vnd.oci.image.manifest.v1+json",
+        &serde_json::to_vec(&manifest)?,
+    )?;
+    manifest["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": tag});
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [manifest]});
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
+    Ok(())
 }

@@ -37,8 +37,7 @@ fn tar(entries: &[E]) -> Vec<u8> {
         }
         h.set_entry_type(kind);
         h.set_mode(mode);
-        h.set_uid(0);
-        h.set_gid(0);
+        // uid and gid left empty, as some image tools write them: read as 0.
         h.set_mtime(0);
         h.set_size(data.len() as u64);
         h.set_cksum();
@@ -328,6 +327,15 @@ fn truncated_and_garbage_layers_are_errors() {
         ("truncated", full[..600].to_vec()),
         ("gzip garbage", vec![0x1f, 0x8b, 1, 2, 3, 4, 5, 6, 7]),
         ("zstd garbage", vec![0x28, 0xb5, 0x2f, 0xfd, 9, 9, 9, 9]),
+        ("garbage owner id", {
+            let mut t = full.clone();
+            // uid is bytes 108..116 of the header, the checksum 148..156.
+            set_raw(&mut t[108..116], "zz");
+            t[148..156].fill(b' ');
+            let sum: u32 = t[..512].iter().map(|b| u32::from(*b)).sum();
+            t[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+            t
+        }),
         ("bad header checksum", {
             let mut t = full.clone();
             t[0] ^= 0xff;
