@@ -323,3 +323,98 @@ fn unreachable_registry_is_a_clear_error() -> Result<()> {
     );
     Ok(())
 }
+
+/// A reconcile pass up to the D-Bus calls, on a directory-backed host: a
+/// desired-state file → image pulled from the real registry → unit rendered →
+/// actions; then a changed env, a registry outage (the last pulled image is
+/// used) and a deleted file.
+#[test]
+fn reconcile_pass_without_systemd() -> Result<()> {
+    use os_agent::containers::agent::{prepare, Paths};
+    use os_agent::containers::reconcile::Action;
+    use os_agent::host::{DirHost, Host};
+    use std::collections::BTreeMap;
+
+    let reg = Registry::start()?;
+    let work = tempfile::tempdir()?;
+    let layout = build_image(work.path())?;
+    push(&layout, "v1", &reg, "test/app", false)?;
+
+    let root = tempfile::tempdir()?;
+    let host = DirHost::new(root.path())?;
+    let store_dir = tempfile::tempdir()?;
+    let paths = Paths {
+        store: store_dir.path().to_path_buf(),
+        ..Paths::default()
+    };
+    let file = Path::new("/etc/ballast/containers.d/app.toml");
+    let write_desired = |env: &str| -> Result<()> {
+        let text = format!(
+            "[[containers]]\nname = \"app\"\nimage = \"{}/test/app:v1\"\nenv = {{ MODE = \"{env}\" }}\nports = [\"8080:80\"]\nmemory = \"64M\"\n",
+            reg.addr
+        );
+        host.write_atomic(file, text.as_bytes())?;
+        Ok(())
+    };
+    let none = BTreeMap::new();
+    let app_active: BTreeMap<String, bool> = [("app".to_string(), true)].into();
+
+    // New container: pulled, rendered, created.
+    write_desired("a")?;
+    let p = prepare(&host, &paths, &[])?;
+    assert!(p.problems.is_empty(), "{:?}", p.problems);
+    assert_eq!(p.plan(&none), vec![Action::Create("app".into())]);
+    let unit = &p.rendered["app"];
+    assert!(unit.text.contains("\"--setenv=MODE=a\""), "{}", unit.text);
+    assert!(
+        unit.text.contains("\"--setenv=GREETING=hi\""),
+        "{}",
+        unit.text
+    );
+    assert!(
+        unit.text.contains("\"--\" \"/bin/sh\" \"-c\""),
+        "{}",
+        unit.text
+    );
+    assert!(
+        unit.text.contains("\"--port=tcp:8080:80\""),
+        "{}",
+        unit.text
+    );
+    assert!(unit.text.contains("MemoryMax=67108864"), "{}", unit.text);
+    assert_eq!(p.keep.len(), 1);
+    // What the executor would do with the file: write it.
+    let unit_path = paths.unit_dir.join(&unit.unit);
+    host.write_atomic(&unit_path, unit.text.as_bytes())?;
+    p.layers
+        .as_ref()
+        .context("first layers are new")?
+        .save(&host, &paths.state_file)?;
+
+    // Written and running: nothing to do; written but stopped: start.
+    let p = prepare(&host, &paths, &[])?;
+    assert_eq!(p.plan(&app_active), vec![]);
+    assert_eq!(p.plan(&none), vec![Action::Start("app".into())]);
+    assert!(p.layers.is_none(), "unchanged layers are not saved again");
+
+    // The env changes: replace.
+    write_desired("b")?;
+    let p = prepare(&host, &paths, &[])?;
+    assert_eq!(p.plan(&app_active), vec![Action::Replace("app".into())]);
+    let changed = p.rendered["app"].clone();
+    host.write_atomic(&unit_path, changed.text.as_bytes())?;
+
+    // The registry goes away: the last pulled image keeps the container as is.
+    drop(reg);
+    let p = prepare(&host, &paths, &[])?;
+    assert!(p.problems.is_empty(), "{:?}", p.problems);
+    assert_eq!(p.plan(&app_active), vec![]);
+    assert_eq!(p.rendered["app"].spec, changed.spec);
+
+    // Deleted from the desired state: removed.
+    host.remove_file(file)?;
+    let p = prepare(&host, &paths, &[])?;
+    assert_eq!(p.plan(&app_active), vec![Action::Remove("app".into())]);
+    assert!(p.keep.is_empty());
+    Ok(())
+}

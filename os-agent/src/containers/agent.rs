@@ -47,15 +47,37 @@ pub struct Report {
     pub problems: Vec<String>,
 }
 
-/// The blocking half: desired state, images, rendered units, current units.
-struct Prepared {
+/// The blocking half of a pass: desired state, images, rendered units,
+/// current units. Everything but the units' run states and the actions.
+#[derive(Debug)]
+pub struct Prepared {
     /// The layers used, if they differ from the saved ones.
-    layers: Option<SavedLayers>,
-    want: BTreeMap<String, Want>,
-    rendered: BTreeMap<String, Rendered>,
-    current: BTreeMap<String, Option<String>>,
-    keep: BTreeSet<Digest>,
-    problems: Vec<String>,
+    pub layers: Option<SavedLayers>,
+    pub want: BTreeMap<String, Want>,
+    pub rendered: BTreeMap<String, Rendered>,
+    /// Our units on the host and the spec each records.
+    pub current: BTreeMap<String, Option<String>>,
+    /// Manifests in use: GC keeps these.
+    pub keep: BTreeSet<Digest>,
+    pub problems: Vec<String>,
+}
+
+impl Prepared {
+    /// The actions, given which units are active.
+    pub fn plan(&self, active: &BTreeMap<String, bool>) -> Vec<Action> {
+        let current = self
+            .current
+            .iter()
+            .map(|(name, spec)| {
+                let c = Current {
+                    spec: spec.clone(),
+                    active: active.get(name).copied().unwrap_or(false),
+                };
+                (name.clone(), c)
+            })
+            .collect();
+        reconcile::plan(&current, &self.want)
+    }
 }
 
 fn resolve_image(store: &Store, puller: &Puller, c: &super::spec::Container) -> Result<Image> {
@@ -102,7 +124,8 @@ pub fn current_units(host: &dyn Host, dir: &Path) -> Result<BTreeMap<String, Opt
     Ok(out)
 }
 
-fn prepare(host: &dyn Host, paths: &Paths, insecure: &[String]) -> Result<Prepared> {
+/// Loads the desired state, pulls (or finds) images and renders units.
+pub fn prepare(host: &dyn Host, paths: &Paths, insecure: &[String]) -> Result<Prepared> {
     let saved = SavedLayers::load(host, &paths.state_file)?;
     let files = FilesSource { host };
     let agent = AgentConfigSource { host };
@@ -246,18 +269,13 @@ pub async fn reconcile_once(
     let prepared = tokio::task::spawn_blocking(move || prepare(&*h, &p, &i))
         .await
         .context("the container preparation task failed")??;
-    let mut current = BTreeMap::new();
-    for (name, spec) in &prepared.current {
-        let (active, _) = sd.state(&unit::unit_name(name)).await?;
-        current.insert(
-            name.clone(),
-            Current {
-                spec: spec.clone(),
-                active: matches!(active.as_str(), "active" | "activating" | "reloading"),
-            },
-        );
+    let mut active = BTreeMap::new();
+    for name in prepared.current.keys() {
+        let (state, _) = sd.state(&unit::unit_name(name)).await?;
+        let up = matches!(state.as_str(), "active" | "activating" | "reloading");
+        active.insert(name.clone(), up);
     }
-    let actions = reconcile::plan(&current, &prepared.want);
+    let actions = prepared.plan(&active);
     for a in &actions {
         tracing::info!("containers: {a:?}");
     }
