@@ -407,7 +407,13 @@ fn reconcile_pass_without_systemd() -> Result<()> {
     // The registry goes away: the last pulled image keeps the container as is.
     drop(reg);
     let p = prepare(&host, &paths, &[])?;
-    assert!(p.problems.is_empty(), "{:?}", p.problems);
+    assert_eq!(p.problems.len(), 1, "{:?}", p.problems);
+    assert!(
+        p.problems[0].contains("container app: cannot pull")
+            && p.problems[0].contains("running the last pulled sha256:"),
+        "{:?}",
+        p.problems
+    );
     assert_eq!(p.plan(&app_active), vec![]);
     assert_eq!(p.rendered["app"].spec, changed.spec);
 

@@ -80,7 +80,14 @@ impl Prepared {
     }
 }
 
-fn resolve_image(store: &Store, puller: &Puller, c: &super::spec::Container) -> Result<Image> {
+/// The image to run: pulled now, or else the one its reference last resolved
+/// to (the failed pull goes to `problems`).
+fn resolve_image(
+    store: &Store,
+    puller: &Puller,
+    c: &super::spec::Container,
+    problems: &mut Vec<String>,
+) -> Result<Image> {
     match puller.pull(&c.image) {
         Ok(p) => Ok(p.image),
         Err(pull_err) => {
@@ -88,12 +95,10 @@ fn resolve_image(store: &Store, puller: &Puller, c: &super::spec::Container) -> 
             let known = store.refs()?.get(&key).cloned();
             match known.map(|d| store.image(&d)).transpose()?.flatten() {
                 Some(img) => {
-                    tracing::warn!(
+                    problems.push(format!(
                         "container {}: cannot pull {}: {pull_err}; running the last pulled {}",
-                        c.name,
-                        c.image,
-                        img.info.manifest
-                    );
+                        c.name, c.image, img.info.manifest
+                    ));
                     Ok(img)
                 }
                 None => Err(anyhow::Error::new(pull_err).context(format!(
@@ -147,7 +152,7 @@ pub fn prepare(host: &dyn Host, paths: &Paths, insecure: &[String]) -> Result<Pr
             want.insert(name.clone(), Want::Disabled);
             continue;
         }
-        let image = match resolve_image(&store, &puller, c) {
+        let image = match resolve_image(&store, &puller, c, &mut problems) {
             Ok(i) => i,
             Err(e) => {
                 problems.push(format!("container {name}: {e:#}"));
@@ -180,8 +185,18 @@ pub fn prepare(host: &dyn Host, paths: &Paths, insecure: &[String]) -> Result<Pr
             let text = host
                 .read_to_string(&path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
-            if let Some(d) = unit::recorded(&text).1.and_then(|d| Digest::parse(&d).ok()) {
-                keep.insert(d);
+            match unit::recorded(&text).1.map(|d| Digest::parse(&d)) {
+                Some(Ok(d)) => {
+                    keep.insert(d);
+                }
+                Some(Err(e)) => problems.push(format!(
+                    "{}: X-BallastImage: {e}; its image may be collected",
+                    path.display()
+                )),
+                None => problems.push(format!(
+                    "{}: no X-BallastImage; its image may be collected",
+                    path.display()
+                )),
             }
         }
     }

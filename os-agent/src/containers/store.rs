@@ -256,6 +256,7 @@ impl Store {
         {
             let e = e.map_err(io_err(format!("cannot list {}", images.display())))?;
             let name = e.file_name().to_string_lossy().into_owned();
+            // A name that is no digest is not the store's: it goes too.
             let digest = Digest::from_sha256_hex(&name).ok();
             match digest {
                 Some(d) if keep.contains(&d) => {
@@ -277,6 +278,7 @@ impl Store {
         for e in fs::read_dir(&blobs).map_err(io_err(format!("cannot list {}", blobs.display())))? {
             let e = e.map_err(io_err(format!("cannot list {}", blobs.display())))?;
             let name = e.file_name().to_string_lossy().into_owned();
+            // As above: a name that is no digest is a stray and goes.
             let digest = Digest::from_sha256_hex(&name).ok();
             if !digest.as_ref().is_some_and(|d| needed.contains(d)) {
                 fs::remove_file(e.path())
