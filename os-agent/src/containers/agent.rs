@@ -12,7 +12,7 @@ use super::reconcile::{self, Action, Current, Want};
 use super::reference::Digest;
 use super::registry::{reference_key, Puller};
 use super::store::{Image, Store};
-use super::systemd::Systemd;
+use super::systemd::UnitManager;
 use super::unit::{self, Rendered};
 use crate::host::Host;
 use anyhow::{Context, Result};
@@ -210,9 +210,13 @@ pub fn prepare(host: &dyn Host, paths: &Paths, insecure: &[String]) -> Result<Pr
     })
 }
 
-async fn execute(
+/// Carries out `actions`: unit files first (removals stop and disable before
+/// the file goes), one daemon-reload, then enable and start or restart. A
+/// container whose file step failed is not started; every failure is
+/// returned, naming the container.
+pub async fn execute<S: UnitManager>(
     host: &(dyn Host + Send + Sync),
-    sd: &Systemd,
+    sd: &S,
     unit_dir: &Path,
     actions: &[Action],
     rendered: &BTreeMap<String, Rendered>,
@@ -274,9 +278,9 @@ async fn execute(
 }
 
 /// One reconcile pass against the real systemd.
-pub async fn reconcile_once(
+pub async fn reconcile_once<S: UnitManager>(
     host: Arc<dyn Host + Send + Sync>,
-    sd: &Systemd,
+    sd: &S,
     paths: &Paths,
     insecure: &[String],
 ) -> Result<Report> {
@@ -317,3 +321,6 @@ pub async fn reconcile_once(
     }
     Ok(Report { actions, problems })
 }
+
+#[cfg(test)]
+mod tests;

@@ -2,7 +2,7 @@
 
 use super::agent::{current_units, Paths};
 use super::desired::{self, AgentConfigSource, FilesSource, SavedLayers, Source};
-use super::systemd::Systemd;
+use super::systemd::{Systemd, UnitManager};
 use super::unit;
 use crate::host::Host;
 use anyhow::{bail, Context, Result};

@@ -5,6 +5,20 @@ use anyhow::{Context, Result};
 use zbus_systemd::systemd1::{ManagerProxy, UnitProxy};
 use zbus_systemd::zbus;
 
+/// The unit operations reconcile needs: [`Systemd`] on a host, a recording
+/// fake in tests.
+#[allow(async_fn_in_trait)] // used with concrete types only, never as dyn
+pub trait UnitManager {
+    async fn reload(&self) -> Result<()>;
+    async fn start(&self, unit: &str) -> Result<()>;
+    async fn restart(&self, unit: &str) -> Result<()>;
+    async fn stop(&self, unit: &str) -> Result<()>;
+    async fn enable(&self, unit: &str) -> Result<()>;
+    async fn disable(&self, unit: &str) -> Result<()>;
+    /// `ActiveState` and `SubState`.
+    async fn state(&self, unit: &str) -> Result<(String, String)>;
+}
+
 pub struct Systemd {
     conn: zbus::Connection,
     manager: ManagerProxy<'static>,
@@ -21,15 +35,17 @@ impl Systemd {
             .context("cannot reach systemd on D-Bus")?;
         Ok(Systemd { conn, manager })
     }
+}
 
-    pub async fn reload(&self) -> Result<()> {
+impl UnitManager for Systemd {
+    async fn reload(&self) -> Result<()> {
         self.manager
             .reload()
             .await
             .context("systemd daemon-reload failed")
     }
 
-    pub async fn start(&self, unit: &str) -> Result<()> {
+    async fn start(&self, unit: &str) -> Result<()> {
         self.manager
             .start_unit(unit.to_string(), "replace".into())
             .await
@@ -37,7 +53,7 @@ impl Systemd {
         Ok(())
     }
 
-    pub async fn restart(&self, unit: &str) -> Result<()> {
+    async fn restart(&self, unit: &str) -> Result<()> {
         self.manager
             .restart_unit(unit.to_string(), "replace".into())
             .await
@@ -45,7 +61,7 @@ impl Systemd {
         Ok(())
     }
 
-    pub async fn stop(&self, unit: &str) -> Result<()> {
+    async fn stop(&self, unit: &str) -> Result<()> {
         self.manager
             .stop_unit(unit.to_string(), "replace".into())
             .await
@@ -53,7 +69,7 @@ impl Systemd {
         Ok(())
     }
 
-    pub async fn enable(&self, unit: &str) -> Result<()> {
+    async fn enable(&self, unit: &str) -> Result<()> {
         self.manager
             .enable_unit_files(vec![unit.to_string()], false, true)
             .await
@@ -61,7 +77,7 @@ impl Systemd {
         Ok(())
     }
 
-    pub async fn disable(&self, unit: &str) -> Result<()> {
+    async fn disable(&self, unit: &str) -> Result<()> {
         self.manager
             .disable_unit_files(vec![unit.to_string()], false)
             .await
@@ -69,8 +85,8 @@ impl Systemd {
         Ok(())
     }
 
-    /// `ActiveState` and `SubState` of a unit (loading it if needed).
-    pub async fn state(&self, unit: &str) -> Result<(String, String)> {
+    /// Loads the unit if needed.
+    async fn state(&self, unit: &str) -> Result<(String, String)> {
         let path = self
             .manager
             .load_unit(unit.to_string())
