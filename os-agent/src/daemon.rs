@@ -91,7 +91,7 @@ async fn containers_loop(host: Arc<dyn Host + Send + Sync>) {
     loop {
         let pass = async {
             let sd = crate::containers::systemd::Systemd::connect().await?;
-            crate::containers::agent::reconcile_once(host.clone(), &sd, &paths, &[]).await
+            crate::containers::agent::reconcile_once(host.clone(), &sd, &paths).await
         };
         match pass.await {
             Ok(r) if r.actions.is_empty() && r.problems.is_empty() => {}

@@ -130,7 +130,7 @@ pub fn current_units(host: &dyn Host, dir: &Path) -> Result<BTreeMap<String, Opt
 }
 
 /// Loads the desired state, pulls (or finds) images and renders units.
-pub fn prepare(host: &dyn Host, paths: &Paths, insecure: &[String]) -> Result<Prepared> {
+pub fn prepare(host: &dyn Host, paths: &Paths) -> Result<Prepared> {
     let saved = SavedLayers::load(host, &paths.state_file)?;
     let files = FilesSource { host };
     let agent = AgentConfigSource { host };
@@ -138,7 +138,8 @@ pub fn prepare(host: &dyn Host, paths: &Paths, insecure: &[String]) -> Result<Pr
     let loaded = desired::load_all(&sources, &saved);
     let mut problems = loaded.problems;
     let store = Store::open(&paths.store)?;
-    let puller = Puller::new(&store).insecure(insecure.to_vec());
+    let registries = super::registries::load(host)?;
+    let puller = super::registries::configure(Puller::new(&store), &registries);
     let mut want = BTreeMap::new();
     let mut rendered = BTreeMap::new();
     let mut keep = BTreeSet::new();
@@ -282,10 +283,9 @@ pub async fn reconcile_once<S: UnitManager>(
     host: Arc<dyn Host + Send + Sync>,
     sd: &S,
     paths: &Paths,
-    insecure: &[String],
 ) -> Result<Report> {
-    let (h, p, i) = (host.clone(), paths.clone(), insecure.to_vec());
-    let prepared = tokio::task::spawn_blocking(move || prepare(&*h, &p, &i))
+    let (h, p) = (host.clone(), paths.clone());
+    let prepared = tokio::task::spawn_blocking(move || prepare(&*h, &p))
         .await
         .context("the container preparation task failed")??;
     let mut active = BTreeMap::new();

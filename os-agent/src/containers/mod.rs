@@ -8,6 +8,7 @@ pub mod desired;
 pub mod oci;
 pub mod reconcile;
 pub mod reference;
+pub mod registries;
 pub mod registry;
 pub mod spec;
 pub mod store;
