@@ -12,7 +12,7 @@ use os_agent::containers::store::{Store, StoreError};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use support::registry::{push, Registry};
+use support::registry::{push, push_as, Registry};
 
 /// One layer entry as the test writes it.
 enum Entry {
@@ -422,5 +422,54 @@ fn reconcile_pass_without_systemd() -> Result<()> {
     let p = prepare(&host, &paths)?;
     assert_eq!(p.plan(&app_active), vec![Action::Remove("app".into())]);
     assert!(p.keep.is_empty());
+    Ok(())
+}
+
+/// Basic auth against the real registry (htpasswd): refused without
+/// credentials with a clear error, pulled with them.
+#[test]
+fn basic_auth() -> Result<()> {
+    use os_agent::containers::registry::Credentials;
+    let hash = bcrypt::hash("s3cret", 4)?;
+    let reg = Registry::start_with_auth(Some(&format!("puller:{hash}\n")))?;
+    let work = tempfile::tempdir()?;
+    let layout = build_image(work.path())?;
+    push_as(
+        &layout,
+        "v1",
+        &reg,
+        "private/app",
+        false,
+        Some("puller:s3cret"),
+    )?;
+    let r =
+        Reference::parse(&format!("{}/private/app:v1", reg.addr)).map_err(anyhow::Error::msg)?;
+
+    let store_dir = tempfile::tempdir()?;
+    let store = Store::open(store_dir.path())?;
+    let e = Puller::new(&store).pull(&r).expect_err("no credentials");
+    assert!(
+        e.to_string()
+            .contains("wants a user name and password and none is configured"),
+        "{e}"
+    );
+    let wrong = Credentials {
+        username: "puller".into(),
+        password: "nope".into(),
+    };
+    let e = Puller::new(&store)
+        .credentials(&reg.addr, wrong)
+        .pull(&r)
+        .expect_err("wrong password");
+    assert!(matches!(e, PullError::Http { status: 401, .. }), "{e}");
+    let right = Credentials {
+        username: "puller".into(),
+        password: "s3cret".into(),
+    };
+    let pulled = Puller::new(&store).credentials(&reg.addr, right).pull(&r)?;
+    assert_eq!(
+        read(&pulled.image.rootfs, "etc/greeting"),
+        "hello from the registry\n"
+    );
     Ok(())
 }

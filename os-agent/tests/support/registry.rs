@@ -22,6 +22,12 @@ pub struct Registry {
 
 impl Registry {
     pub fn start() -> Result<Registry> {
+        Registry::start_with_auth(None)
+    }
+
+    /// With `htpasswd` (file content, bcrypt hashes), the registry wants
+    /// Basic auth for everything.
+    pub fn start_with_auth(htpasswd: Option<&str>) -> Result<Registry> {
         if !Path::new(REGISTRY_BIN).exists() {
             bail!(
                 "{REGISTRY_BIN} is missing: install the docker-registry package (make deps does)"
@@ -36,10 +42,21 @@ impl Registry {
         let addr = format!("127.0.0.1:{port}");
         let storage = dir.path().join("storage");
         let config = dir.path().join("config.yml");
+        let auth = match htpasswd {
+            Some(content) => {
+                let file = dir.path().join("htpasswd");
+                std::fs::write(&file, content).context("cannot write htpasswd")?;
+                format!(
+                    "auth:\n  htpasswd:\n    realm: ballast-test\n    path: {}\n",
+                    file.display()
+                )
+            }
+            None => String::new(),
+        };
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth}",
                 storage.display()
             ),
         )
@@ -59,12 +76,10 @@ impl Registry {
                 bail!("the registry exited with {status}: {}", reg.log());
             }
             let url = format!("http://{}/v2/", reg.addr);
-            if ureq::get(&url)
-                .timeout(Duration::from_secs(2))
-                .call()
-                .is_ok()
-            {
-                return Ok(reg);
+            // Any HTTP answer (401 with auth) means it is serving.
+            match ureq::get(&url).timeout(Duration::from_secs(2)).call() {
+                Ok(_) | Err(ureq::Error::Status(..)) => return Ok(reg),
+                Err(ureq::Error::Transport(_)) => {}
             }
             if Instant::now() > deadline {
                 bail!(
@@ -123,8 +138,23 @@ pub fn run(cmd: &mut Command) -> Result<String> {
 
 /// Pushes `layout:tag` (an OCI layout) to the registry as `repo:tag`.
 pub fn push(layout: &Path, tag: &str, reg: &Registry, repo: &str, all: bool) -> Result<()> {
+    push_as(layout, tag, reg, repo, all, None)
+}
+
+/// As [`push`], with `user:password` credentials.
+pub fn push_as(
+    layout: &Path,
+    tag: &str,
+    reg: &Registry,
+    repo: &str,
+    all: bool,
+    creds: Option<&str>,
+) -> Result<()> {
     let mut cmd = Command::new("skopeo");
     cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+    if let Some(c) = creds {
+        cmd.arg(format!("--dest-creds={c}"));
+    }
     if all {
         cmd.arg("--all");
     }
