@@ -87,11 +87,17 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(60);
 /// Reconciles the containers at start and then every [`RECONCILE_EVERY`].
 /// A failed pass is logged and retried; the units keep running meanwhile.
 async fn containers_loop(host: Arc<dyn Host + Send + Sync>) {
-    let paths = crate::containers::agent::Paths::default();
-    loop {
+    use crate::containers::agent::{self, Tags};
+    let paths = agent::Paths::default();
+    for n in 0u64.. {
+        let tags = if n % agent::TAG_REFRESH_PASSES == 0 {
+            Tags::Refresh
+        } else {
+            Tags::Cached
+        };
         let pass = async {
             let sd = crate::containers::systemd::Systemd::connect().await?;
-            crate::containers::agent::reconcile_once(host.clone(), &sd, &paths).await
+            agent::reconcile_once(host.clone(), &sd, &paths, tags).await
         };
         match pass.await {
             Ok(r) if r.actions.is_empty() && r.problems.is_empty() => {}

@@ -330,7 +330,7 @@ fn unreachable_registry_is_a_clear_error() -> Result<()> {
 /// used) and a deleted file.
 #[test]
 fn reconcile_pass_without_systemd() -> Result<()> {
-    use os_agent::containers::agent::{prepare, Paths};
+    use os_agent::containers::agent::{prepare, Paths, Tags};
     use os_agent::containers::reconcile::Action;
     use os_agent::host::{DirHost, Host};
     use std::collections::BTreeMap;
@@ -361,7 +361,7 @@ fn reconcile_pass_without_systemd() -> Result<()> {
 
     // New container: pulled, rendered, created.
     write_desired("a")?;
-    let p = prepare(&host, &paths)?;
+    let p = prepare(&host, &paths, Tags::Refresh)?;
     assert!(p.problems.is_empty(), "{:?}", p.problems);
     assert_eq!(p.plan(&none), vec![Action::Create("app".into())]);
     let unit = &p.rendered["app"];
@@ -392,21 +392,26 @@ fn reconcile_pass_without_systemd() -> Result<()> {
         .save(&host, &paths.state_file)?;
 
     // Written and running: nothing to do; written but stopped: start.
-    let p = prepare(&host, &paths)?;
+    let p = prepare(&host, &paths, Tags::Refresh)?;
     assert_eq!(p.plan(&app_active), vec![]);
     assert_eq!(p.plan(&none), vec![Action::Start("app".into())]);
     assert!(p.layers.is_none(), "unchanged layers are not saved again");
 
     // The env changes: replace.
     write_desired("b")?;
-    let p = prepare(&host, &paths)?;
+    let p = prepare(&host, &paths, Tags::Refresh)?;
     assert_eq!(p.plan(&app_active), vec![Action::Replace("app".into())]);
     let changed = p.rendered["app"].clone();
     host.write_atomic(&unit_path, changed.text.as_bytes())?;
 
-    // The registry goes away: the last pulled image keeps the container as is.
+    // With cached tags, the registry is not asked: no problem even after it
+    // goes away. Refreshing, the failed pull is reported and the last pulled
+    // image keeps the container as is.
     drop(reg);
-    let p = prepare(&host, &paths)?;
+    let p = prepare(&host, &paths, Tags::Cached)?;
+    assert!(p.problems.is_empty(), "{:?}", p.problems);
+    assert_eq!(p.plan(&app_active), vec![]);
+    let p = prepare(&host, &paths, Tags::Refresh)?;
     assert_eq!(p.problems.len(), 1, "{:?}", p.problems);
     assert!(
         p.problems[0].contains("container app: cannot pull")
@@ -419,7 +424,7 @@ fn reconcile_pass_without_systemd() -> Result<()> {
 
     // Deleted from the desired state: removed.
     host.remove_file(file)?;
-    let p = prepare(&host, &paths)?;
+    let p = prepare(&host, &paths, Tags::Refresh)?;
     assert_eq!(p.plan(&app_active), vec![Action::Remove("app".into())]);
     assert!(p.keep.is_empty());
     Ok(())

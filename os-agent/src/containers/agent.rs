@@ -80,18 +80,40 @@ impl Prepared {
     }
 }
 
-/// The image to run: pulled now, or else the one its reference last resolved
-/// to (the failed pull goes to `problems`).
+/// How often a tag is asked of the registry again once pulled (the first
+/// pass after the agent starts always asks): manifest requests count against
+/// registries' rate limits.
+pub const TAG_REFRESH_PASSES: u64 = 15;
+
+/// Whether a pass asks the registry what tags point to now, or uses what they
+/// last resolved to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tags {
+    Refresh,
+    Cached,
+}
+
+/// The image to run. A reference pinned by digest that is in the store, or
+/// a tag with [`Tags::Cached`] that was pulled before, needs no registry;
+/// otherwise it is pulled, and if that fails the image its reference last
+/// resolved to is used (the failed pull goes to `problems`).
 fn resolve_image(
     store: &Store,
     puller: &Puller,
     c: &super::spec::Container,
+    tags: Tags,
     problems: &mut Vec<String>,
 ) -> Result<Image> {
+    let key = reference_key(&c.image);
+    if c.image.digest.is_some() || tags == Tags::Cached {
+        let known = store.refs()?.get(&key).cloned();
+        if let Some(img) = known.map(|d| store.image(&d)).transpose()?.flatten() {
+            return Ok(img);
+        }
+    }
     match puller.pull(&c.image) {
         Ok(p) => Ok(p.image),
         Err(pull_err) => {
-            let key = reference_key(&c.image);
             let known = store.refs()?.get(&key).cloned();
             match known.map(|d| store.image(&d)).transpose()?.flatten() {
                 Some(img) => {
@@ -130,7 +152,7 @@ pub fn current_units(host: &dyn Host, dir: &Path) -> Result<BTreeMap<String, Opt
 }
 
 /// Loads the desired state, pulls (or finds) images and renders units.
-pub fn prepare(host: &dyn Host, paths: &Paths) -> Result<Prepared> {
+pub fn prepare(host: &dyn Host, paths: &Paths, tags: Tags) -> Result<Prepared> {
     let saved = SavedLayers::load(host, &paths.state_file)?;
     let files = FilesSource { host };
     let agent = AgentConfigSource { host };
@@ -153,7 +175,7 @@ pub fn prepare(host: &dyn Host, paths: &Paths) -> Result<Prepared> {
             want.insert(name.clone(), Want::Disabled);
             continue;
         }
-        let image = match resolve_image(&store, &puller, c, &mut problems) {
+        let image = match resolve_image(&store, &puller, c, tags, &mut problems) {
             Ok(i) => i,
             Err(e) => {
                 problems.push(format!("container {name}: {e:#}"));
@@ -283,9 +305,10 @@ pub async fn reconcile_once<S: UnitManager>(
     host: Arc<dyn Host + Send + Sync>,
     sd: &S,
     paths: &Paths,
+    tags: Tags,
 ) -> Result<Report> {
     let (h, p) = (host.clone(), paths.clone());
-    let prepared = tokio::task::spawn_blocking(move || prepare(&*h, &p))
+    let prepared = tokio::task::spawn_blocking(move || prepare(&*h, &p, tags))
         .await
         .context("the container preparation task failed")??;
     let mut active = BTreeMap::new();
