@@ -245,6 +245,10 @@ pub async fn execute<S: UnitManager>(
     rendered: &BTreeMap<String, Rendered>,
 ) -> Vec<String> {
     let mut problems = Vec::new();
+    // A daemon-reload is not free: none when there is nothing to do.
+    if actions.is_empty() {
+        return problems;
+    }
     let mut failed: BTreeSet<String> = BTreeSet::new();
     for a in actions {
         let name = a.container();

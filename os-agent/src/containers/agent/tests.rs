@@ -71,7 +71,7 @@ fn execute_table() {
     let a = |s: &str| s.to_string();
     // (what, actions, failing calls, want calls, want problems)
     let cases: Vec<Case> = vec![
-        ("nothing", vec![], vec![], vec!["reload -"], vec![]),
+        ("nothing: not even a reload", vec![], vec![], vec![], vec![]),
         (
             "create, replace, start, remove",
             vec![
