@@ -43,8 +43,12 @@ pub struct RenderError {
 
 /// Quotes one argument for an `ExecStart=` line: always double quotes, with
 /// `\` and `"` escaped and systemd's specifiers (`%`, `$`) doubled, so no
-/// argument is split, expanded or substituted.
+/// argument is split, expanded or substituted; a lone `;` is `\;`.
 pub fn quote(arg: &str) -> String {
+    // A lone `;` separates commands in ExecStart=, quoted or not.
+    if arg == ";" {
+        return "\\;".to_string();
+    }
     let mut out = String::from("\"");
     for c in arg.chars() {
         match c {

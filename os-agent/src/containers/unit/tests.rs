@@ -82,6 +82,9 @@ fn quoting() {
         ("100%", "\"100%%\""),
         ("$HOME ${X}", "\"$$HOME $${X}\""),
         ("two\nlines", "\"two\\nlines\""),
+        (";", "\\;"),
+        ("a;b", "\"a;b\""),
+        ("", "\"\""),
     ] {
         assert_eq!(quote(arg), want, "{arg}");
     }
