@@ -249,7 +249,7 @@ pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), 
                     fs::create_dir(&dest).map_err(|e| io_err(&name, e))?;
                 }
                 // Modes last: a read-only directory would refuse its own children.
-                dir_modes.push((dest.clone(), mode));
+                dir_modes.push((rel.clone(), mode));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let mut f = fs::OpenOptions::new()
@@ -324,9 +324,24 @@ pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), 
         }
         written.insert(rel);
     }
-    for (dir, mode) in dir_modes.into_iter().rev() {
-        fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
-            .map_err(|e| io_err(&dir.display().to_string(), e))?;
+    for (rel, mode) in dir_modes.into_iter().rev() {
+        // A later entry may have replaced the directory, or one above it,
+        // with a symbolic link: chmod follows links, so look first.
+        let mut cur = root.to_path_buf();
+        let mut still_dir = true;
+        for c in rel.components() {
+            cur.push(c);
+            match fs::symlink_metadata(&cur) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => still_dir = false,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => still_dir = false,
+                Err(e) => return Err(io_err(&rel.display().to_string(), e)),
+            }
+        }
+        if still_dir {
+            fs::set_permissions(&cur, fs::Permissions::from_mode(mode))
+                .map_err(|e| io_err(&rel.display().to_string(), e))?;
+        }
     }
     Ok(())
 }

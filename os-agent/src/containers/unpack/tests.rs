@@ -302,6 +302,41 @@ fn escaping_layers_leave_the_outside_alone() {
 }
 
 #[test]
+fn directory_modes_never_follow_a_later_symlink() {
+    let outer = tempfile::tempdir().expect("tempdir");
+    let root = outer.path().join("root");
+    let victim = outer.path().join("victim");
+    fs::create_dir(&root).expect("mkdir");
+    fs::create_dir(&victim).expect("mkdir");
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let victim_s: &'static str = Box::leak(victim.display().to_string().into_boxed_str());
+    // "a/" (mode 0777) then "a" becomes a symlink to the victim: its deferred
+    // mode must not land on the victim. Absolute targets are allowed (they
+    // resolve inside the container), so only the chmod could escape.
+    let layer = tar(&[
+        E::Dir("a"),
+        E::Dir("b"),
+        E::Dir("b/c"),
+        E::Sym("a", victim_s),
+        E::Sym("b", victim_s),
+    ]);
+    let mut bytes = layer;
+    // Give the directory entries mode 0777 (tar() writes 0755).
+    for off in [0usize, 512, 1024] {
+        bytes[off + 100..off + 108].copy_from_slice(b"0000777\0");
+        bytes[off + 148..off + 156].fill(b' ');
+        let sum: u32 = bytes[off..off + 512].iter().map(|b| u32::from(*b)).sum();
+        bytes[off + 148..off + 156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    }
+    unpack_layer(&bytes[..], &root, NO_CHOWN).expect("unpack");
+    assert_eq!(fs::metadata(&victim).expect("stat").mode() & 0o7777, 0o755);
+    assert!(fs::symlink_metadata(root.join("a"))
+        .expect("stat")
+        .file_type()
+        .is_symlink());
+}
+
+#[test]
 fn compressed_layers_and_modes() {
     let plain = tar(&[
         E::Dir("d"),
