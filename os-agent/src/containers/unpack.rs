@@ -258,6 +258,11 @@ pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), 
                     .open(&dest)
                     .map_err(|e| io_err(&name, e))?;
                 io::copy(&mut entry, &mut f).map_err(|e| io_err(&name, e))?;
+                // Owner before mode: chown clears setuid and setgid bits.
+                if opts.chown {
+                    std::os::unix::fs::fchown(&f, Some(owner.0), Some(owner.1))
+                        .map_err(|e| io_err(&name, e))?;
+                }
                 f.set_permissions(fs::Permissions::from_mode(mode))
                     .map_err(|e| io_err(&name, e))?;
             }
@@ -318,7 +323,8 @@ pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), 
                 continue;
             }
         }
-        if opts.chown {
+        let is_file = matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous);
+        if opts.chown && !is_file {
             std::os::unix::fs::lchown(&dest, Some(owner.0), Some(owner.1))
                 .map_err(|e| io_err(&name, e))?;
         }

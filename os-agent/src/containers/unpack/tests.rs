@@ -336,6 +336,28 @@ fn directory_modes_never_follow_a_later_symlink() {
         .is_symlink());
 }
 
+/// As root, owners are applied and setuid bits survive them.
+#[test]
+fn owners_and_setuid_as_root() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to chown");
+        return;
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o4755);
+    h.set_uid(1234);
+    h.set_gid(5678);
+    h.set_size(2);
+    b.append_data(&mut h, "su", &b"#!"[..]).expect("append");
+    let layer = b.into_inner().expect("tar");
+    let dir = tempfile::tempdir().expect("tempdir");
+    unpack_layer(&layer[..], dir.path(), Options { chown: true }).expect("unpack");
+    let m = fs::metadata(dir.path().join("su")).expect("stat");
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1234, 5678, 0o4755));
+}
+
 #[test]
 fn compressed_layers_and_modes() {
     let plain = tar(&[
