@@ -323,8 +323,13 @@ pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), 
                 continue;
             }
         }
-        let is_file = matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous);
-        if opts.chown && !is_file {
+        // Files got theirs above; a hard link shares its target's inode
+        // (whose entry set the owner, and a chown would clear its setuid).
+        let owned = matches!(
+            kind,
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::Link
+        );
+        if opts.chown && !owned {
             std::os::unix::fs::lchown(&dest, Some(owner.0), Some(owner.1))
                 .map_err(|e| io_err(&name, e))?;
         }

@@ -351,11 +351,19 @@ fn owners_and_setuid_as_root() {
     h.set_gid(5678);
     h.set_size(2);
     b.append_data(&mut h, "su", &b"#!"[..]).expect("append");
+    let mut l = tar::Header::new_gnu();
+    l.set_entry_type(tar::EntryType::Link);
+    l.set_mode(0o4755);
+    l.set_uid(1234);
+    l.set_gid(5678);
+    l.set_size(0);
+    b.append_link(&mut l, "su-again", "su").expect("append");
     let layer = b.into_inner().expect("tar");
     let dir = tempfile::tempdir().expect("tempdir");
     unpack_layer(&layer[..], dir.path(), Options { chown: true }).expect("unpack");
     let m = fs::metadata(dir.path().join("su")).expect("stat");
     assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1234, 5678, 0o4755));
+    assert_eq!(m.nlink(), 2);
 }
 
 #[test]
