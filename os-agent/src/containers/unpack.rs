@@ -185,7 +185,7 @@ pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), 
     let mut archive = tar::Archive::new(reader);
     // Paths this layer wrote: whiteouts only remove what lower layers left.
     let mut written: HashSet<PathBuf> = HashSet::new();
-    let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
+    let mut dir_modes: Vec<(PathBuf, u32, filetime::FileTime)> = Vec::new();
     for entry in archive.entries().map_err(UnpackError::Read)? {
         let mut entry = entry.map_err(UnpackError::Read)?;
         let raw_path = entry.path().map_err(UnpackError::Read)?.into_owned();
@@ -226,17 +226,24 @@ pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), 
         let header = entry.header();
         let kind = header.entry_type();
         let mode = header.mode().map_err(|e| io_err(&name, e))? & 0o7777;
-        // An empty id field is 0, as Go's archive/tar (and so docker) reads it.
-        let id = |v: io::Result<u64>, raw: &[u8]| -> Result<u32, UnpackError> {
-            let v = match v {
-                Ok(v) => v,
-                Err(_) if raw.iter().all(|b| matches!(b, 0 | b' ')) => 0,
-                Err(e) => return Err(io_err(&name, e)),
-            };
+        // An empty numeric field is 0, as Go's archive/tar (and so docker) reads it.
+        let numeric = |v: io::Result<u64>, raw: &[u8]| -> Result<u64, UnpackError> {
+            match v {
+                Ok(v) => Ok(v),
+                Err(_) if raw.iter().all(|b| matches!(b, 0 | b' ')) => Ok(0),
+                Err(e) => Err(io_err(&name, e)),
+            }
+        };
+        let id = |v: u64| -> Result<u32, UnpackError> {
             u32::try_from(v).map_err(|_| refused(&name, format!("owner id {v} is out of range")))
         };
         let old = header.as_old();
-        let owner = (id(header.uid(), &old.uid)?, id(header.gid(), &old.gid)?);
+        let owner = (
+            id(numeric(header.uid(), &old.uid)?)?,
+            id(numeric(header.gid(), &old.gid)?)?,
+        );
+        let mtime = numeric(header.mtime(), &old.mtime)?;
+        let mtime = filetime::FileTime::from_unix_time(i64::try_from(mtime).unwrap_or(i64::MAX), 0);
         let existing = fs::symlink_metadata(&dest);
         // A directory over a directory merges; anything else replaces.
         let keep_dir = kind.is_dir() && matches!(&existing, Ok(m) if m.is_dir());
@@ -249,7 +256,7 @@ pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), 
                     fs::create_dir(&dest).map_err(|e| io_err(&name, e))?;
                 }
                 // Modes last: a read-only directory would refuse its own children.
-                dir_modes.push((rel.clone(), mode));
+                dir_modes.push((rel.clone(), mode, mtime));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let mut f = fs::OpenOptions::new()
@@ -264,6 +271,8 @@ pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), 
                         .map_err(|e| io_err(&name, e))?;
                 }
                 f.set_permissions(fs::Permissions::from_mode(mode))
+                    .map_err(|e| io_err(&name, e))?;
+                filetime::set_file_handle_times(&f, None, Some(mtime))
                     .map_err(|e| io_err(&name, e))?;
             }
             tar::EntryType::Symlink => {
@@ -333,9 +342,13 @@ pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), 
             std::os::unix::fs::lchown(&dest, Some(owner.0), Some(owner.1))
                 .map_err(|e| io_err(&name, e))?;
         }
+        if kind == tar::EntryType::Symlink {
+            // Does not follow the link (utimensat with AT_SYMLINK_NOFOLLOW).
+            filetime::set_symlink_file_times(&dest, mtime, mtime).map_err(|e| io_err(&name, e))?;
+        }
         written.insert(rel);
     }
-    for (rel, mode) in dir_modes.into_iter().rev() {
+    for (rel, mode, mtime) in dir_modes.into_iter().rev() {
         // A later entry may have replaced the directory, or one above it,
         // with a symbolic link: chmod follows links, so look first.
         let mut cur = root.to_path_buf();
@@ -351,6 +364,8 @@ pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), 
         }
         if still_dir {
             fs::set_permissions(&cur, fs::Permissions::from_mode(mode))
+                .map_err(|e| io_err(&rel.display().to_string(), e))?;
+            filetime::set_symlink_file_times(&cur, mtime, mtime)
                 .map_err(|e| io_err(&rel.display().to_string(), e))?;
         }
     }

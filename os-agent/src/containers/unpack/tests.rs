@@ -349,6 +349,7 @@ fn owners_and_setuid_as_root() {
     h.set_mode(0o4755);
     h.set_uid(1234);
     h.set_gid(5678);
+    h.set_mtime(1_600_000_000);
     h.set_size(2);
     b.append_data(&mut h, "su", &b"#!"[..]).expect("append");
     let mut l = tar::Header::new_gnu();
@@ -362,6 +363,7 @@ fn owners_and_setuid_as_root() {
     let dir = tempfile::tempdir().expect("tempdir");
     unpack_layer(&layer[..], dir.path(), Options { chown: true }).expect("unpack");
     let m = fs::metadata(dir.path().join("su")).expect("stat");
+    assert_eq!(m.mtime(), 1_600_000_000, "mtime kept");
     assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1234, 5678, 0o4755));
     assert_eq!(m.nlink(), 2);
 }
