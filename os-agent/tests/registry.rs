@@ -195,8 +195,14 @@ fn pull_verify_unpack_and_refuse_corruption() -> Result<()> {
     let root = &pulled.image.rootfs;
     assert_eq!(read(root, "etc/greeting"), "hello from the registry\n");
     assert_eq!(read(root, "usr/share/doc/keep"), "kept\n");
-    assert_eq!(fs::metadata(root.join("usr/share/doc/keep"))?.mtime(), 1_700_000_000);
-    assert_eq!(fs::metadata(root.join("usr/share/doc"))?.mtime(), 1_700_000_000);
+    assert_eq!(
+        fs::metadata(root.join("usr/share/doc/keep"))?.mtime(),
+        1_700_000_000
+    );
+    assert_eq!(
+        fs::metadata(root.join("usr/share/doc"))?.mtime(),
+        1_700_000_000
+    );
     assert_eq!(
         fs::read_link(root.join("bin/link"))?,
         Path::new("../etc/greeting")

@@ -1,6 +1,12 @@
-//! Containers: desired state from several sources ([`desired`]), OCI images
-//! pulled and unpacked under /var/lib/ballast, and systemd-nspawn units
-//! reconciled over D-Bus. The format is documented in docs/containers.md.
+//! Containers (docs/containers.md): desired state from layered sources →
+//! OCI images pulled, verified and unpacked under /var/lib/ballast → one
+//! systemd-nspawn unit per container, reconciled over D-Bus.
+//!
+//! - [`spec`], [`desired`]: the format, its validation, sources and merge.
+//! - [`reference`](mod@reference), [`oci`], [`registry`], [`registries`], [`store`],
+//!   [`unpack`]: images.
+//! - [`unit`](mod@unit), [`reconcile`], [`systemd`], [`agent`]: running them.
+//! - [`cli`]: `osctl containers`.
 
 pub mod agent;
 pub mod cli;
