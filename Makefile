@@ -12,11 +12,13 @@ export SOURCE_DATE_EPOCH
 # cloud-image-utils (cloud-localds, pulls genisoimage) for the provisioning tests,
 # netcat-openbsd to forward the guest's update channel connections to the host.
 # protobuf-compiler builds the etcd client; etcd-server, etcd-client (etcdctl) and
-# openssl (test certificates) for the fleet tests.
+# openssl (test certificates) for the fleet tests; docker-registry (a real OCI
+# registry) and skopeo (pushes test images to it) for the container puller's
+# tests and bench.
 HOST_PACKAGES := mmdebstrap erofs-utils cryptsetup-bin dosfstools mtools binutils \
 	e2fsprogs fdisk qemu-utils qemu-system-x86 ovmf systemd-boot-efi openssh-client \
 	zstd ca-certificates cloud-image-utils netcat-openbsd \
-	protobuf-compiler etcd-server etcd-client openssl
+	protobuf-compiler etcd-server etcd-client openssl docker-registry skopeo
 
 IMAGE_SPEC ?= configs/image.yaml
 OUT ?= out
@@ -64,6 +66,7 @@ bench: deps
 	$(CARGO) build --release --locked -p ballast-bench
 	target/release/update-throughput 256
 	target/release/fleet-sim 1000 50 2
+	target/release/containers 128
 
 lint:
 	$(CARGO) fmt --all --check

@@ -162,6 +162,37 @@ async fn join_fleet(host: Arc<dyn Host + Send + Sync>) -> Result<Option<FleetSta
     }))
 }
 
+/// How often the containers are reconciled after the first pass at start.
+const RECONCILE_EVERY: Duration = Duration::from_secs(60);
+
+/// Reconciles the containers at start and then every [`RECONCILE_EVERY`].
+/// A failed pass is logged and retried; the units keep running meanwhile.
+async fn containers_loop(host: Arc<dyn Host + Send + Sync>) {
+    use crate::containers::agent::{self, Tags};
+    let paths = agent::Paths::default();
+    for n in 0u64.. {
+        let tags = if n % agent::TAG_REFRESH_PASSES == 0 {
+            Tags::Refresh
+        } else {
+            Tags::Cached
+        };
+        let pass = async {
+            let sd = crate::containers::systemd::Systemd::connect().await?;
+            agent::reconcile_once(host.clone(), &sd, &paths, tags).await
+        };
+        match pass.await {
+            Ok(r) if r.actions.is_empty() && r.problems.is_empty() => {}
+            Ok(r) => tracing::info!(
+                "containers: {} action(s), {} problem(s)",
+                r.actions.len(),
+                r.problems.len()
+            ),
+            Err(e) => tracing::error!("containers: reconcile failed: {e:#}"),
+        }
+        tokio::time::sleep(RECONCILE_EVERY).await;
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(host: Arc<dyn Host + Send + Sync>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -194,8 +225,12 @@ pub fn run(host: Arc<dyn Host + Send + Sync>) -> Result<()> {
         }
     };
     let updates = rt.spawn(update_loop(host.clone(), lock, fleet));
+    // Container units are not the agent's children: they keep running when
+    // it stops, and the next start reconciles them.
+    let containers = rt.spawn(containers_loop(host.clone()));
     let why = rt.block_on(wait_for_stop())?;
     updates.abort();
+    containers.abort();
     tracing::info!("stopping on {why}");
     sd_notify::notify(false, &[sd_notify::NotifyState::Stopping])
         .context("cannot notify systemd that the agent is stopping")?;

@@ -3,6 +3,7 @@
 
 pub mod cmdline;
 pub mod config;
+pub mod containers;
 pub mod daemon;
 pub mod disk;
 pub mod fleet;

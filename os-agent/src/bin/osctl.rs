@@ -42,6 +42,11 @@ enum Command {
         #[command(subcommand)]
         command: os_agent::fleet::cli::FleetCommand,
     },
+    /// The containers this host runs (docs/containers.md).
+    Containers {
+        #[command(subcommand)]
+        command: os_agent::containers::cli::ContainersCommand,
+    },
     /// User data (cloud-config) provisioning.
     Provision {
         #[command(subcommand)]
@@ -108,6 +113,9 @@ fn provision(cmd: ProvisionCommand) -> Result<ExitCode> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Provision { command } => return provision(command),
+        Command::Containers { command } => {
+            return os_agent::containers::cli::run(&RealHost, command)
+        }
         Command::Update { command } => os_agent::update::cli::run(&RealHost, command)?,
         Command::Fleet { etcd, command } => os_agent::fleet::cli::run(&RealHost, &etcd, command)?,
         Command::Rollback => os_agent::update::cli::rollback(&RealHost)?,

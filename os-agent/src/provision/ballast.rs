@@ -372,7 +372,19 @@ pub fn validate(
                 }
             }
             match yaml_to_toml(c, &p) {
-                Ok(v) => arr.push(v),
+                Ok(v) => {
+                    // The agent's own check of the format (docs/containers.md),
+                    // so a bad container fails provisioning, not a later pass.
+                    match crate::containers::spec::RawContainer::deserialize(v.clone()) {
+                        Ok(raw) => {
+                            if let Err(es) = raw.validate(&p, i) {
+                                errors.extend(es.iter().map(ToString::to_string));
+                            }
+                        }
+                        Err(e) => errors.push(format!("{p}: {e}")),
+                    }
+                    arr.push(v)
+                }
                 Err(why) => errors.push(why),
             }
         }

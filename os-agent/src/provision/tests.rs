@@ -266,6 +266,8 @@ fn documents() {
         ("bad window day", "#cloud-config\nballast:\n  update: {window: {days: [funday], start: \"01:00\", length: 1h}}\n".into(), Err("days[0]: \"funday\" is not a day")),
         ("bad channel", "#cloud-config\nballast:\n  update: {channel: ftp://x}\n".into(), Err("is not an http(s) URL")),
         ("container without image", "#cloud-config\nballast:\n  containers: [{name: web}]\n".into(), Err("ballast.containers[0].image: missing")),
+        ("container volume outside /var", "#cloud-config\nballast:\n  containers: [{name: web, image: r.example/web, volumes: [\"/etc:/etc\"]}]\n".into(), Err("ballast.containers[0]: container web: volumes[0]: \"/etc:/etc\": host path \"/etc\" must be a clean absolute path under /var/")),
+        ("container unknown key", "#cloud-config\nballast:\n  containers: [{name: web, image: r.example/web, memroy: 1G}]\n".into(), Err("ballast.containers[0]: unknown field `memroy`")),
         ("etcd key without cert", "#cloud-config\nballast:\n  etcd: {endpoints: [\"http://e:2379\"], key: \"-----BEGIN K-----\\n-----END K-----\"}\n".into(), Err("cert and key go together")),
         ("network v1", "#cloud-config\nnetwork: {version: 1, config: []}\n".into(), Err("network config version 1 is not supported")),
         ("bad address", "#cloud-config\nnetwork: {version: 2, ethernets: {eth0: {addresses: [10.0.0.300/24]}}}\n".into(), Err("network.ethernets.eth0.addresses[0]")),

@@ -1,0 +1,23 @@
+//! Containers (docs/containers.md): desired state from layered sources →
+//! OCI images pulled, verified and unpacked under /var/lib/ballast → one
+//! systemd-nspawn unit per container, reconciled over D-Bus.
+//!
+//! - [`spec`], [`desired`]: the format, its validation, sources and merge.
+//! - [`reference`](mod@reference), [`oci`], [`registry`], [`registries`], [`store`],
+//!   [`unpack`]: images.
+//! - [`unit`](mod@unit), [`reconcile`], [`systemd`], [`agent`]: running them.
+//! - [`cli`]: `osctl containers`.
+
+pub mod agent;
+pub mod cli;
+pub mod desired;
+pub mod oci;
+pub mod reconcile;
+pub mod reference;
+pub mod registries;
+pub mod registry;
+pub mod spec;
+pub mod store;
+pub mod systemd;
+pub mod unit;
+pub mod unpack;

@@ -1,0 +1,568 @@
+//! Pulling images from an OCI distribution (v2) registry: anonymous or
+//! bearer-token auth from the registry's `WWW-Authenticate` challenge,
+//! manifests and indexes resolved to this host's platform, every blob
+//! verified against its digest as it streams into the [`Store`], layers
+//! unpacked into a new image directory that appears only when complete.
+//!
+//! Registries on loopback addresses are spoken to over plain HTTP (as docker
+//! does); any other over HTTPS unless named in `insecure`.
+
+use super::oci::{self, Document, Manifest, OciError, Platform};
+use super::reference::{Digest, Reference};
+use super::store::{Image, ImageInfo, Store, StoreError};
+use super::unpack::{self, UnpackError};
+use crate::update::io::LimitReader;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::sync::Mutex;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("GET {url}: HTTP {status}: {body}")]
+    Http {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("GET {url}: {message}")]
+    Transport { url: String, message: String },
+    #[error("{registry}: authentication: {message}")]
+    Auth { registry: String, message: String },
+    #[error("{what}: served with digest {actual}, expected {expected}; refused")]
+    ManifestDigest {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error(transparent)]
+    Oci(#[from] OciError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("layer {digest}: {source}")]
+    Unpack {
+        digest: Digest,
+        #[source]
+        source: UnpackError,
+    },
+}
+
+/// A user name and password for a registry (basic auth, or to get a token).
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+/// A `WWW-Authenticate` challenge: its scheme and parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    pub scheme: String,
+    pub params: BTreeMap<String, String>,
+}
+
+/// Parses `Bearer realm="https://auth",service="reg",scope="repository:a:pull"`.
+pub fn parse_challenge(s: &str) -> Result<Challenge, String> {
+    let s = s.trim();
+    let (scheme, mut rest) = s.split_once(' ').unwrap_or((s, ""));
+    if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(format!("{s:?} is not an authentication challenge"));
+    }
+    let mut params = BTreeMap::new();
+    loop {
+        rest = rest.trim_start_matches([' ', ',']);
+        if rest.is_empty() {
+            break;
+        }
+        let Some((key, after)) = rest.split_once('=') else {
+            return Err(format!("{s:?}: parameter without a value at {rest:?}"));
+        };
+        let key = key.trim().to_ascii_lowercase();
+        let (value, after) = if let Some(q) = after.strip_prefix('"') {
+            let mut value = String::new();
+            let mut chars = q.char_indices();
+            let end = loop {
+                match chars.next() {
+                    Some((_, '\\')) => match chars.next() {
+                        Some((_, c)) => value.push(c),
+                        None => return Err(format!("{s:?}: unterminated quoted value")),
+                    },
+                    Some((i, '"')) => break i,
+                    Some((_, c)) => value.push(c),
+                    None => return Err(format!("{s:?}: unterminated quoted value")),
+                }
+            };
+            (value, &q[end + 1..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (after[..end].trim().to_string(), &after[end..])
+        };
+        params.insert(key, value);
+        rest = after;
+    }
+    Ok(Challenge {
+        scheme: scheme.to_ascii_lowercase(),
+        params,
+    })
+}
+
+fn query_escape(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The index (if any, with its bytes), the manifest's digest, bytes and content.
+type Resolved = (Option<(Digest, Vec<u8>)>, Digest, Vec<u8>, Manifest);
+
+/// A finished pull.
+#[derive(Debug)]
+pub struct Pulled {
+    pub image: Image,
+    /// Bytes fetched from the registry (0 when everything was in the store).
+    pub downloaded: u64,
+}
+
+pub struct Puller<'a> {
+    agent: ureq::Agent,
+    store: &'a Store,
+    platform: Platform,
+    insecure: Vec<String>,
+    credentials: HashMap<String, Credentials>,
+    /// Authorization header per (registry, repository), once obtained.
+    auth: Mutex<HashMap<(String, String), String>>,
+}
+
+fn is_loopback(registry: &str) -> bool {
+    let host = match registry.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => registry,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+impl<'a> Puller<'a> {
+    pub fn new(store: &'a Store) -> Puller<'a> {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(15))
+            .timeout_read(Duration::from_secs(60))
+            .build();
+        Puller {
+            agent,
+            store,
+            platform: Platform::host(),
+            insecure: Vec::new(),
+            credentials: HashMap::new(),
+            auth: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Registries (host:port) to speak plain HTTP to.
+    pub fn insecure(mut self, registries: Vec<String>) -> Self {
+        self.insecure = registries;
+        self
+    }
+
+    pub fn credentials(mut self, registry: &str, c: Credentials) -> Self {
+        self.credentials.insert(registry.to_string(), c);
+        self
+    }
+
+    pub fn platform(mut self, p: Platform) -> Self {
+        self.platform = p;
+        self
+    }
+
+    fn base(&self, registry: &str) -> String {
+        if is_loopback(registry) || self.insecure.iter().any(|i| i == registry) {
+            format!("http://{registry}")
+        } else {
+            format!("https://{registry}")
+        }
+    }
+
+    fn auth_header(&self, r: &Reference) -> Option<String> {
+        let key = (r.registry.clone(), r.repository.clone());
+        match self.auth.lock() {
+            Ok(m) => m.get(&key).cloned(),
+            Err(poisoned) => poisoned.into_inner().get(&key).cloned(),
+        }
+    }
+
+    fn set_auth_header(&self, r: &Reference, value: String) {
+        let key = (r.registry.clone(), r.repository.clone());
+        match self.auth.lock() {
+            Ok(mut m) => m.insert(key, value),
+            Err(poisoned) => poisoned.into_inner().insert(key, value),
+        };
+    }
+
+    /// Answers a 401's challenge: a bearer token from the realm (with
+    /// credentials if we have them), or basic auth.
+    fn authenticate(&self, r: &Reference, header: Option<&str>) -> Result<(), PullError> {
+        let auth_err = |message: String| PullError::Auth {
+            registry: r.registry.clone(),
+            message,
+        };
+        let header =
+            header.ok_or_else(|| auth_err("401 without a WWW-Authenticate challenge".into()))?;
+        let ch = parse_challenge(header).map_err(auth_err)?;
+        let creds = self.credentials.get(&r.registry);
+        let basic = |c: &Credentials| {
+            use base64::Engine;
+            let raw = format!("{}:{}", c.username, c.password);
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(raw)
+            )
+        };
+        match ch.scheme.as_str() {
+            "basic" => {
+                let c = creds.ok_or_else(|| {
+                    auth_err(
+                        "the registry wants a user name and password and none is configured".into(),
+                    )
+                })?;
+                self.set_auth_header(r, basic(c));
+                Ok(())
+            }
+            "bearer" => {
+                let realm = ch
+                    .params
+                    .get("realm")
+                    .ok_or_else(|| auth_err(format!("challenge {header:?} has no realm")))?;
+                if !(realm.starts_with("https://") || realm.starts_with("http://")) {
+                    return Err(auth_err(format!(
+                        "token realm {realm:?} is not an http(s) URL"
+                    )));
+                }
+                let scope = ch
+                    .params
+                    .get("scope")
+                    .cloned()
+                    .unwrap_or_else(|| format!("repository:{}:pull", r.repository));
+                let mut url = format!("{realm}?scope={}", query_escape(&scope));
+                if let Some(s) = ch.params.get("service") {
+                    url.push_str(&format!("&service={}", query_escape(s)));
+                }
+                let mut req = self.agent.get(&url);
+                if let Some(c) = creds {
+                    req = req.set("Authorization", &basic(c));
+                }
+                let resp = req
+                    .call()
+                    .map_err(|e| auth_err(format!("token from {url}: {e}")))?;
+                let mut body = Vec::new();
+                LimitReader::new(resp.into_reader(), 1 << 20)
+                    .read_to_end(&mut body)
+                    .map_err(|e| auth_err(format!("token from {url}: {e}")))?;
+                #[derive(serde::Deserialize)]
+                struct Token {
+                    token: Option<String>,
+                    access_token: Option<String>,
+                }
+                let t: Token = serde_json::from_slice(&body)
+                    .map_err(|e| auth_err(format!("token from {url} is not JSON: {e}")))?;
+                let token = t
+                    .token
+                    .or(t.access_token)
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| auth_err(format!("{url} gave no token")))?;
+                self.set_auth_header(r, format!("Bearer {token}"));
+                Ok(())
+            }
+            other => Err(auth_err(format!(
+                "unsupported authentication scheme {other:?}"
+            ))),
+        }
+    }
+
+    /// GETs `/v2/<repo>/<path>`, answering one auth challenge.
+    fn get(
+        &self,
+        r: &Reference,
+        path: &str,
+        accept: Option<&str>,
+    ) -> Result<ureq::Response, PullError> {
+        let url = format!("{}/v2/{}/{path}", self.base(&r.registry), r.repository);
+        let mut challenged = false;
+        loop {
+            let mut req = self.agent.get(&url);
+            if let Some(a) = accept {
+                req = req.set("Accept", a);
+            }
+            if let Some(h) = self.auth_header(r) {
+                req = req.set("Authorization", &h);
+            }
+            match req.call() {
+                Ok(resp) => return Ok(resp),
+                Err(ureq::Error::Status(401, resp)) if !challenged => {
+                    challenged = true;
+                    self.authenticate(r, resp.header("www-authenticate"))?;
+                }
+                Err(ureq::Error::Status(status, resp)) => {
+                    let mut body = String::new();
+                    // The body is only for the message: a failure to read it
+                    // is shown as its absence, not hidden.
+                    if let Err(e) =
+                        LimitReader::new(resp.into_reader(), 512).read_to_string(&mut body)
+                    {
+                        body = format!("(body unreadable: {e})");
+                    }
+                    return Err(PullError::Http {
+                        url,
+                        status,
+                        body: body.trim().to_string(),
+                    });
+                }
+                Err(e) => {
+                    return Err(PullError::Transport {
+                        url,
+                        message: e.to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Fetches a manifest or index by tag or digest; its bytes are checked
+    /// against the digest asked for, and against the one the registry claims.
+    fn fetch_manifest(
+        &self,
+        r: &Reference,
+        what: &str,
+    ) -> Result<(Digest, Vec<u8>, Document), PullError> {
+        let resp = self.get(r, &format!("manifests/{what}"), Some(oci::MANIFEST_ACCEPT))?;
+        let content_type = resp.header("content-type").map(str::to_string);
+        let claimed = resp.header("docker-content-digest").map(str::to_string);
+        let mut bytes = Vec::new();
+        let desc = format!("manifest {r} ({what})");
+        LimitReader::new(resp.into_reader(), oci::MAX_MANIFEST)
+            .read_to_end(&mut bytes)
+            .map_err(|e| PullError::Transport {
+                url: desc.clone(),
+                message: e.to_string(),
+            })?;
+        let actual = format!(
+            "sha256:{}",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
+        );
+        for expected in [
+            what.starts_with("sha256:").then(|| what.to_string()),
+            claimed,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if expected != actual {
+                return Err(PullError::ManifestDigest {
+                    what: desc,
+                    expected,
+                    actual,
+                });
+            }
+        }
+        let digest = Digest::parse(&actual).map_err(|why| PullError::ManifestDigest {
+            what: desc.clone(),
+            expected: why,
+            actual: actual.clone(),
+        })?;
+        let doc = oci::parse_document(&bytes, content_type.as_deref(), &desc)?;
+        Ok((digest, bytes, doc))
+    }
+
+    fn fetch_blob(&self, r: &Reference, d: &Digest, size: u64) -> Result<u64, PullError> {
+        if self.store.has_blob(d) {
+            return Ok(0);
+        }
+        let resp = self.get(r, &format!("blobs/{d}"), None)?;
+        self.store.put_blob(d, size, resp.into_reader())?;
+        Ok(size)
+    }
+
+    /// Pulls `r` (resolving a tag to a manifest digest), stores and unpacks it.
+    pub fn pull(&self, r: &Reference) -> Result<Pulled, PullError> {
+        let (top, top_bytes, doc) = self.fetch_manifest(r, r.manifest_ref())?;
+        let (index, manifest_digest, manifest_bytes, manifest): Resolved = match doc {
+            Document::Manifest(m) => (None, top, top_bytes, m),
+            Document::Index(entries) => {
+                let what = format!("index of {r}");
+                let chosen = oci::select_platform(&entries, &self.platform, &what)?.clone();
+                let (d, bytes, doc) = self.fetch_manifest(r, chosen.digest.as_str())?;
+                if bytes.len() as u64 != chosen.size {
+                    return Err(StoreError::SizeMismatch {
+                        digest: d,
+                        expected: chosen.size,
+                        actual: bytes.len() as u64,
+                    }
+                    .into());
+                }
+                let Document::Manifest(m) = doc else {
+                    return Err(OciError::Invalid {
+                        what,
+                        why: format!(
+                            "entry {} for {} is another index",
+                            chosen.digest, self.platform
+                        ),
+                    }
+                    .into());
+                };
+                (Some((top, top_bytes)), d, bytes, m)
+            }
+        };
+        let key = reference_key(r);
+        if let Some(image) = self.store.image(&manifest_digest)? {
+            self.store.set_ref(&key, &manifest_digest)?;
+            return Ok(Pulled {
+                image,
+                downloaded: 0,
+            });
+        }
+        let mut downloaded = (manifest_bytes.len()) as u64;
+        self.store.put_blob(
+            &manifest_digest,
+            manifest_bytes.len() as u64,
+            &manifest_bytes[..],
+        )?;
+        if let Some((d, bytes)) = &index {
+            downloaded += bytes.len() as u64;
+            self.store.put_blob(d, bytes.len() as u64, &bytes[..])?;
+        }
+        downloaded += self.fetch_blob(r, &manifest.config.digest, manifest.config.size)?;
+        let config_bytes = self.store.read_blob(&manifest.config.digest)?;
+        let config = oci::parse_config(
+            &config_bytes,
+            manifest.layers.len(),
+            &self.platform,
+            &format!("config {} of {r}", manifest.config.digest),
+        )?;
+        for l in &manifest.layers {
+            downloaded += self.fetch_blob(r, &l.digest, l.size)?;
+        }
+        let info = ImageInfo {
+            reference: key.clone(),
+            manifest: manifest_digest.clone(),
+            index: index.map(|(d, _)| d),
+            config_digest: manifest.config.digest.clone(),
+            layers: manifest.layers.iter().map(|l| l.digest.clone()).collect(),
+            config,
+        };
+        let opts = unpack::Options::for_this_process();
+        let store = self.store;
+        let image = store.commit_image(info, |rootfs| -> Result<(), PullError> {
+            for l in &manifest.layers {
+                let path = store.blob_path(&l.digest);
+                let f = std::fs::File::open(&path).map_err(|source| StoreError::Io {
+                    what: format!("cannot open {}", path.display()),
+                    source,
+                })?;
+                // Verified on the way in; unpacking reads the stored copy.
+                unpack::unpack_layer(f, rootfs, opts).map_err(|source| PullError::Unpack {
+                    digest: l.digest.clone(),
+                    source,
+                })?;
+            }
+            Ok(())
+        })?;
+        self.store.set_ref(&key, &manifest_digest)?;
+        Ok(Pulled { image, downloaded })
+    }
+}
+
+/// The key a reference's last resolution is kept under: registry/repo:tag,
+/// or the digest when pinned.
+pub fn reference_key(r: &Reference) -> String {
+    format!("{}/{}:{}", r.registry, r.repository, r.manifest_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges_table() {
+        type Want<'a> = Result<(&'a str, Vec<(&'a str, &'a str)>), &'a str>;
+        let cases: Vec<(&str, Want)> = vec![
+            (
+                r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/nginx:pull""#,
+                Ok((
+                    "bearer",
+                    vec![
+                        ("realm", "https://auth.docker.io/token"),
+                        ("scope", "repository:library/nginx:pull"),
+                        ("service", "registry.docker.io"),
+                    ],
+                )),
+            ),
+            (
+                r#"Bearer realm="r",scope="repository:a:pull,push""#,
+                Ok((
+                    "bearer",
+                    vec![("realm", "r"), ("scope", "repository:a:pull,push")],
+                )),
+            ),
+            (
+                r#"Basic realm="Registry Realm""#,
+                Ok(("basic", vec![("realm", "Registry Realm")])),
+            ),
+            (
+                "Bearer realm=plain, service=s",
+                Ok(("bearer", vec![("realm", "plain"), ("service", "s")])),
+            ),
+            (
+                r#"Bearer realm="a\"b""#,
+                Ok(("bearer", vec![("realm", "a\"b")])),
+            ),
+            ("", Err("is not an authentication challenge")),
+            ("Bea rer", Err("parameter without a value")),
+            (r#"Bearer realm="open"#, Err("unterminated quoted value")),
+            ("B@d realm=x", Err("is not an authentication challenge")),
+        ];
+        for (input, want) in cases {
+            match (parse_challenge(input), want) {
+                (Ok(c), Ok((scheme, params))) => {
+                    let params: BTreeMap<String, String> = params
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect();
+                    assert_eq!((c.scheme.as_str(), c.params), (scheme, params), "{input}");
+                }
+                (Err(e), Err(w)) => assert!(e.contains(w), "{input}: {e}"),
+                (got, want) => panic!("{input}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn loopback_is_plain_http() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let p = Puller::new(&store).insecure(vec!["reg.lan:5000".into()]);
+        assert_eq!(p.base("127.0.0.1:5000"), "http://127.0.0.1:5000");
+        assert_eq!(p.base("localhost"), "http://localhost");
+        assert_eq!(p.base("reg.lan:5000"), "http://reg.lan:5000");
+        assert_eq!(
+            p.base("registry-1.docker.io"),
+            "https://registry-1.docker.io"
+        );
+        assert_eq!(p.base("127.example.com"), "https://127.example.com");
+    }
+
+    #[test]
+    fn query_escaping() {
+        assert_eq!(
+            query_escape("repository:a/b:pull,push"),
+            "repository%3Aa%2Fb%3Apull%2Cpush"
+        );
+    }
+}

@@ -1,0 +1,154 @@
+use super::*;
+use crate::containers::oci::RunConfig;
+use crate::containers::reference::Digest;
+use crate::containers::spec::RawContainer;
+use crate::containers::store::ImageInfo;
+use std::path::PathBuf;
+
+fn image(entrypoint: &[&str], cmd: &[&str]) -> Image {
+    let d =
+        |c: char| Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).expect("digest");
+    Image {
+        info: ImageInfo {
+            reference: "r.example/app:1".into(),
+            manifest: d('a'),
+            index: None,
+            config_digest: d('b'),
+            layers: vec![d('c')],
+            config: RunConfig {
+                entrypoint: entrypoint.iter().map(|s| s.to_string()).collect(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                env: vec!["PATH=/usr/bin".into(), "MODE=image".into()],
+                working_dir: Some("/app".into()),
+                user: Some("1000:1000".into()),
+            },
+        },
+        rootfs: PathBuf::from("/var/lib/ballast/images/images/aaaa/rootfs"),
+    }
+}
+
+fn container(toml_text: &str) -> Container {
+    let raw: RawContainer = toml::from_str(&format!(
+        "name = \"web\"\nimage = \"r.example/app:1\"\n{toml_text}"
+    ))
+    .expect("toml");
+    raw.validate("test", 0).expect("valid")
+}
+
+#[test]
+fn argv_table() {
+    type Case<'a> = (
+        &'a str,
+        &'a [&'a str],
+        &'a [&'a str],
+        Result<Vec<&'a str>, &'a str>,
+    );
+    let cases: Vec<Case> = vec![
+        ("", &["/e"], &["c1", "c2"], Ok(vec!["/e", "c1", "c2"])),
+        ("", &[], &["/bin/sh"], Ok(vec!["/bin/sh"])),
+        ("args = [\"x\"]", &["/e"], &["c"], Ok(vec!["/e", "x"])),
+        ("command = [\"/mine\"]", &["/e"], &["c"], Ok(vec!["/mine"])),
+        (
+            "command = [\"/mine\"]\nargs = [\"y\"]",
+            &["/e"],
+            &["c"],
+            Ok(vec!["/mine", "y"]),
+        ),
+        ("args = []", &[], &["c"], Err("nothing to run")),
+        (
+            "",
+            &[],
+            &[],
+            Err("container web: nothing to run: image r.example/app:1 has no entrypoint or cmd"),
+        ),
+    ];
+    for (extra, ep, cmd, want) in cases {
+        let got = argv(&container(extra), &image(ep, cmd)).map_err(|e| e.to_string());
+        match (got, want) {
+            (Ok(a), Ok(w)) => assert_eq!(a, w, "{extra}"),
+            (Err(e), Err(w)) => assert!(e.contains(w), "{extra}: {e}"),
+            (got, want) => panic!("{extra}: got {got:?}, want {want:?}"),
+        }
+    }
+}
+
+#[test]
+fn quoting() {
+    for (arg, want) in [
+        ("plain", "\"plain\""),
+        ("a b", "\"a b\""),
+        ("say \"hi\"", "\"say \\\"hi\\\"\""),
+        ("back\\slash", "\"back\\\\slash\""),
+        ("100%", "\"100%%\""),
+        ("$HOME ${X}", "\"$$HOME $${X}\""),
+        ("two\nlines", "\"two\\nlines\""),
+        (";", "\\;"),
+        ("a;b", "\"a;b\""),
+        ("", "\"\""),
+    ] {
+        assert_eq!(quote(arg), want, "{arg}");
+    }
+}
+
+#[test]
+fn rendered_unit() {
+    let c = container(
+        "env = { MODE = \"prod\" }\nvolumes = [\"/var/lib/web:/data:ro\"]\nports = [\"8080:80\"]\nmemory = \"64M\"\ncpus = 1.5\nrestart = \"on-failure\"",
+    );
+    let r = render(&c, &image(&["/e"], &["c"])).expect("render");
+    assert_eq!(r.unit, "ballast-container-web.service");
+    assert_eq!(container_of(&r.unit), Some("web"));
+    assert_eq!(container_of("ssh.service"), None);
+    for want in [
+        "\"--machine=web\"",
+        "\"--keep-unit\"",
+        "\"--register=yes\"",
+        "\"--as-pid2\"",
+        "\"--directory=/var/lib/ballast/images/images/aaaa/rootfs\"",
+        "\"--chdir=/app\"",
+        "\"--user=1000\"",
+        "\"--setenv=MODE=prod\"",
+        "\"--setenv=PATH=/usr/bin\"",
+        "\"--bind-ro=/var/lib/web:/data\"",
+        "\"--network-veth\" \"--port=tcp:8080:80\"",
+        "\"--\" \"/e\" \"c\"",
+        "\nMemoryMax=67108864\n",
+        "\nCPUQuota=150%\n",
+        "\nRestart=on-failure\n",
+        "\nWantedBy=machines.target\n",
+        "X-BallastImage=sha256:aaaa",
+    ] {
+        assert!(r.text.contains(want), "{want:?} not in:\n{}", r.text);
+    }
+    assert!(!r.text.contains("MODE=image"), "the container's env wins");
+    assert_eq!(
+        recorded(&r.text),
+        (
+            Some(r.spec.clone()),
+            Some(format!("sha256:{}", "a".repeat(64)))
+        )
+    );
+    assert_eq!(recorded("[Unit]\nDescription=x\n"), (None, None));
+
+    // Same input, same spec; any change that matters, another spec.
+    let again = render(&c, &image(&["/e"], &["c"])).expect("render");
+    assert_eq!(again, r);
+    let changed = render(
+        &container("env = { MODE = \"dev\" }"),
+        &image(&["/e"], &["c"]),
+    )
+    .expect("render");
+    assert_ne!(changed.spec, r.spec);
+    let mut other_image = image(&["/e"], &["c"]);
+    other_image.info.manifest =
+        Digest::parse(&format!("sha256:{}", "f".repeat(64))).expect("digest");
+    let base = container("");
+    assert_ne!(
+        render(&base, &image(&["/e"], &["c"])).expect("render").spec,
+        render(&base, &other_image).expect("render").spec
+    );
+    assert!(!render(&base, &image(&["/e"], &["c"]))
+        .expect("render")
+        .text
+        .contains("--network-veth"));
+}

@@ -1,0 +1,488 @@
+//! The puller against a real registry: an image built here as an OCI layout, pushed
+//! with skopeo to Debian's docker-registry on 127.0.0.1, pulled, verified and
+//! unpacked by os-agent; a corrupted blob in the registry's storage is refused.
+
+mod support;
+
+use anyhow::{Context, Result};
+use os_agent::containers::oci::Platform;
+use os_agent::containers::reference::Reference;
+use os_agent::containers::registry::{PullError, Puller};
+use os_agent::containers::store::{Store, StoreError};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use support::registry::{push, push_as, Registry};
+
+/// One layer entry as the test writes it.
+enum Entry {
+    Dir(&'static str),
+    File(&'static str, Vec<u8>),
+    Symlink(&'static str, &'static str),
+    Hardlink(&'static str, &'static str),
+}
+
+fn layer_tar(entries: &[Entry]) -> Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        match e {
+            Entry::Dir(p) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                b.append_data(&mut h, p, std::io::empty())?;
+            }
+            Entry::File(p, data) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o644);
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, p, &data[..])?;
+            }
+            Entry::Symlink(p, t) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                b.append_link(&mut h, p, t)?;
+            }
+            Entry::Hardlink(p, t) => {
+                h.set_entry_type(tar::EntryType::Link);
+                h.set_mode(0o644);
+                h.set_size(0);
+                b.append_link(&mut h, p, t)?;
+            }
+        }
+    }
+    Ok(b.into_inner()?)
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b))
+}
+
+/// Writes `bytes` as a blob of the layout; returns its descriptor.
+fn put_blob(layout: &Path, media_type: &str, bytes: &[u8]) -> Result<serde_json::Value> {
+    let hex = sha256_hex(bytes);
+    fs::write(layout.join("blobs/sha256").join(&hex), bytes)?;
+    Ok(
+        serde_json::json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": bytes.len()}),
+    )
+}
+
+/// Builds an OCI layout by hand with tag `v1` (four layers exercising links,
+/// a whiteout and an opaque directory; gzip, plain and zstd) and tag `multi`
+/// (an image index whose linux/<this arch> entry, and a made-up linux/arm64
+/// one, is the `v1` manifest). umoci 0.4.7 (bookworm) writes truncated layer
+/// tars on `insert`, so the layers come from the tar crate.
+fn build_image(dir: &Path) -> Result<std::path::PathBuf> {
+    use Entry::*;
+    let layout = dir.join("layout");
+    fs::create_dir_all(layout.join("blobs/sha256"))?;
+    fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    let big = b"0123456789abcdef".repeat(4096);
+    let layers = [
+        layer_tar(&[
+            Dir("./"),
+            Dir("etc/"),
+            Dir("bin/"),
+            Dir("usr/"),
+            Dir("usr/share/"),
+            Dir("usr/share/doc/"),
+            File("etc/greeting", b"hello from the registry\n".to_vec()),
+            File("usr/share/doc/keep", b"kept\n".to_vec()),
+            File("usr/share/doc/big", big),
+            Symlink("bin/link", "../etc/greeting"),
+            Hardlink("etc/hard", "etc/greeting"),
+            Hardlink("etc/hard2", "etc/greeting"),
+        ])?,
+        layer_tar(&[File("etc/.wh.hard", Vec::new())])?,
+        layer_tar(&[Dir("opt/"), File("opt/old", b"old\n".to_vec())])?,
+        layer_tar(&[
+            Dir("opt/"),
+            File("opt/.wh..wh..opq", Vec::new()),
+            File("opt/new", b"new\n".to_vec()),
+        ])?,
+    ];
+    let mut descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        diff_ids.push(format!("sha256:{}", sha256_hex(l)));
+        let (media_type, bytes) = match i {
+            1 => ("application/vnd.oci.image.layer.v1.tar", l.clone()),
+            3 => (
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+                zstd::encode_all(&l[..], 3)?,
+            ),
+            _ => {
+                let mut gz =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                std::io::Write::write_all(&mut gz, l)?;
+                ("application/vnd.oci.image.layer.v1.tar+gzip", gz.finish()?)
+            }
+        };
+        descs.push(put_blob(&layout, media_type, &bytes)?);
+    }
+    let arch = Platform::host().architecture;
+    let config = serde_json::json!({
+        "architecture": arch, "os": "linux",
+        "config": {"Entrypoint": ["/bin/sh"], "Cmd": ["-c"], "Env": ["GREETING=hi"], "WorkingDir": "/opt"},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    });
+    let config = put_blob(
+        &layout,
+        "application/vnd.oci.image.config.v1+json",
+        &serde_json::to_vec(&config)?,
+    )?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config, "layers": descs,
+    });
+    let manifest = put_blob(
+        &layout,
+        "application/vnd.oci.image.manifest.v1+json",
+        &serde_json::to_vec(&manifest)?,
+    )?;
+    let entry = |arch: &str| {
+        let mut e = manifest.clone();
+        e["platform"] = serde_json::json!({"os": "linux", "architecture": arch});
+        e
+    };
+    let index = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [entry("arm64"), entry(&arch)],
+    });
+    let index = put_blob(
+        &layout,
+        "application/vnd.oci.image.index.v1+json",
+        &serde_json::to_vec(&index)?,
+    )?;
+    let tagged = |d: &serde_json::Value, tag: &str| {
+        let mut e = d.clone();
+        e["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": tag});
+        e
+    };
+    let top = serde_json::json!({"schemaVersion": 2, "manifests": [tagged(&manifest, "v1"), tagged(&index, "multi")]});
+    fs::write(layout.join("index.json"), serde_json::to_vec(&top)?)?;
+    Ok(layout)
+}
+
+fn read(root: &Path, p: &str) -> String {
+    fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"))
+}
+
+#[test]
+fn pull_verify_unpack_and_refuse_corruption() -> Result<()> {
+    let reg = Registry::start()?;
+    let work = tempfile::tempdir()?;
+    let layout = build_image(work.path())?;
+    push(&layout, "v1", &reg, "test/app", false)?;
+    push(&layout, "multi", &reg, "test/app", true)?;
+
+    let store_dir = tempfile::tempdir()?;
+    let store = Store::open(store_dir.path())?;
+    let puller = Puller::new(&store);
+    let r = Reference::parse(&format!("{}/test/app:v1", reg.addr)).map_err(anyhow::Error::msg)?;
+    let pulled = puller
+        .pull(&r)
+        .with_context(|| format!("pull {r}: registry log: {}", reg.log()))?;
+    assert!(pulled.downloaded > 0);
+    let root = &pulled.image.rootfs;
+    assert_eq!(read(root, "etc/greeting"), "hello from the registry\n");
+    assert_eq!(read(root, "usr/share/doc/keep"), "kept\n");
+    assert_eq!(
+        fs::metadata(root.join("usr/share/doc/keep"))?.mtime(),
+        1_700_000_000
+    );
+    assert_eq!(
+        fs::metadata(root.join("usr/share/doc"))?.mtime(),
+        1_700_000_000
+    );
+    assert_eq!(
+        fs::read_link(root.join("bin/link"))?,
+        Path::new("../etc/greeting")
+    );
+    assert!(
+        !root.join("etc/hard").exists(),
+        "whiteout of /etc/hard not applied"
+    );
+    assert_eq!(read(root, "etc/hard2"), "hello from the registry\n");
+    assert_eq!(
+        fs::metadata(root.join("etc/hard2"))?.ino(),
+        fs::metadata(root.join("etc/greeting"))?.ino()
+    );
+    assert_eq!(read(root, "opt/new"), "new\n");
+    assert!(
+        !root.join("opt/old").exists(),
+        "opaque /opt kept the lower layer's file"
+    );
+    let cfg = &pulled.image.info.config;
+    assert_eq!(
+        (cfg.entrypoint.as_slice(), cfg.cmd.as_slice()),
+        (&["/bin/sh".to_string()][..], &["-c".to_string()][..])
+    );
+    assert!(
+        cfg.env.contains(&"GREETING=hi".to_string()),
+        "{:?}",
+        cfg.env
+    );
+    assert_eq!(cfg.working_dir.as_deref(), Some("/opt"));
+    assert_eq!(pulled.image.info.layers.len(), 4);
+    assert_eq!(
+        store.refs()?.get(&format!("{}/test/app:v1", reg.addr)),
+        Some(&pulled.image.info.manifest)
+    );
+
+    // Again: nothing to download.
+    let again = puller.pull(&r)?;
+    assert_eq!(
+        (again.downloaded, &again.image.info.manifest),
+        (0, &pulled.image.info.manifest)
+    );
+
+    // By digest, and through the multi-arch index: the same manifest.
+    let by_digest = Reference::parse(&format!(
+        "{}/test/app@{}",
+        reg.addr, pulled.image.info.manifest
+    ))
+    .map_err(anyhow::Error::msg)?;
+    assert_eq!(
+        puller.pull(&by_digest)?.image.info.manifest,
+        pulled.image.info.manifest
+    );
+    let multi =
+        Reference::parse(&format!("{}/test/app:multi", reg.addr)).map_err(anyhow::Error::msg)?;
+    let multi_dir = tempfile::tempdir()?;
+    let multi_store = Store::open(multi_dir.path())?;
+    let m = Puller::new(&multi_store).pull(&multi)?;
+    assert_eq!(m.image.info.manifest, pulled.image.info.manifest);
+    assert!(m.image.info.index.is_some());
+    assert_eq!(read(&m.image.rootfs, "opt/new"), "new\n");
+    let s390x = Platform {
+        architecture: "s390x".into(),
+        os: "linux".into(),
+        variant: None,
+    };
+    let e = Puller::new(&store)
+        .platform(s390x)
+        .pull(&multi)
+        .expect_err("no s390x image");
+    assert!(e.to_string().contains("no image for linux/s390x"), "{e}");
+
+    // A tag that does not exist.
+    let missing =
+        Reference::parse(&format!("{}/test/app:nope", reg.addr)).map_err(anyhow::Error::msg)?;
+    let e = puller.pull(&missing).expect_err("missing tag");
+    assert!(matches!(e, PullError::Http { status: 404, .. }), "{e}");
+
+    // Corrupt the biggest blob (a layer) in the registry's storage, same
+    // length: a fresh store must refuse it and keep nothing of it.
+    let biggest = pulled
+        .image
+        .info
+        .layers
+        .iter()
+        .max_by_key(|d| {
+            fs::metadata(reg.blob_data(d.hex()))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        })
+        .context("a layer")?
+        .clone();
+    let data = reg.blob_data(biggest.hex());
+    let mut bytes = fs::read(&data)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    fs::write(&data, &bytes)?;
+    let fresh_dir = tempfile::tempdir()?;
+    let fresh = Store::open(fresh_dir.path())?;
+    let e = Puller::new(&fresh)
+        .pull(&r)
+        .expect_err("corrupt blob must be refused");
+    match &e {
+        PullError::Store(StoreError::DigestMismatch { expected, .. }) => {
+            assert_eq!(expected, &biggest)
+        }
+        other => panic!("want a digest mismatch, got {other}"),
+    }
+    assert!(e.to_string().contains("refused"), "{e}");
+    assert!(!fresh.has_blob(&biggest));
+    assert_eq!(fresh.image(&pulled.image.info.manifest)?, None);
+    Ok(())
+}
+
+#[test]
+fn unreachable_registry_is_a_clear_error() -> Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let store_dir = tempfile::tempdir()?;
+    let store = Store::open(store_dir.path())?;
+    let r = Reference::parse(&format!("127.0.0.1:{port}/a:b")).map_err(anyhow::Error::msg)?;
+    let e = Puller::new(&store).pull(&r).expect_err("nothing listens");
+    assert!(
+        matches!(&e, PullError::Transport { url, .. } if url.contains(&format!("127.0.0.1:{port}/v2/a/manifests/b"))),
+        "{e}"
+    );
+    Ok(())
+}
+
+/// A reconcile pass up to the D-Bus calls, on a directory-backed host: a
+/// desired-state file → image pulled from the real registry → unit rendered →
+/// actions; then a changed env, a registry outage (the last pulled image is
+/// used) and a deleted file.
+#[test]
+fn reconcile_pass_without_systemd() -> Result<()> {
+    use os_agent::containers::agent::{prepare, Paths, Tags};
+    use os_agent::containers::reconcile::Action;
+    use os_agent::host::{DirHost, Host};
+    use std::collections::BTreeMap;
+
+    let reg = Registry::start()?;
+    let work = tempfile::tempdir()?;
+    let layout = build_image(work.path())?;
+    push(&layout, "v1", &reg, "test/app", false)?;
+
+    let root = tempfile::tempdir()?;
+    let host = DirHost::new(root.path())?;
+    let store_dir = tempfile::tempdir()?;
+    let paths = Paths {
+        store: store_dir.path().to_path_buf(),
+        ..Paths::default()
+    };
+    let file = Path::new("/etc/ballast/containers.d/app.toml");
+    let write_desired = |env: &str| -> Result<()> {
+        let text = format!(
+            "[[containers]]\nname = \"app\"\nimage = \"{}/test/app:v1\"\nenv = {{ MODE = \"{env}\" }}\nports = [\"8080:80\"]\nmemory = \"64M\"\n",
+            reg.addr
+        );
+        host.write_atomic(file, text.as_bytes())?;
+        Ok(())
+    };
+    let none = BTreeMap::new();
+    let app_active: BTreeMap<String, bool> = [("app".to_string(), true)].into();
+
+    // New container: pulled, rendered, created.
+    write_desired("a")?;
+    let p = prepare(&host, &paths, Tags::Refresh)?;
+    assert!(p.problems.is_empty(), "{:?}", p.problems);
+    assert_eq!(p.plan(&none), vec![Action::Create("app".into())]);
+    let unit = &p.rendered["app"];
+    assert!(unit.text.contains("\"--setenv=MODE=a\""), "{}", unit.text);
+    assert!(
+        unit.text.contains("\"--setenv=GREETING=hi\""),
+        "{}",
+        unit.text
+    );
+    assert!(
+        unit.text.contains("\"--\" \"/bin/sh\" \"-c\""),
+        "{}",
+        unit.text
+    );
+    assert!(
+        unit.text.contains("\"--port=tcp:8080:80\""),
+        "{}",
+        unit.text
+    );
+    assert!(unit.text.contains("MemoryMax=67108864"), "{}", unit.text);
+    assert_eq!(p.keep.len(), 1);
+    // What the executor would do with the file: write it.
+    let unit_path = paths.unit_dir.join(&unit.unit);
+    host.write_atomic(&unit_path, unit.text.as_bytes())?;
+    p.layers
+        .as_ref()
+        .context("first layers are new")?
+        .save(&host, &paths.state_file)?;
+
+    // Written and running: nothing to do; written but stopped: start.
+    let p = prepare(&host, &paths, Tags::Refresh)?;
+    assert_eq!(p.plan(&app_active), vec![]);
+    assert_eq!(p.plan(&none), vec![Action::Start("app".into())]);
+    assert!(p.layers.is_none(), "unchanged layers are not saved again");
+
+    // The env changes: replace.
+    write_desired("b")?;
+    let p = prepare(&host, &paths, Tags::Refresh)?;
+    assert_eq!(p.plan(&app_active), vec![Action::Replace("app".into())]);
+    let changed = p.rendered["app"].clone();
+    host.write_atomic(&unit_path, changed.text.as_bytes())?;
+
+    // With cached tags, the registry is not asked: no problem even after it
+    // goes away. Refreshing, the failed pull is reported and the last pulled
+    // image keeps the container as is.
+    drop(reg);
+    let p = prepare(&host, &paths, Tags::Cached)?;
+    assert!(p.problems.is_empty(), "{:?}", p.problems);
+    assert_eq!(p.plan(&app_active), vec![]);
+    let p = prepare(&host, &paths, Tags::Refresh)?;
+    assert_eq!(p.problems.len(), 1, "{:?}", p.problems);
+    assert!(
+        p.problems[0].contains("container app: cannot pull")
+            && p.problems[0].contains("running the last pulled sha256:"),
+        "{:?}",
+        p.problems
+    );
+    assert_eq!(p.plan(&app_active), vec![]);
+    assert_eq!(p.rendered["app"].spec, changed.spec);
+
+    // Deleted from the desired state: removed.
+    host.remove_file(file)?;
+    let p = prepare(&host, &paths, Tags::Refresh)?;
+    assert_eq!(p.plan(&app_active), vec![Action::Remove("app".into())]);
+    assert!(p.keep.is_empty());
+    Ok(())
+}
+
+/// Basic auth against the real registry (htpasswd): refused without
+/// credentials with a clear error, pulled with them.
+#[test]
+fn basic_auth() -> Result<()> {
+    use os_agent::containers::registry::Credentials;
+    let hash = bcrypt::hash("s3cret", 4)?;
+    let reg = Registry::start_with_auth(Some(&format!("puller:{hash}\n")))?;
+    let work = tempfile::tempdir()?;
+    let layout = build_image(work.path())?;
+    push_as(
+        &layout,
+        "v1",
+        &reg,
+        "private/app",
+        false,
+        Some("puller:s3cret"),
+    )?;
+    let r =
+        Reference::parse(&format!("{}/private/app:v1", reg.addr)).map_err(anyhow::Error::msg)?;
+
+    let store_dir = tempfile::tempdir()?;
+    let store = Store::open(store_dir.path())?;
+    let e = Puller::new(&store).pull(&r).expect_err("no credentials");
+    assert!(
+        e.to_string()
+            .contains("wants a user name and password and none is configured"),
+        "{e}"
+    );
+    let wrong = Credentials {
+        username: "puller".into(),
+        password: "nope".into(),
+    };
+    let e = Puller::new(&store)
+        .credentials(&reg.addr, wrong)
+        .pull(&r)
+        .expect_err("wrong password");
+    assert!(matches!(e, PullError::Http { status: 401, .. }), "{e}");
+    let right = Credentials {
+        username: "puller".into(),
+        password: "s3cret".into(),
+    };
+    let pulled = Puller::new(&store).credentials(&reg.addr, right).pull(&r)?;
+    assert_eq!(
+        read(&pulled.image.rootfs, "etc/greeting"),
+        "hello from the registry\n"
+    );
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! A real OCI registry (Debian's `docker-registry`) on 127.0.0.1 with a port
+//! chosen at run time and storage in a temporary directory, killed on drop;
+//! and images (OCI layouts) pushed to it with skopeo. Shared by the registry
+//! tests and the containers bench (which includes this file by path).
+
+// Shared by the registry test and the bench; each uses part of it.
+#![allow(dead_code)]
+
+use anyhow::{bail, Context, Result};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+
+pub struct Registry {
+    child: Child,
+    pub addr: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Registry {
+    pub fn start() -> Result<Registry> {
+        Registry::start_with_auth(None)
+    }
+
+    /// With `htpasswd` (file content, bcrypt hashes), the registry wants
+    /// Basic auth for everything.
+    pub fn start_with_auth(htpasswd: Option<&str>) -> Result<Registry> {
+        if !Path::new(REGISTRY_BIN).exists() {
+            bail!(
+                "{REGISTRY_BIN} is missing: install the docker-registry package (make deps does)"
+            );
+        }
+        let dir = tempfile::tempdir().context("tempdir")?;
+        // A free port: bind to 0, note the port, let go, hand it to the registry.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("cannot find a free port")?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let storage = dir.path().join("storage");
+        let config = dir.path().join("config.yml");
+        let auth = match htpasswd {
+            Some(content) => {
+                let file = dir.path().join("htpasswd");
+                std::fs::write(&file, content).context("cannot write htpasswd")?;
+                format!(
+                    "auth:\n  htpasswd:\n    realm: ballast-test\n    path: {}\n",
+                    file.display()
+                )
+            }
+            None => String::new(),
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth}",
+                storage.display()
+            ),
+        )
+        .context("cannot write the registry config")?;
+        let log = std::fs::File::create(dir.path().join("registry.log")).context("registry log")?;
+        let child = Command::new(REGISTRY_BIN)
+            .arg("serve")
+            .arg(&config)
+            .stdout(log.try_clone().context("registry log")?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {REGISTRY_BIN}"))?;
+        let mut reg = Registry { child, addr, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = reg.child.try_wait().context("registry wait")? {
+                bail!("the registry exited with {status}: {}", reg.log());
+            }
+            let url = format!("http://{}/v2/", reg.addr);
+            // Any HTTP answer (401 with auth) means it is serving.
+            match ureq::get(&url).timeout(Duration::from_secs(2)).call() {
+                Ok(_) | Err(ureq::Error::Status(..)) => return Ok(reg),
+                Err(ureq::Error::Transport(_)) => {}
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the registry did not answer on {url} within 20 s: {}",
+                    reg.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log"))
+            .unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+
+    /// Where the registry keeps a blob's bytes (distribution's filesystem layout).
+    pub fn blob_data(&self, hex: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // Best effort in a destructor: a registry already gone is fine, and a
+        // failure to kill is reported rather than hidden.
+        if let Err(e) = self.child.kill() {
+            eprintln!("cannot kill the registry: {e}");
+        }
+        if let Err(e) = self.child.wait() {
+            eprintln!("cannot reap the registry: {e}");
+        }
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Pushes `layout:tag` (an OCI layout) to the registry as `repo:tag`.
+pub fn push(layout: &Path, tag: &str, reg: &Registry, repo: &str, all: bool) -> Result<()> {
+    push_as(layout, tag, reg, repo, all, None)
+}
+
+/// As [`push`], with `user:password` credentials.
+pub fn push_as(
+    layout: &Path,
+    tag: &str,
+    reg: &Registry,
+    repo: &str,
+    all: bool,
+    creds: Option<&str>,
+) -> Result<()> {
+    let mut cmd = Command::new("skopeo");
+    cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+    if let Some(c) = creds {
+        cmd.arg(format!("--dest-creds={c}"));
+    }
+    if all {
+        cmd.arg("--all");
+    }
+    cmd.arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("docker://{}/{repo}:{tag}", reg.addr));
+    run(&mut cmd).map(drop)
+}
+
+/// Writes an OCI layout at `layout` with one image tagged `tag`: the given
+/// layer blobs (media type, bytes) and their uncompressed digests, and an
+/// image config for this host's platform running `cmd`.
+pub fn write_layout(
+    layout: &Path,
+    tag: &str,
+    layers: &[(&str, Vec<u8>, String)],
+    cmd: &[&str],
+) -> Result<()> {
+    use sha2::Digest as _;
+    std::fs::create_dir_all(layout.join("blobs/sha256"))?;
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    let put = |media_type: &str, bytes: &[u8]| -> Result<serde_json::Value> {
+        let hex = hex::encode(sha2::Sha256::digest(bytes));
+        std::fs::write(layout.join("blobs/sha256").join(&hex), bytes)?;
+        Ok(
+            serde_json::json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": bytes.len()}),
+        )
+    };
+    let mut descs = Vec::new();
+    for (media_type, bytes, _) in layers {
+        descs.push(put(media_type, bytes)?);
+    }
+    let diff_ids: Vec<&String> = layers.iter().map(|(_, _, d)| d).collect();
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let config = serde_json::json!({
+        "architecture": arch, "os": "linux",
+        "config": {"Cmd": cmd},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    });
+    let config = put(
+        "application/vnd.oci.image.config.v1+json",
+        &serde_json::to_vec(&config)?,
+    )?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config, "layers": descs,
+    });
+    let mut manifest = put(
+        "application/vnd.oci.image.manifest.v1+json",
+        &serde_json::to_vec(&manifest)?,
+    )?;
+    manifest["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": tag});
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [manifest]});
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
+    Ok(())
+}
