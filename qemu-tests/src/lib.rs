@@ -41,5 +41,20 @@ pub use seed::{
 };
 pub use vm::{Vm, VmOptions, DEFAULT_SSH_TIMEOUT};
 
+/// Calls `ready` every 3 s until it returns true (then `true`) or `timeout`
+/// passes (then `false`): how the tests wait on a guest.
+pub fn poll(timeout: std::time::Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let started = std::time::Instant::now();
+    loop {
+        if ready() {
+            return true;
+        }
+        if started.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(3));
+    }
+}
+
 /// One GiB, for disk sizes in tests.
 pub const GIB: u64 = 1 << 30;

@@ -4,7 +4,7 @@
 //! Each VM boot costs about a minute under TCG, so each test checks as much
 //! as one boot can show. The harness runs the VMs one at a time.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use qemu_tests::{TestImage, Vm, VmOptions, DEFAULT_SSH_TIMEOUT, GIB};
 use serde_json::Value;
@@ -323,15 +323,6 @@ fn unit_report(vm: &Vm, unit: &str) -> String {
 
 /// Calls `ready` every 2 s until it returns true (`Some`) or `timeout`
 /// passes (`None`).
-fn poll(timeout: Duration, mut ready: impl FnMut() -> bool) -> Option<()> {
-    let started = Instant::now();
-    loop {
-        if ready() {
-            return Some(());
-        }
-        if started.elapsed() >= timeout {
-            return None;
-        }
-        std::thread::sleep(Duration::from_secs(2));
-    }
+fn poll(timeout: Duration, ready: impl FnMut() -> bool) -> Option<()> {
+    qemu_tests::poll(timeout, ready).then_some(())
 }

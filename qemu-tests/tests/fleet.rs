@@ -8,12 +8,12 @@
 
 use std::collections::BTreeSet;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use os_agent::fleet::server::LocalEtcd;
 use qemu_tests::{
-    update_build, ChannelServer, TestImage, Vm, VmOptions, GUEST_CHANNEL_URL, TEST_KEY,
+    poll, update_build, ChannelServer, TestImage, Vm, VmOptions, GUEST_CHANNEL_URL, TEST_KEY,
 };
 use serde_json::Value;
 
@@ -25,19 +25,6 @@ const GROUP: &str = "qemu";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 /// Three downloads at once, then three reboots one after the other.
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(2400);
-
-fn poll(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
-    let started = Instant::now();
-    loop {
-        if ready() {
-            return true;
-        }
-        if started.elapsed() >= timeout {
-            return false;
-        }
-        std::thread::sleep(Duration::from_secs(5));
-    }
-}
 
 /// `etcdctl` (v3 API, Debian's etcd-client) against the test's etcd.
 fn etcdctl(etcd: &LocalEtcd, args: &[&str]) -> String {

@@ -6,10 +6,10 @@
 //! builds them: out/test-v2, out/test-v3, out/test-bad). Each boot costs
 //! about a minute under TCG, an update a few more.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use qemu_tests::{
-    image_build, update_build, ChannelServer, TestImage, Vm, VmOptions, DEFAULT_SSH_TIMEOUT,
+    image_build, poll, update_build, ChannelServer, TestImage, Vm, VmOptions, DEFAULT_SSH_TIMEOUT,
     GUEST_CHANNEL_URL, TEST_KEY,
 };
 use serde_json::Value;
@@ -27,20 +27,6 @@ fn boot(ch: &ChannelServer) -> Vm {
     });
     vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
     vm
-}
-
-/// Calls `ready` every 3 s until it returns true or `timeout` passes.
-fn poll(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
-    let started = Instant::now();
-    loop {
-        if ready() {
-            return true;
-        }
-        if started.elapsed() >= timeout {
-            return false;
-        }
-        std::thread::sleep(Duration::from_secs(3));
-    }
 }
 
 fn json(vm: &Vm, cmd: &str) -> Value {

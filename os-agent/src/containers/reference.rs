@@ -95,7 +95,8 @@ fn valid_tag(t: &str) -> bool {
         && t.as_bytes()[0] != b'-'
 }
 
-fn valid_registry(r: &str) -> bool {
+/// A registry host with an optional port (`registry.example.com:5000`).
+pub(crate) fn valid_registry(r: &str) -> bool {
     let (host, port) = match r.rsplit_once(':') {
         Some((h, p)) => (h, Some(p)),
         None => (r, None),

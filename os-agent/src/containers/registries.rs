@@ -25,25 +25,13 @@ pub struct RegistrySettings {
     pub password: Option<String>,
 }
 
-fn valid_host(r: &str) -> bool {
-    let (host, port) = match r.rsplit_once(':') {
-        Some((h, p)) => (h, Some(p)),
-        None => (r, None),
-    };
-    !host.is_empty()
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
-        && port.is_none_or(|p| p.parse::<u16>().is_ok())
-}
-
 /// Parses and checks the `registries` table of one file.
 pub fn parse(value: toml::Value, origin: &str) -> Result<BTreeMap<String, RegistrySettings>> {
     let table: BTreeMap<String, RegistrySettings> = value
         .try_into()
         .with_context(|| format!("{origin}: registries"))?;
     for (name, r) in &table {
-        if !valid_host(name) {
+        if !super::reference::valid_registry(name) {
             bail!("{origin}: registries.{name:?}: not a registry host[:port]");
         }
         if r.username.is_some() != r.password.is_some() {
