@@ -125,7 +125,7 @@ fn three_hosts_update_one_reboot_at_a_time() {
         ],
     );
     let config = format!(
-        "group = \"{GROUP}\"\n[update]\nchannel_url = \"{GUEST_CHANNEL_URL}\"\ninterval_secs = 30\njitter_secs = 0\nstrategy = \"fleet-lock\"\n[etcd]\nendpoints = [\"http://{GUEST_ETCD}\"]\nlease_ttl_secs = 30\n"
+        "group = \"{GROUP}\"\n[update]\nchannel_url = \"{GUEST_CHANNEL_URL}\"\ninterval_secs = 60\njitter_secs = 0\nstrategy = \"fleet-lock\"\n[etcd]\nendpoints = [\"http://{GUEST_ETCD}\"]\nlease_ttl_secs = 30\n"
     );
     for vm in &vms {
         vm.wait_ssh(BOOT_TIMEOUT);
