@@ -138,8 +138,9 @@ fn three_hosts_update_one_reboot_at_a_time() {
         seen = hosts(&etcd);
         seen.len() == 3 && seen.iter().all(|h| h["booted_version"] == v1.as_str())
     }) {
+        let journal = vms[0].ssh_ok("journalctl -b -u os-agent --no-pager | tail -30");
         vms[0].fail(format!(
-            "the three hosts did not register on {v1}: {seen:#?}"
+            "the three hosts did not register on {v1}: {seen:#?}\nos-agent:\n{journal}"
         ));
     }
 
