@@ -46,6 +46,10 @@ pub struct VmOptions {
     pub disk_size: Option<u64>,
     /// Guest memory in MiB; 1536 if `None`.
     pub memory_mib: Option<u32>,
+    /// Virtual CPUs; 2 if `None`. Several TCG guests with two vCPUs each on
+    /// a two-core machine starve each other's timers (RCU stalls, hung
+    /// boots): give them one each.
+    pub cpus: Option<u32>,
     /// More QEMU arguments, e.g. `-fw_cfg` for user data.
     pub extra_args: Vec<String>,
     /// Guest-initiated forwards added to the user network (which is
@@ -106,21 +110,25 @@ impl Vm {
         }
     }
 
-    /// Boots `n` VMs of the test image at once, each with `opts` and a disk,
-    /// port and console of its own: a small fleet. The only way to hold more
-    /// than one `Vm`; give them little memory, and expect each boot to take
-    /// `n` times as long on two cores.
-    pub fn boot_several(n: usize, opts: VmOptions) -> Vec<Vm> {
+    /// Boots `n` VMs of the test image, each with `opts` and a disk, port
+    /// and console of its own: a small fleet. The only way to hold more than
+    /// one `Vm`. They boot one after another, each started once the one
+    /// before accepts SSH (`boot_timeout` each): booting all at once under
+    /// TCG on two cores stalls them.
+    pub fn boot_several(n: usize, opts: VmOptions, boot_timeout: Duration) -> Vec<Vm> {
         let guard = Rc::new(lock(&ONE_VM_AT_A_TIME));
         let backing = TestImage::get().qcow2_path();
-        (0..n)
-            .map(
-                |i| match Self::try_boot(&backing, opts.clone(), Rc::clone(&guard)) {
-                    Ok(vm) => vm,
-                    Err(e) => panic!("booting test VM {i} of {n} failed: {e:#}"),
-                },
-            )
-            .collect()
+        let mut vms = Vec::with_capacity(n);
+        for i in 0..n {
+            match Self::try_boot(&backing, opts.clone(), Rc::clone(&guard)) {
+                Ok(vm) => {
+                    vm.wait_ssh(boot_timeout);
+                    vms.push(vm);
+                }
+                Err(e) => panic!("booting test VM {i} of {n} failed: {e:#}"),
+            }
+        }
+        vms
     }
 
     fn try_boot(backing: &Path, opts: VmOptions, guard: Rc<MutexGuard<'static, ()>>) -> Result<Vm> {
@@ -489,6 +497,7 @@ impl Vm {
             dir: &self.dir_path,
             accel: accel()?,
             memory_mib: self.opts.memory_mib.unwrap_or(1536),
+            cpus: self.opts.cpus.unwrap_or(2),
             ssh_port: port,
             ovmf_code: env_or("BALLAST_OVMF_CODE", OVMF_CODE),
             guest_forwards: &self.opts.guest_forwards,
@@ -566,6 +575,7 @@ struct QemuConfig<'a> {
     dir: &'a Path,
     accel: Accel,
     memory_mib: u32,
+    cpus: u32,
     ssh_port: u16,
     ovmf_code: String,
     guest_forwards: &'a [String],
@@ -606,7 +616,7 @@ fn qemu_args(c: &QemuConfig<'_>) -> Result<Vec<String>> {
         "-m".into(),
         c.memory_mib.to_string(),
         "-smp".into(),
-        "2".into(),
+        c.cpus.to_string(),
         "-display".into(),
         "none".into(),
         "-drive".into(),
@@ -749,6 +759,7 @@ mod tests {
             dir: Path::new("/tmp/vm"),
             accel: Accel::Tcg,
             memory_mib: 1536,
+            cpus: 2,
             ssh_port: 40022,
             ovmf_code: OVMF_CODE.into(),
             guest_forwards: &[],
@@ -774,6 +785,7 @@ mod tests {
             dir: Path::new("/tmp/a,b"),
             accel: Accel::Kvm,
             memory_mib: 512,
+            cpus: 1,
             ssh_port: 1,
             ovmf_code: OVMF_CODE.into(),
             guest_forwards: &[],
