@@ -713,13 +713,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// How long the console may stay silent after the guest's reset before the
 /// firmware counts as stuck.
-const RESET_STALL: Duration = Duration::from_secs(60);
+/// Longer than the slowest healthy firmware start seen under TCG on a
+/// loaded machine.
+const RESET_STALL: Duration = Duration::from_secs(150);
 
 /// Notices a machine that reset itself and then printed nothing.
+///
+/// Fires at most once per console state: a firmware that is only slow
+/// (under load) is not reset again and again, which would keep it from
+/// ever booting.
 #[derive(Default)]
 struct ResetWatch {
     len: u64,
     since: Option<Instant>,
+    fired_at_len: Option<u64>,
 }
 
 impl ResetWatch {
@@ -730,6 +737,9 @@ impl ResetWatch {
             self.since = Some(Instant::now());
             return false;
         }
+        if self.fired_at_len == Some(len) {
+            return false;
+        }
         let ended_in_reset = console
             .tail(3)
             .lines()
@@ -737,7 +747,7 @@ impl ResetWatch {
             .is_some_and(|l| l.contains("reboot: machine restart"));
         match self.since {
             Some(t) if ended_in_reset && t.elapsed() >= RESET_STALL => {
-                self.since = Some(Instant::now());
+                self.fired_at_len = Some(len);
                 true
             }
             None => {
