@@ -210,18 +210,30 @@ impl Vm {
     }
 
     /// Seen under TCG, now and then: after the guest's own reset the
-    /// firmware never starts again (a fresh QEMU on the same disk and
-    /// variables boots). The guest had already shut down cleanly, so a
-    /// second reset loses nothing.
+    /// firmware never starts again, and a system_reset does not help either
+    /// (a fresh QEMU on the same disk and variables boots). The guest had
+    /// already shut down cleanly and flushed its disk, so restarting QEMU
+    /// loses nothing.
     fn unstick_firmware(&self) {
         if lock(&self.monitor).is_none() {
             return; // powered off
         }
         if lock(&self.reset_watch).firmware_stuck(&self.console) {
+            // A system_reset does not bring it back; a fresh QEMU on the same
+            // disk, variables and SSH port does.
             eprintln!(
-                "firmware printed nothing for {RESET_STALL:?} after the guest reset; resetting the machine"
+                "firmware printed nothing for {RESET_STALL:?} after the guest reset; starting QEMU afresh"
             );
-            self.reset_hard();
+            let restarted = self
+                .stop()
+                .and_then(|()| self.spawn_qemu(self.ssh.port))
+                .map(|(child, monitor)| {
+                    *lock(&self.qemu) = Some(child);
+                    *lock(&self.monitor) = Some(monitor);
+                });
+            if let Err(e) = restarted {
+                self.fail(format!("restarting QEMU after a stuck reset: {e:#}"));
+            }
         }
     }
 
@@ -533,7 +545,7 @@ impl Vm {
     }
 
     /// Ends QEMU: `quit` on the monitor, a kill if that does not work.
-    fn stop(&mut self) -> Result<()> {
+    fn stop(&self) -> Result<()> {
         let Some(mut child) = lock(&self.qemu).take() else {
             return Ok(());
         };
