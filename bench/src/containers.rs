@@ -7,8 +7,7 @@
 //!
 //! Usage: containers [MiB] (default 128)
 
-#[path = "../../os-agent/tests/support/registry.rs"]
-mod registry;
+use os_agent::containers::local_registry as registry;
 
 use anyhow::{Context, Result};
 use os_agent::containers::reference::Reference;

@@ -2,7 +2,7 @@
 //! join the fleet in etcd if the config names one, then run the update loop
 //! until asked to stop.
 
-use crate::fleet::{self, lock::EtcdLock, register::Registration, Fleet};
+use crate::fleet::{self, lock::EtcdLock, model::Containers, register::Registration, Fleet};
 use crate::host::Host;
 use crate::status::{self, HostStatus};
 use crate::update::{
@@ -54,7 +54,7 @@ async fn wait_for_stop() -> Result<&'static str> {
 async fn update_loop(
     host: Arc<dyn Host + Send + Sync>,
     lock: Arc<dyn RebootLock + Send + Sync>,
-    fleet: Option<FleetState>,
+    fleet: Option<Arc<FleetState>>,
 ) {
     let settings = crate::config::load_and_warn(&*host).map(|s| s.update);
     let first = settings
@@ -103,12 +103,18 @@ async fn update_loop(
     }
 }
 
-/// The daemon's membership in the fleet.
+/// The daemon's membership in the fleet, shared by the update and the
+/// containers loops.
 struct FleetState {
     fleet: Fleet,
     registration: Registration,
     wake: Arc<tokio::sync::Notify>,
     policy_watch: tokio::task::JoinHandle<()>,
+    /// The desired containers in etcd, as last read by `desired_watch`.
+    desired: fleet::containers::Shared,
+    desired_watch: tokio::task::JoinHandle<()>,
+    /// The containers loop's last count, for the record.
+    containers: std::sync::Mutex<Containers>,
 }
 
 impl FleetState {
@@ -117,7 +123,14 @@ impl FleetState {
     async fn refresh(&self, host: Arc<dyn Host + Send + Sync>) {
         let (group, id) = (self.fleet.group.clone(), self.fleet.machine_id.clone());
         match tokio::task::spawn_blocking(move || fleet::agent::record(&*host, &group, &id)).await {
-            Ok(Ok(r)) => self.registration.update(r),
+            Ok(Ok(mut r)) => {
+                r.containers = self
+                    .containers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                self.registration.update(r)
+            }
             Ok(Err(e)) => tracing::warn!("cannot build the fleet record: {e:#}"),
             Err(e) => tracing::warn!("cannot build the fleet record: {e}"),
         }
@@ -127,6 +140,7 @@ impl FleetState {
 impl Drop for FleetState {
     fn drop(&mut self) {
         self.policy_watch.abort();
+        self.desired_watch.abort();
     }
 }
 
@@ -154,9 +168,13 @@ async fn join_fleet(host: Arc<dyn Host + Send + Sync>) -> Result<Option<FleetSta
         fs.group
     );
     let wake = Arc::new(tokio::sync::Notify::new());
+    let desired = fleet::containers::Shared::default();
     Ok(Some(FleetState {
         registration: Registration::start(f.clone(), record),
         policy_watch: tokio::spawn(fleet::agent::watch_policy(f.clone(), wake.clone())),
+        desired_watch: tokio::spawn(fleet::containers::watch_desired(f.clone(), desired.clone())),
+        desired,
+        containers: std::sync::Mutex::new(Containers::default()),
         fleet: f,
         wake,
     }))
@@ -165,9 +183,10 @@ async fn join_fleet(host: Arc<dyn Host + Send + Sync>) -> Result<Option<FleetSta
 /// How often the containers are reconciled after the first pass at start.
 const RECONCILE_EVERY: Duration = Duration::from_secs(60);
 
-/// Reconciles the containers at start and then every [`RECONCILE_EVERY`].
-/// A failed pass is logged and retried; the units keep running meanwhile.
-async fn containers_loop(host: Arc<dyn Host + Send + Sync>) {
+/// Reconciles the containers at start, then every [`RECONCILE_EVERY`] and
+/// whenever the desired containers in etcd change. A failed pass is logged
+/// and retried; the units keep running meanwhile.
+async fn containers_loop(host: Arc<dyn Host + Send + Sync>, fleet: Option<Arc<FleetState>>) {
     use crate::containers::agent::{self, Tags};
     let paths = agent::Paths::default();
     for n in 0u64.. {
@@ -176,20 +195,48 @@ async fn containers_loop(host: Arc<dyn Host + Send + Sync>) {
         } else {
             Tags::Cached
         };
+        let remote = fleet
+            .as_ref()
+            .map(|f| f.desired.sources())
+            .unwrap_or_default();
         let pass = async {
             let sd = crate::containers::systemd::Systemd::connect().await?;
-            agent::reconcile_once(host.clone(), &sd, &paths, tags).await
+            agent::reconcile_once(host.clone(), &sd, &paths, tags, remote).await
         };
         match pass.await {
-            Ok(r) if r.actions.is_empty() && r.problems.is_empty() => {}
-            Ok(r) => tracing::info!(
-                "containers: {} action(s), {} problem(s)",
-                r.actions.len(),
-                r.problems.len()
-            ),
+            Ok(r) => {
+                if !(r.actions.is_empty() && r.problems.is_empty()) {
+                    tracing::info!(
+                        "containers: {} action(s), {} problem(s)",
+                        r.actions.len(),
+                        r.problems.len()
+                    );
+                }
+                if let Some(f) = &fleet {
+                    let changed = {
+                        let mut c = f
+                            .containers
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        std::mem::replace(&mut *c, r.summary.clone()) != r.summary
+                    };
+                    if changed {
+                        f.refresh(host.clone()).await;
+                    }
+                }
+            }
             Err(e) => tracing::error!("containers: reconcile failed: {e:#}"),
         }
-        tokio::time::sleep(RECONCILE_EVERY).await;
+        let sleep = tokio::time::sleep(RECONCILE_EVERY);
+        match &fleet {
+            Some(f) => {
+                tokio::select! {
+                    _ = sleep => {}
+                    _ = f.desired.changed.notified() => {}
+                }
+            }
+            None => sleep.await,
+        }
     }
 }
 
@@ -215,7 +262,7 @@ pub fn run(host: Arc<dyn Host + Send + Sync>) -> Result<()> {
                 fleet: f.fleet.clone(),
                 runtime: rt.handle().clone(),
             }),
-            Some(f),
+            Some(Arc::new(f)),
         ),
         Ok(None) => (Arc::new(NoopLock), None),
         Err(e) => {
@@ -224,10 +271,10 @@ pub fn run(host: Arc<dyn Host + Send + Sync>) -> Result<()> {
             (Arc::new(RefuseLock(format!("{e:#}"))), None)
         }
     };
-    let updates = rt.spawn(update_loop(host.clone(), lock, fleet));
+    let updates = rt.spawn(update_loop(host.clone(), lock, fleet.clone()));
     // Container units are not the agent's children: they keep running when
     // it stops, and the next start reconciles them.
-    let containers = rt.spawn(containers_loop(host.clone()));
+    let containers = rt.spawn(containers_loop(host.clone(), fleet));
     let why = rt.block_on(wait_for_stop())?;
     updates.abort();
     containers.abort();

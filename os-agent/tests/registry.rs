@@ -2,9 +2,8 @@
 //! with skopeo to Debian's docker-registry on 127.0.0.1, pulled, verified and
 //! unpacked by os-agent; a corrupted blob in the registry's storage is refused.
 
-mod support;
-
 use anyhow::{Context, Result};
+use os_agent::containers::local_registry::{layer_tar, push, push_as, Entry, Registry};
 use os_agent::containers::oci::Platform;
 use os_agent::containers::reference::Reference;
 use os_agent::containers::registry::{PullError, Puller};
@@ -12,52 +11,6 @@ use os_agent::containers::store::{Store, StoreError};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use support::registry::{push, push_as, Registry};
-
-/// One layer entry as the test writes it.
-enum Entry {
-    Dir(&'static str),
-    File(&'static str, Vec<u8>),
-    Symlink(&'static str, &'static str),
-    Hardlink(&'static str, &'static str),
-}
-
-fn layer_tar(entries: &[Entry]) -> Result<Vec<u8>> {
-    let mut b = tar::Builder::new(Vec::new());
-    for e in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_mtime(1_700_000_000);
-        h.set_uid(0);
-        h.set_gid(0);
-        match e {
-            Entry::Dir(p) => {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_mode(0o755);
-                h.set_size(0);
-                b.append_data(&mut h, p, std::io::empty())?;
-            }
-            Entry::File(p, data) => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_mode(0o644);
-                h.set_size(data.len() as u64);
-                b.append_data(&mut h, p, &data[..])?;
-            }
-            Entry::Symlink(p, t) => {
-                h.set_entry_type(tar::EntryType::Symlink);
-                h.set_mode(0o777);
-                h.set_size(0);
-                b.append_link(&mut h, p, t)?;
-            }
-            Entry::Hardlink(p, t) => {
-                h.set_entry_type(tar::EntryType::Link);
-                h.set_mode(0o644);
-                h.set_size(0);
-                b.append_link(&mut h, p, t)?;
-            }
-        }
-    }
-    Ok(b.into_inner()?)
-}
 
 fn sha256_hex(b: &[u8]) -> String {
     hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b))
@@ -369,7 +322,7 @@ fn reconcile_pass_without_systemd() -> Result<()> {
 
     // New container: pulled, rendered, created.
     write_desired("a")?;
-    let p = prepare(&host, &paths, Tags::Refresh)?;
+    let p = prepare(&host, &paths, Tags::Refresh, &[])?;
     assert!(p.problems.is_empty(), "{:?}", p.problems);
     assert_eq!(p.plan(&none), vec![Action::Create("app".into())]);
     let unit = &p.rendered["app"];
@@ -400,14 +353,14 @@ fn reconcile_pass_without_systemd() -> Result<()> {
         .save(&host, &paths.state_file)?;
 
     // Written and running: nothing to do; written but stopped: start.
-    let p = prepare(&host, &paths, Tags::Refresh)?;
+    let p = prepare(&host, &paths, Tags::Refresh, &[])?;
     assert_eq!(p.plan(&app_active), vec![]);
     assert_eq!(p.plan(&none), vec![Action::Start("app".into())]);
     assert!(p.layers.is_none(), "unchanged layers are not saved again");
 
     // The env changes: replace.
     write_desired("b")?;
-    let p = prepare(&host, &paths, Tags::Refresh)?;
+    let p = prepare(&host, &paths, Tags::Refresh, &[])?;
     assert_eq!(p.plan(&app_active), vec![Action::Replace("app".into())]);
     let changed = p.rendered["app"].clone();
     host.write_atomic(&unit_path, changed.text.as_bytes())?;
@@ -416,10 +369,10 @@ fn reconcile_pass_without_systemd() -> Result<()> {
     // goes away. Refreshing, the failed pull is reported and the last pulled
     // image keeps the container as is.
     drop(reg);
-    let p = prepare(&host, &paths, Tags::Cached)?;
+    let p = prepare(&host, &paths, Tags::Cached, &[])?;
     assert!(p.problems.is_empty(), "{:?}", p.problems);
     assert_eq!(p.plan(&app_active), vec![]);
-    let p = prepare(&host, &paths, Tags::Refresh)?;
+    let p = prepare(&host, &paths, Tags::Refresh, &[])?;
     assert_eq!(p.problems.len(), 1, "{:?}", p.problems);
     assert!(
         p.problems[0].contains("container app: cannot pull")
@@ -432,7 +385,7 @@ fn reconcile_pass_without_systemd() -> Result<()> {
 
     // Deleted from the desired state: removed.
     host.remove_file(file)?;
-    let p = prepare(&host, &paths, Tags::Refresh)?;
+    let p = prepare(&host, &paths, Tags::Refresh, &[])?;
     assert_eq!(p.plan(&app_active), vec![Action::Remove("app".into())]);
     assert!(p.keep.is_empty());
     Ok(())

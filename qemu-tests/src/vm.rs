@@ -57,6 +57,9 @@ pub struct VmOptions {
     /// `tcp:10.0.2.100:80-tcp:127.0.0.1:8080` lets the guest reach a host
     /// server at 10.0.2.100:80.
     pub guest_forwards: Vec<String>,
+    /// Guest TCP ports reachable from the host: each gets a host port on
+    /// 127.0.0.1 picked at start ([`Vm::host_port`]).
+    pub host_forwards: Vec<u16>,
     /// The test gives the guest its own user data in `extra_args` (a seed,
     /// fw_cfg files, or none at all). Otherwise the harness adds fw_cfg user
     /// data that gives root the fixture SSH key: the test image bakes no
@@ -86,6 +89,9 @@ pub struct Vm {
     harness_user_data: Option<FwCfg>,
     /// Notices firmware stuck after a guest reset (see `unstick_firmware`).
     reset_watch: Mutex<ResetWatch>,
+    /// (host port, guest port) of [`VmOptions::host_forwards`], as picked
+    /// at the last start.
+    forwards: Vec<(u16, u16)>,
     /// Shared by the VMs of one [`Vm::boot_several`].
     _one_at_a_time: Rc<MutexGuard<'static, ()>>,
 }
@@ -152,6 +158,7 @@ impl Vm {
             monitor: Mutex::new(None),
             harness_user_data,
             reset_watch: Mutex::new(ResetWatch::default()),
+            forwards: Vec::new(),
             _one_at_a_time: guard,
         };
         match vm.start() {
@@ -172,6 +179,15 @@ impl Vm {
     /// The host port forwarded to the guest's SSH port.
     pub fn ssh_port(&self) -> u16 {
         self.ssh.port
+    }
+
+    /// The host port on 127.0.0.1 that reaches guest TCP port `guest` (one
+    /// of [`VmOptions::host_forwards`]). Panics for a port not forwarded.
+    pub fn host_port(&self, guest: u16) -> u16 {
+        match self.forwards.iter().find(|(_, g)| *g == guest) {
+            Some((host, _)) => *host,
+            None => self.fail(format_args!("guest port {guest} is not in host_forwards")),
+        }
     }
 
     /// Polls SSH until the guest accepts the test key. Panics if QEMU exits
@@ -226,7 +242,7 @@ impl Vm {
             );
             let restarted = self
                 .stop()
-                .and_then(|()| self.spawn_qemu(self.ssh.port))
+                .and_then(|()| self.spawn_qemu(self.ssh.port, &self.forwards))
                 .map(|(child, monitor)| {
                     *lock(&self.qemu) = Some(child);
                     *lock(&self.monitor) = Some(monitor);
@@ -474,9 +490,16 @@ impl Vm {
         let mut last_err = None;
         for _ in 0..PORT_ATTEMPTS {
             let port = pick_free_port().context("picking a host port for SSH")?;
-            match self.spawn_qemu(port) {
+            let forwards = self
+                .opts
+                .host_forwards
+                .iter()
+                .map(|&g| Ok((pick_free_port().context("picking a host port")?, g)))
+                .collect::<Result<Vec<_>>>()?;
+            match self.spawn_qemu(port, &forwards) {
                 Ok((child, monitor)) => {
                     self.ssh.port = port;
+                    self.forwards = forwards;
                     *lock(&self.qemu) = Some(child);
                     *lock(&self.monitor) = Some(monitor);
                     return Ok(());
@@ -496,7 +519,7 @@ impl Vm {
             .context(format!("no free host port after {PORT_ATTEMPTS} attempts")))
     }
 
-    fn spawn_qemu(&self, port: u16) -> Result<(Child, Monitor)> {
+    fn spawn_qemu(&self, port: u16, forwards: &[(u16, u16)]) -> Result<(Child, Monitor)> {
         let monitor_path = self.dir_path.join("monitor.sock");
         if monitor_path.exists() {
             std::fs::remove_file(&monitor_path)
@@ -513,6 +536,7 @@ impl Vm {
             ssh_port: port,
             ovmf_code: env_or("BALLAST_OVMF_CODE", OVMF_CODE),
             guest_forwards: &self.opts.guest_forwards,
+            host_forwards: forwards,
         })?;
         let mut child = Command::new("qemu-system-x86_64")
             .args(&args)
@@ -591,6 +615,8 @@ struct QemuConfig<'a> {
     ssh_port: u16,
     ovmf_code: String,
     guest_forwards: &'a [String],
+    /// (host port, guest port).
+    host_forwards: &'a [(u16, u16)],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -645,8 +671,12 @@ fn qemu_args(c: &QemuConfig<'_>) -> Result<Vec<String>> {
         // restrict=on: the guest reaches nothing but the host forwards.
         "-netdev".into(),
         format!(
-            "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22{}",
+            "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22{}{}",
             c.ssh_port,
+            c.host_forwards
+                .iter()
+                .map(|(h, g)| format!(",hostfwd=tcp:127.0.0.1:{h}-:{g}"))
+                .collect::<String>(),
             c.guest_forwards
                 .iter()
                 .map(|g| format!(",guestfwd={g}"))
@@ -785,6 +815,7 @@ mod tests {
             ssh_port: 40022,
             ovmf_code: OVMF_CODE.into(),
             guest_forwards: &[],
+            host_forwards: &[],
         })
         .unwrap();
         let joined = args.join(" ");
@@ -811,6 +842,7 @@ mod tests {
             ssh_port: 1,
             ovmf_code: OVMF_CODE.into(),
             guest_forwards: &[],
+            host_forwards: &[],
         })
         .unwrap_err();
         assert!(err.to_string().contains("comma"));

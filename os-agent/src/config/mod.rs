@@ -248,11 +248,20 @@ pub fn load(host: &dyn Host) -> Result<Loaded> {
     })
 }
 
-/// Loads the configuration and logs a warning per unknown key.
+/// Loads the configuration and logs a warning per unknown key, once per
+/// process: the daemon reads the config on every tick, and the same warning
+/// each time would bury everything else in the journal.
 pub fn load_and_warn(host: &dyn Host) -> Result<Settings> {
+    static WARNED: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
     let loaded = load(host)?;
+    let mut warned = WARNED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for u in &loaded.unknown_keys {
-        tracing::warn!("{u}");
+        if warned.insert(u.to_string()) {
+            tracing::warn!("{u}");
+        }
     }
     Ok(loaded.settings)
 }

@@ -14,6 +14,7 @@ use super::registry::{reference_key, Puller};
 use super::store::{Image, Store};
 use super::systemd::UnitManager;
 use super::unit::{self, Rendered};
+use crate::fleet::model::Containers;
 use crate::host::Host;
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
@@ -45,6 +46,37 @@ impl Default for Paths {
 pub struct Report {
     pub actions: Vec<Action>,
     pub problems: Vec<String>,
+    /// The containers' states after the pass, for the host's fleet record.
+    pub summary: Containers,
+}
+
+/// Counts for the host's record: enabled containers, those whose unit is
+/// up, and those whose unit failed or that have no unit and no image.
+pub async fn summarize<S: UnitManager>(
+    sd: &S,
+    want: &BTreeMap<String, Want>,
+    current: &BTreeMap<String, Option<String>>,
+) -> Result<Containers> {
+    let mut s = Containers::default();
+    for (name, w) in want {
+        if *w == Want::Disabled {
+            continue;
+        }
+        s.desired += 1;
+        let unit_exists = current.contains_key(name) || matches!(w, Want::Run { .. });
+        let state = if unit_exists {
+            sd.state(&unit::unit_name(name)).await?.0
+        } else {
+            String::new()
+        };
+        match state.as_str() {
+            "active" | "activating" | "reloading" => s.running += 1,
+            "failed" => s.failed += 1,
+            _ if *w == Want::Unresolved => s.failed += 1,
+            _ => {}
+        }
+    }
+    Ok(s)
 }
 
 /// The blocking half of a pass: desired state, images, rendered units,
@@ -151,12 +183,20 @@ pub fn current_units(host: &dyn Host, dir: &Path) -> Result<BTreeMap<String, Opt
     Ok(out)
 }
 
-/// Loads the desired state, pulls (or finds) images and renders units.
-pub fn prepare(host: &dyn Host, paths: &Paths, tags: Tags) -> Result<Prepared> {
+/// Loads the desired state from the local sources and `remote` (etcd's
+/// layers, when the host is in a fleet), pulls (or finds) images and renders
+/// units.
+pub fn prepare(
+    host: &dyn Host,
+    paths: &Paths,
+    tags: Tags,
+    remote: &[Box<dyn Source + Send>],
+) -> Result<Prepared> {
     let saved = SavedLayers::load(host, &paths.state_file)?;
     let files = FilesSource { host };
     let agent = AgentConfigSource { host };
-    let sources: [&dyn Source; 2] = [&agent, &files];
+    let mut sources: Vec<&dyn Source> = vec![&agent, &files];
+    sources.extend(remote.iter().map(|s| &**s as &dyn Source));
     let loaded = desired::load_all(&sources, &saved);
     let mut problems = loaded.problems;
     let store = Store::open(&paths.store)?;
@@ -304,15 +344,17 @@ pub async fn execute<S: UnitManager>(
     problems
 }
 
-/// One reconcile pass against the real systemd.
+/// One reconcile pass against the real systemd, with `remote` as in
+/// [`prepare`].
 pub async fn reconcile_once<S: UnitManager>(
     host: Arc<dyn Host + Send + Sync>,
     sd: &S,
     paths: &Paths,
     tags: Tags,
+    remote: Vec<Box<dyn Source + Send>>,
 ) -> Result<Report> {
     let (h, p) = (host.clone(), paths.clone());
-    let prepared = tokio::task::spawn_blocking(move || prepare(&*h, &p, tags))
+    let prepared = tokio::task::spawn_blocking(move || prepare(&*h, &p, tags, &remote))
         .await
         .context("the container preparation task failed")??;
     let mut active = BTreeMap::new();
@@ -346,7 +388,12 @@ pub async fn reconcile_once<S: UnitManager>(
     for p in &problems {
         tracing::error!("containers: {p}");
     }
-    Ok(Report { actions, problems })
+    let summary = summarize(sd, &prepared.want, &prepared.current).await?;
+    Ok(Report {
+        actions,
+        problems,
+        summary,
+    })
 }
 
 #[cfg(test)]

@@ -245,9 +245,17 @@ pub struct Loaded {
 }
 
 /// Loads every source; a source that fails keeps its last good layer from
-/// `saved`, and the failure is reported in `problems`.
+/// `saved`, and the failure is reported in `problems`. A saved layer whose
+/// source is gone (the host left its fleet) is dropped with its containers.
 pub fn load_all(sources: &[&dyn Source], saved: &SavedLayers) -> Loaded {
-    let mut layers = saved.clone();
+    let mut layers = SavedLayers {
+        layers: saved
+            .layers
+            .iter()
+            .filter(|(name, _)| sources.iter().any(|s| s.layer() == name.as_str()))
+            .map(|(name, cs)| (name.clone(), cs.clone()))
+            .collect(),
+    };
     let mut problems = Vec::new();
     for s in sources {
         match s.load() {

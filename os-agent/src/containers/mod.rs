@@ -7,10 +7,12 @@
 //!   [`unpack`]: images.
 //! - [`unit`](mod@unit), [`reconcile`], [`systemd`], [`agent`]: running them.
 //! - [`cli`]: `osctl containers`.
+//! - [`local_registry`]: a real registry for tests and benchmarks.
 
 pub mod agent;
 pub mod cli;
 pub mod desired;
+pub mod local_registry;
 pub mod oci;
 pub mod reconcile;
 pub mod reference;

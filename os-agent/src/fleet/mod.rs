@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: the `[etcd]` section and `group` of the agent config;
 //! - [`agent`]: the daemon's side: the host's record, the policy watch;
+//! - [`containers`](mod@containers): the desired containers kept in etcd;
 //! - [`model`]: key layout and the JSON values, parsed as untrusted input;
 //! - [`register`]: the host's record, on a lease kept alive;
 //! - [`lock`]: the semaphore, failure reports, and [`lock::EtcdLock`], the
@@ -18,6 +19,7 @@ pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod containers;
 pub mod lock;
 pub mod model;
 pub mod register;

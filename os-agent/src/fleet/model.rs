@@ -92,6 +92,16 @@ impl Keys {
         format!("{}{machine_id}", self.failures_of(group, version))
     }
 
+    /// The group's desired containers, one key per container name.
+    pub fn group_containers(&self, group: &str) -> String {
+        format!("{}/containers/groups/{group}/", self.prefix)
+    }
+
+    /// One host's own desired containers, one key per container name.
+    pub fn host_containers(&self, machine_id: &str) -> String {
+        format!("{}/containers/hosts/{machine_id}/", self.prefix)
+    }
+
     /// Set once a host of the group booted `version` and it was blessed;
     /// until then the group takes it one host at a time (safe mode).
     pub fn proven(&self, group: &str, version: &str) -> String {
@@ -337,5 +347,7 @@ mod tests {
             "/ballast/groups/web/failures/2.0/m1"
         );
         assert_eq!(k.proven("web", "2.0"), "/ballast/groups/web/proven/2.0");
+        assert_eq!(k.group_containers("web"), "/ballast/containers/groups/web/");
+        assert_eq!(k.host_containers("m1"), "/ballast/containers/hosts/m1/");
     }
 }

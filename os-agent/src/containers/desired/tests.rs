@@ -208,6 +208,59 @@ fn local_sources_and_last_good_layer() {
     assert!(loaded.desired.is_empty());
 }
 
+/// A source standing for etcd: unreachable, or holding `containers`.
+struct Remote(&'static str, Option<Vec<Container>>);
+
+impl Source for Remote {
+    fn layer(&self) -> &'static str {
+        self.0
+    }
+
+    fn load(&self) -> Result<Vec<Container>, SourceError> {
+        self.1
+            .clone()
+            .ok_or_else(|| SourceError::Unavailable("etcd".into(), "connection refused".into()))
+    }
+}
+
+#[test]
+fn unreachable_layers_keep_their_saved_version_and_a_gone_source_its_nothing() {
+    let saved = SavedLayers {
+        layers: [
+            (
+                "etcd-host".to_string(),
+                vec![container("web", "r.example/web:1")],
+            ),
+            (
+                "etcd-group".to_string(),
+                vec![container("db", "r.example/db:1")],
+            ),
+        ]
+        .into(),
+    };
+    // etcd down: both saved layers run.
+    let host = Remote("etcd-host", None);
+    let group = Remote("etcd-group", None);
+    let loaded = load_all(&[&host, &group], &saved);
+    assert_eq!(loaded.desired.keys().collect::<Vec<_>>(), ["db", "web"]);
+    assert_eq!(loaded.problems.len(), 2, "{:?}", loaded.problems);
+    assert!(
+        loaded.problems[0].contains("etcd is unavailable: connection refused")
+            && loaded.problems[0].contains("its last good layer is kept"),
+        "{:?}",
+        loaded.problems
+    );
+    assert_eq!(loaded.layers, saved);
+    // etcd back with the host's key deleted.
+    let host = Remote("etcd-host", Some(Vec::new()));
+    let loaded = load_all(&[&host, &group], &saved);
+    assert_eq!(loaded.desired.keys().collect::<Vec<_>>(), ["db"]);
+    // The host left the fleet: no etcd sources, so nothing of theirs runs.
+    let loaded = load_all(&[], &saved);
+    assert!(loaded.desired.is_empty() && loaded.problems.is_empty());
+    assert!(loaded.layers.layers.is_empty());
+}
+
 #[test]
 fn corrupt_saved_state_is_an_error() {
     let dir = tempfile::tempdir().expect("tempdir");

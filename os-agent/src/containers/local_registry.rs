@@ -1,10 +1,8 @@
 //! A real OCI registry (Debian's `docker-registry`) on 127.0.0.1 with a port
 //! chosen at run time and storage in a temporary directory, killed on drop;
-//! and images (OCI layouts) pushed to it with skopeo. Shared by the registry
-//! tests and the containers bench (which includes this file by path).
-
-// Shared by the registry test and the bench; each uses part of it.
-#![allow(dead_code)]
+//! images written as OCI layouts (layers from [`layer_tar`]) and pushed to it
+//! with skopeo. For the registry tests, the containers bench and the QEMU
+//! tests, as [`crate::fleet::server`] is for etcd: the agent never runs it.
 
 use anyhow::{bail, Context, Result};
 use std::net::TcpListener;
@@ -120,6 +118,58 @@ impl Drop for Registry {
     }
 }
 
+/// One entry of a layer tar built by [`layer_tar`].
+pub enum Entry<'a> {
+    Dir(&'a str),
+    /// A regular file, mode 0644.
+    File(&'a str, Vec<u8>),
+    /// A regular file, mode 0755.
+    Executable(&'a str, Vec<u8>),
+    Symlink(&'a str, &'a str),
+    Hardlink(&'a str, &'a str),
+}
+
+/// A layer tar of `entries`, owned by root, with a fixed modification time.
+pub fn layer_tar(entries: &[Entry<'_>]) -> Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_size(0);
+        match e {
+            Entry::Dir(p) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                b.append_data(&mut h, p, std::io::empty())?;
+            }
+            Entry::File(p, data) | Entry::Executable(p, data) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(if matches!(e, Entry::File(..)) {
+                    0o644
+                } else {
+                    0o755
+                });
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, p, &data[..])?;
+            }
+            Entry::Symlink(p, t) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                b.append_link(&mut h, p, t)?;
+            }
+            Entry::Hardlink(p, t) => {
+                h.set_entry_type(tar::EntryType::Link);
+                h.set_mode(0o644);
+                b.append_link(&mut h, p, t)?;
+            }
+        }
+    }
+    Ok(b.into_inner()?)
+}
+
+/// Runs `cmd`; its stdout, or an error with both outputs.
 pub fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())

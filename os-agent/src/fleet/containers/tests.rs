@@ -1,0 +1,204 @@
+use super::*;
+use crate::fleet::config::FleetSettings;
+use crate::fleet::server::LocalEtcd;
+
+const PREFIX: &str = "/ballast/containers/hosts/m1/";
+
+fn kv(name: &str, value: &str) -> (String, Vec<u8>) {
+    (format!("{PREFIX}{name}"), value.as_bytes().to_vec())
+}
+
+#[test]
+fn the_key_names_the_container() {
+    let cs = parse_layer(
+        PREFIX,
+        &[
+            kv("web", r#"{"image": "registry.lan:5000/web:1", "env": {"A": "1"}}"#),
+            kv("db", r#"{"name": "db", "image": "db@sha256:0000000000000000000000000000000000000000000000000000000000000000"}"#),
+        ],
+    )
+    .unwrap();
+    let names: Vec<&str> = cs.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["web", "db"]);
+    assert_eq!(cs[0].env.get("A").map(String::as_str), Some("1"));
+    assert_eq!(parse_layer(PREFIX, &[]).unwrap(), Vec::<Container>::new());
+}
+
+/// Every bad value is named by its key and field; one bad key fails the
+/// whole layer (its last good version stays).
+#[test]
+fn bad_values_name_the_key_and_the_problem() {
+    let cases: &[(&str, &str, &str, &str)] = &[
+        ("web", "not json", "(value)", "is not JSON"),
+        (
+            "web",
+            r#"["web"]"#,
+            "(value)",
+            "is an array, not a JSON object",
+        ),
+        (
+            "web",
+            r#""web""#,
+            "(value)",
+            "is a string, not a JSON object",
+        ),
+        ("web", "null", "(value)", "is null, not a JSON object"),
+        (
+            "web",
+            r#"{"name": "api", "image": "web:1"}"#,
+            "name",
+            "the key names the container \"web\"",
+        ),
+        ("web", r#"{"name": 7, "image": "web:1"}"#, "name", "is 7"),
+        (
+            "web",
+            r#"{"image": "web:1", "memmory": "1G"}"#,
+            "(value)",
+            "unknown field `memmory`",
+        ),
+        (
+            "web",
+            r#"{"image": "web:1", "cpus": "two"}"#,
+            "(value)",
+            "invalid type",
+        ),
+        ("web", r#"{}"#, "image", ""),
+        ("web", r#"{"image": "Not A Reference"}"#, "image", ""),
+        ("Web_1", r#"{"image": "web:1"}"#, "name", ""),
+        (
+            "web",
+            r#"{"image": "web:1", "volumes": ["/etc:/etc"]}"#,
+            "volumes[0]",
+            "under /var/",
+        ),
+    ];
+    for (name, value, field, message) in cases {
+        let errors = parse_layer(PREFIX, &[kv("ok", r#"{"image": "ok:1"}"#), kv(name, value)])
+            .expect_err(value);
+        assert_eq!(errors.len(), 1, "{value}: {errors:?}");
+        let e = &errors[0];
+        assert_eq!(e.origin, format!("{PREFIX}{name}"), "{value}");
+        assert_eq!(e.field, *field, "{value}: {e}");
+        assert!(e.message.contains(message), "{value}: {e}");
+    }
+}
+
+#[test]
+fn sources_say_unread_and_invalid_layers_are_not_loaded() {
+    let shared = Shared::default();
+    let sources = shared.sources();
+    let layers: Vec<&str> = sources.iter().map(|s| s.layer()).collect();
+    assert_eq!(layers, ["etcd-group", "etcd-host"]);
+    assert!(matches!(
+        sources[0].load(),
+        Err(SourceError::Unavailable(..))
+    ));
+    let bad = parse_layer(PREFIX, &[kv("web", "{}")]);
+    *shared.desired.lock().unwrap() = EtcdDesired {
+        group: Layer::Read(Ok(Vec::new())),
+        host: Layer::Read(bad),
+    };
+    let sources = shared.sources();
+    assert_eq!(sources[0].load().unwrap(), Vec::<Container>::new());
+    assert!(matches!(sources[1].load(), Err(SourceError::Invalid(_))));
+}
+
+fn names(layer: &Layer) -> Option<Vec<String>> {
+    match layer {
+        Layer::Read(Ok(cs)) => Some(cs.iter().map(|c| c.name.clone()).collect()),
+        _ => None,
+    }
+}
+
+/// Against a real etcd: the first read, a put and a delete under each
+/// prefix wake the loop with the new layers; keys of other hosts and groups
+/// are not this host's.
+#[test]
+fn the_watch_follows_both_prefixes() {
+    let etcd_dir = tempfile::tempdir().unwrap();
+    let etcd = LocalEtcd::start(etcd_dir.path(), None).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let settings = FleetSettings {
+            group: "web".into(),
+            ..FleetSettings::new(vec![etcd.endpoint()])
+        };
+        let client = crate::fleet::connect(&settings).await.unwrap();
+        let fleet = Fleet::new(client.clone(), &settings, "m1");
+        let mut c = client;
+        c.put(
+            "/ballast/containers/groups/web/a",
+            r#"{"image": "a:1"}"#,
+            None,
+        )
+        .await
+        .unwrap();
+        c.put(
+            "/ballast/containers/groups/db/x",
+            r#"{"image": "x:1"}"#,
+            None,
+        )
+        .await
+        .unwrap();
+        c.put(
+            "/ballast/containers/hosts/m2/y",
+            r#"{"image": "y:1"}"#,
+            None,
+        )
+        .await
+        .unwrap();
+        let shared = Shared::default();
+        let watch = tokio::spawn(watch_desired(fleet, shared.clone()));
+        let wait = |want_group: Vec<&'static str>, want_host: Vec<&'static str>| {
+            let shared = shared.clone();
+            async move {
+                loop {
+                    let d = shared.desired.lock().unwrap().clone();
+                    if names(&d.group) == Some(want_group.iter().map(|s| s.to_string()).collect())
+                        && names(&d.host) == Some(want_host.iter().map(|s| s.to_string()).collect())
+                    {
+                        return;
+                    }
+                    tokio::time::timeout(Duration::from_secs(10), shared.changed.notified())
+                        .await
+                        .unwrap_or_else(|_| {
+                            panic!("no change to {want_group:?} {want_host:?}: {d:?}")
+                        });
+                }
+            }
+        };
+        wait(vec!["a"], vec![]).await;
+        c.put(
+            "/ballast/containers/hosts/m1/b",
+            r#"{"image": "b:1"}"#,
+            None,
+        )
+        .await
+        .unwrap();
+        wait(vec!["a"], vec!["b"]).await;
+        c.delete("/ballast/containers/groups/web/a", None)
+            .await
+            .unwrap();
+        wait(vec![], vec!["b"]).await;
+        c.put("/ballast/containers/hosts/m1/c", "{", None)
+            .await
+            .unwrap();
+        loop {
+            let d = shared.desired.lock().unwrap().clone();
+            if let Layer::Read(Err(e)) = &d.host {
+                assert!(
+                    e[0].to_string().contains("/ballast/containers/hosts/m1/c"),
+                    "{e:?}"
+                );
+                break;
+            }
+            tokio::time::timeout(Duration::from_secs(10), shared.changed.notified())
+                .await
+                .expect("the bad key is read");
+        }
+        watch.abort();
+    });
+}

@@ -1,0 +1,269 @@
+//! Containers on the real image: an image built here (busybox's httpd),
+//! pushed to a real registry on the host, declared for the host in a real
+//! etcd on the host; the guest's agent pulls it, runs it as a
+//! systemd-nspawn unit over D-Bus, and the test reaches it on its port from
+//! outside the guest.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use os_agent::containers::local_registry::{self, layer_tar, Entry, Registry};
+use os_agent::fleet::server::LocalEtcd;
+use qemu_tests::{poll, Vm, VmOptions, DEFAULT_SSH_TIMEOUT};
+
+/// Where the guest finds the registry and etcd (QEMU guest forwards).
+const GUEST_REGISTRY: &str = "10.0.2.102:5000";
+const GUEST_ETCD: &str = "10.0.2.101:2379";
+const PREFIX: &str = "/ballast";
+const GROUP: &str = "qemu";
+/// The ports the group's and the host's container listen on (host network).
+const PORT: u16 = 8080;
+const API_PORT: u16 = 8081;
+/// Pull, unpack and start under TCG.
+const START_TIMEOUT: Duration = Duration::from_secs(300);
+const PAGE: &str = "hello from a ballast container\n";
+
+/// An image of one layer: static busybox, its httpd serving [`PAGE`].
+fn push_image(reg: &Registry, dir: &std::path::Path) -> String {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("reading /bin/busybox (is busybox-static installed? `make deps`)");
+    let layer = layer_tar(&[
+        Entry::Dir("bin/"),
+        Entry::Executable("bin/busybox", busybox),
+        Entry::Symlink("bin/sh", "busybox"),
+        Entry::Dir("www/"),
+        Entry::File("www/index.html", PAGE.as_bytes().to_vec()),
+    ])
+    .expect("building the layer");
+    let diff = format!("sha256:{}", hex_sha256(&layer));
+    let layout = dir.join("layout");
+    local_registry::write_layout(
+        &layout,
+        "1",
+        &[("application/vnd.oci.image.layer.v1.tar", layer, diff)],
+        &[
+            "/bin/busybox",
+            "httpd",
+            "-f",
+            "-v",
+            "-p",
+            &PORT.to_string(),
+            "-h",
+            "/www",
+        ],
+    )
+    .expect("writing the OCI layout");
+    local_registry::push(&layout, "1", reg, "test/web", false).expect("skopeo push");
+    format!("{GUEST_REGISTRY}/test/web:1")
+}
+
+fn hex_sha256(b: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// `etcdctl` (v3 API) against the test's etcd.
+fn etcdctl(etcd: &LocalEtcd, args: &[&str]) -> String {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", etcd.endpoint()))
+        .args(args)
+        .output()
+        .expect("running etcdctl (is etcd-client installed? `make deps`)");
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One HTTP GET of `/` on 127.0.0.1:`port`; the body, if it answered.
+fn get(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.0 200").then(|| body.to_string())
+}
+
+/// What the guest's systemd and machined say about the containers.
+fn diagnose(vm: &Vm) -> String {
+    vm.ssh_ok(
+        "systemctl status --no-pager 'ballast-container-*' 2>&1 | tail -30; \
+         journalctl -b --no-pager -u os-agent | tail -30; machinectl list --no-pager; true",
+    )
+}
+
+/// Waits until guest port `port` answers with the page (`true`) or does not
+/// answer at all (`false`).
+fn wait_for(vm: &Vm, port: u16, answering: bool, what: &str) {
+    let host_port = vm.host_port(port);
+    let mut last = None;
+    if !poll(START_TIMEOUT, || {
+        last = get(host_port);
+        if answering {
+            last.as_deref() == Some(PAGE)
+        } else {
+            last.is_none()
+        }
+    }) {
+        vm.fail(format!(
+            "{what}: guest port {port}: want {}, last answer {last:?}\n{}",
+            if answering { "the page" } else { "no answer" },
+            diagnose(vm)
+        ));
+    }
+}
+
+/// The unit's invocation id: the same after an agent restart means the
+/// container was not restarted.
+fn invocation(vm: &Vm, name: &str) -> String {
+    vm.ssh_ok(&format!(
+        "systemctl show -P InvocationID ballast-container-{name}.service"
+    ))
+    .trim()
+    .to_string()
+}
+
+/// The host's record in etcd.
+fn record(etcd: &LocalEtcd, machine_id: &str) -> Option<serde_json::Value> {
+    let out = etcdctl(
+        etcd,
+        &[
+            "get",
+            "--print-value-only",
+            &format!("{PREFIX}/hosts/{machine_id}"),
+        ],
+    );
+    serde_json::from_str(out.trim()).ok()
+}
+
+fn container_json(image: &str, port: u16) -> String {
+    format!(
+        r#"{{"image": "{image}", "network": "host", "command": ["/bin/busybox", "httpd", "-f", "-p", "{port}", "-h", "/www"], "memory": "64M"}}"#
+    )
+}
+
+/// A container for the group (`web`, port 8080) and one for this host
+/// (`api`, port 8081), declared in etcd: both pulled from the registry on the
+/// host and answering from outside the guest. They keep running across an
+/// agent restart, while etcd is down and through a reboot with etcd down;
+/// deleting the host's key stops and removes its container only.
+#[test]
+fn containers_declared_in_etcd_run_and_follow_their_keys() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let reg = Registry::start().expect("starting the registry");
+    let image = push_image(&reg, work.path());
+    let etcd_dir = tempfile::tempdir().expect("tempdir");
+    let mut etcd = LocalEtcd::start(etcd_dir.path(), None).expect("starting etcd");
+
+    let reg_port = reg.addr.rsplit(':').next().expect("registry port");
+    let vm = Vm::boot(VmOptions {
+        guest_forwards: vec![
+            format!("tcp:{GUEST_REGISTRY}-cmd:nc 127.0.0.1 {reg_port}"),
+            format!("tcp:{GUEST_ETCD}-cmd:nc 127.0.0.1 {}", etcd.client_port),
+        ],
+        host_forwards: vec![PORT, API_PORT],
+        ..VmOptions::default()
+    });
+    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
+    let machine_id = vm.ssh_ok("cat /etc/machine-id").trim().to_string();
+    let group_key = format!("{PREFIX}/containers/groups/{GROUP}/web");
+    let host_key = format!("{PREFIX}/containers/hosts/{machine_id}/api");
+    etcdctl(&etcd, &["put", &group_key, &container_json(&image, PORT)]);
+    etcdctl(
+        &etcd,
+        &["put", &host_key, &container_json(&image, API_PORT)],
+    );
+    let config = format!(
+        "group = \"{GROUP}\"\n[etcd]\nendpoints = [\"http://{GUEST_ETCD}\"]\nlease_ttl_secs = 30\n\
+         [registries.\"{GUEST_REGISTRY}\"]\ninsecure = true\n"
+    );
+    vm.ssh_ok(&format!(
+        "cat > /etc/ballast/agent.d/50-test.toml <<'EOF'\n{config}EOF\nsystemctl restart os-agent"
+    ));
+    wait_for(&vm, PORT, true, "the group's container");
+    wait_for(&vm, API_PORT, true, "the host's container");
+    let machines = vm.ssh_ok("machinectl list --no-legend --no-pager");
+    if !(machines.contains("web") && machines.contains("api")) {
+        vm.fail(format!(
+            "machinectl does not list both containers: {machines}"
+        ));
+    }
+    let limit = vm.ssh_ok("systemctl show -P MemoryMax ballast-container-web.service");
+    if limit.trim() != (64u64 << 20).to_string() {
+        vm.fail(format!("MemoryMax of web is {limit:?}, want 64M"));
+    }
+    let mut rec = None;
+    if !poll(START_TIMEOUT, || {
+        rec = record(&etcd, &machine_id);
+        rec.as_ref().is_some_and(|r| {
+            r["containers"] == serde_json::json!({"desired": 2, "running": 2, "failed": 0})
+        })
+    }) {
+        vm.fail(format!(
+            "the host record does not count two running containers: {rec:?}"
+        ));
+    }
+
+    // The agent stops and starts: the units are not its children.
+    let (web, api) = (invocation(&vm, "web"), invocation(&vm, "api"));
+    vm.ssh_ok("systemctl restart os-agent");
+    wait_for(&vm, PORT, true, "after an agent restart");
+    if (invocation(&vm, "web"), invocation(&vm, "api")) != (web.clone(), api.clone()) {
+        vm.fail("an agent restart restarted the containers");
+    }
+
+    // etcd goes away; the agent restarts without it and keeps everything.
+    etcd.stop().expect("stopping etcd");
+    vm.ssh_ok("systemctl restart os-agent");
+    let mut journal = String::new();
+    if !poll(START_TIMEOUT, || {
+        journal = vm.ssh_ok("journalctl -b --no-pager -u os-agent --since '-2min' | tail -40");
+        journal.contains("etcd is unavailable")
+    }) {
+        vm.fail(format!("the agent did not notice etcd is down:\n{journal}"));
+    }
+    wait_for(&vm, PORT, true, "with etcd down");
+    wait_for(&vm, API_PORT, true, "with etcd down");
+    if (invocation(&vm, "web"), invocation(&vm, "api")) != (web, api) {
+        vm.fail("etcd going down restarted the containers");
+    }
+
+    // A reboot with etcd still down: systemd starts the units from the
+    // image on /var, the agent from its last good desired state.
+    vm.reboot();
+    wait_for(&vm, PORT, true, "after a reboot with etcd down");
+    wait_for(&vm, API_PORT, true, "after a reboot with etcd down");
+
+    // etcd is back; the host's key goes: its container stops and its unit
+    // is removed, the group's stays.
+    etcd.restart().expect("restarting etcd");
+    etcdctl(&etcd, &["del", &host_key]);
+    wait_for(&vm, API_PORT, false, "after its key was deleted");
+    let units = vm.ssh_ok("ls /etc/systemd/system/ | grep ballast-container- || true");
+    if units.trim() != "ballast-container-web.service" {
+        vm.fail(format!("want only web's unit left, found: {units}"));
+    }
+    wait_for(
+        &vm,
+        PORT,
+        true,
+        "the group's container after the host's key went",
+    );
+    if !poll(START_TIMEOUT, || {
+        rec = record(&etcd, &machine_id);
+        rec.as_ref().is_some_and(|r| {
+            r["containers"] == serde_json::json!({"desired": 1, "running": 1, "failed": 0})
+        })
+    }) {
+        vm.fail(format!(
+            "the host record does not count one running container: {rec:?}"
+        ));
+    }
+}
