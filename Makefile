@@ -14,11 +14,13 @@ export SOURCE_DATE_EPOCH
 # protobuf-compiler builds the etcd client; etcd-server, etcd-client (etcdctl) and
 # openssl (test certificates) for the fleet tests; docker-registry (a real OCI
 # registry) and skopeo (pushes test images to it) for the container puller's
-# tests and bench.
+# tests and bench; busybox-static (the payload of the QEMU containers test's
+# image).
 HOST_PACKAGES := mmdebstrap erofs-utils cryptsetup-bin dosfstools mtools binutils \
 	e2fsprogs fdisk qemu-utils qemu-system-x86 ovmf systemd-boot-efi openssh-client \
 	zstd ca-certificates cloud-image-utils netcat-openbsd \
-	protobuf-compiler etcd-server etcd-client openssl docker-registry skopeo
+	protobuf-compiler etcd-server etcd-client openssl docker-registry skopeo \
+	busybox-static
 
 IMAGE_SPEC ?= configs/image.yaml
 OUT ?= out

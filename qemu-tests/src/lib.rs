@@ -22,6 +22,7 @@
 mod boot_entry;
 mod channel;
 mod console;
+pub mod containers;
 mod image;
 mod monitor;
 mod net;

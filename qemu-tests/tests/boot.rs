@@ -109,6 +109,13 @@ fn boots_to_agent_ready_with_verity_root_and_blessed_entry() {
     if etc.trim() != "overlay" {
         vm.fail(format!("/etc is {etc:?}, want overlay"));
     }
+    // The root is read-only, /tmp is not: systemd's namespaced services
+    // (PrivateTmp=) and systemd-nspawn need it.
+    let tmp = vm.ssh_ok("findmnt -no FSTYPE /tmp");
+    if tmp.trim() != "tmpfs" {
+        vm.fail(format!("/tmp is {tmp:?}, want tmpfs"));
+    }
+    wait_unit_active(&vm, "systemd-resolved.service");
 
     // Boot assessment: the health check passes and systemd-bless-boot
     // renames the entry to drop its counter.
@@ -130,6 +137,10 @@ fn boots_to_agent_ready_with_verity_root_and_blessed_entry() {
         vm.fail(format!(
             "counted entries left beside {blessed}: {listing:?}"
         ));
+    }
+    let failed = vm.ssh_ok("systemctl list-units --failed --no-legend --plain");
+    if !failed.trim().is_empty() {
+        vm.fail(format!("units failed on a clean boot:\n{failed}"));
     }
 }
 

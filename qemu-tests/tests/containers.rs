@@ -4,17 +4,14 @@
 //! systemd-nspawn unit over D-Bus, and the test reaches it on its port from
 //! outside the guest.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use os_agent::containers::local_registry::{self, layer_tar, Entry, Registry};
 use os_agent::fleet::server::LocalEtcd;
+use qemu_tests::containers::{http_get, WebImage, PAGE};
 use qemu_tests::{poll, Vm, VmOptions, DEFAULT_SSH_TIMEOUT};
 
-/// Where the guest finds the registry and etcd (QEMU guest forwards).
-const GUEST_REGISTRY: &str = "10.0.2.102:5000";
+/// Where the guest finds etcd (a QEMU guest forward).
 const GUEST_ETCD: &str = "10.0.2.101:2379";
 const PREFIX: &str = "/ballast";
 const GROUP: &str = "qemu";
@@ -23,46 +20,6 @@ const PORT: u16 = 8080;
 const API_PORT: u16 = 8081;
 /// Pull, unpack and start under TCG.
 const START_TIMEOUT: Duration = Duration::from_secs(300);
-const PAGE: &str = "hello from a ballast container\n";
-
-/// An image of one layer: static busybox, its httpd serving [`PAGE`].
-fn push_image(reg: &Registry, dir: &std::path::Path) -> String {
-    let busybox = std::fs::read("/bin/busybox")
-        .expect("reading /bin/busybox (is busybox-static installed? `make deps`)");
-    let layer = layer_tar(&[
-        Entry::Dir("bin/"),
-        Entry::Executable("bin/busybox", busybox),
-        Entry::Symlink("bin/sh", "busybox"),
-        Entry::Dir("www/"),
-        Entry::File("www/index.html", PAGE.as_bytes().to_vec()),
-    ])
-    .expect("building the layer");
-    let diff = format!("sha256:{}", hex_sha256(&layer));
-    let layout = dir.join("layout");
-    local_registry::write_layout(
-        &layout,
-        "1",
-        &[("application/vnd.oci.image.layer.v1.tar", layer, diff)],
-        &[
-            "/bin/busybox",
-            "httpd",
-            "-f",
-            "-v",
-            "-p",
-            &PORT.to_string(),
-            "-h",
-            "/www",
-        ],
-    )
-    .expect("writing the OCI layout");
-    local_registry::push(&layout, "1", reg, "test/web", false).expect("skopeo push");
-    format!("{GUEST_REGISTRY}/test/web:1")
-}
-
-fn hex_sha256(b: &[u8]) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(b))
-}
 
 /// `etcdctl` (v3 API) against the test's etcd.
 fn etcdctl(etcd: &LocalEtcd, args: &[&str]) -> String {
@@ -80,17 +37,6 @@ fn etcdctl(etcd: &LocalEtcd, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// One HTTP GET of `/` on 127.0.0.1:`port`; the body, if it answered.
-fn get(port: u16) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.0 200").then(|| body.to_string())
-}
-
 /// What the guest's systemd and machined say about the containers.
 fn diagnose(vm: &Vm) -> String {
     vm.ssh_ok(
@@ -105,7 +51,7 @@ fn wait_for(vm: &Vm, port: u16, answering: bool, what: &str) {
     let host_port = vm.host_port(port);
     let mut last = None;
     if !poll(START_TIMEOUT, || {
-        last = get(host_port);
+        last = http_get(host_port);
         if answering {
             last.as_deref() == Some(PAGE)
         } else {
@@ -143,12 +89,6 @@ fn record(etcd: &LocalEtcd, machine_id: &str) -> Option<serde_json::Value> {
     serde_json::from_str(out.trim()).ok()
 }
 
-fn container_json(image: &str, port: u16) -> String {
-    format!(
-        r#"{{"image": "{image}", "network": "host", "command": ["/bin/busybox", "httpd", "-f", "-p", "{port}", "-h", "/www"], "memory": "64M"}}"#
-    )
-}
-
 /// A container for the group (`web`, port 8080) and one for this host
 /// (`api`, port 8081), declared in etcd: both pulled from the registry on the
 /// host and answering from outside the guest. They keep running across an
@@ -157,15 +97,13 @@ fn container_json(image: &str, port: u16) -> String {
 #[test]
 fn containers_declared_in_etcd_run_and_follow_their_keys() {
     let work = tempfile::tempdir().expect("tempdir");
-    let reg = Registry::start().expect("starting the registry");
-    let image = push_image(&reg, work.path());
+    let image = WebImage::push(work.path()).expect("pushing the test image");
     let etcd_dir = tempfile::tempdir().expect("tempdir");
     let mut etcd = LocalEtcd::start(etcd_dir.path(), None).expect("starting etcd");
 
-    let reg_port = reg.addr.rsplit(':').next().expect("registry port");
     let vm = Vm::boot(VmOptions {
         guest_forwards: vec![
-            format!("tcp:{GUEST_REGISTRY}-cmd:nc 127.0.0.1 {reg_port}"),
+            image.guest_forward(),
             format!("tcp:{GUEST_ETCD}-cmd:nc 127.0.0.1 {}", etcd.client_port),
         ],
         host_forwards: vec![PORT, API_PORT],
@@ -175,14 +113,11 @@ fn containers_declared_in_etcd_run_and_follow_their_keys() {
     let machine_id = vm.ssh_ok("cat /etc/machine-id").trim().to_string();
     let group_key = format!("{PREFIX}/containers/groups/{GROUP}/web");
     let host_key = format!("{PREFIX}/containers/hosts/{machine_id}/api");
-    etcdctl(&etcd, &["put", &group_key, &container_json(&image, PORT)]);
-    etcdctl(
-        &etcd,
-        &["put", &host_key, &container_json(&image, API_PORT)],
-    );
+    etcdctl(&etcd, &["put", &group_key, &image.container_json(PORT)]);
+    etcdctl(&etcd, &["put", &host_key, &image.container_json(API_PORT)]);
     let config = format!(
-        "group = \"{GROUP}\"\n[etcd]\nendpoints = [\"http://{GUEST_ETCD}\"]\nlease_ttl_secs = 30\n\
-         [registries.\"{GUEST_REGISTRY}\"]\ninsecure = true\n"
+        "group = \"{GROUP}\"\n[etcd]\nendpoints = [\"http://{GUEST_ETCD}\"]\nlease_ttl_secs = 30\n{}",
+        image.agent_config()
     );
     vm.ssh_ok(&format!(
         "cat > /etc/ballast/agent.d/50-test.toml <<'EOF'\n{config}EOF\nsystemctl restart os-agent"

@@ -1,7 +1,7 @@
 //! `osctl containers list | logs <name> | restart <name>`.
 
 use super::agent::{current_units, Paths};
-use super::desired::{self, AgentConfigSource, FilesSource, SavedLayers, Source};
+use super::desired::{self, AgentConfigSource, FilesSource, SavedLayers, SavedSource, Source};
 use super::systemd::{Systemd, UnitManager};
 use super::unit;
 use crate::host::Host;
@@ -89,7 +89,16 @@ pub fn run(host: &dyn Host, cmd: ContainersCommand) -> Result<ExitCode> {
             let saved = SavedLayers::load(host, &paths.state_file)?;
             let files = FilesSource { host };
             let agent = AgentConfigSource { host };
-            let sources: [&dyn Source; 2] = [&agent, &files];
+            let mut sources: Vec<&dyn Source> = vec![&agent, &files];
+            // etcd's layers as the agent last applied them, if the host is
+            // in a fleet (otherwise the agent dropped them).
+            let etcd = ["etcd-group", "etcd-host"].map(|layer| SavedSource {
+                layer,
+                saved: &saved,
+            });
+            if crate::config::load(host)?.settings.fleet.is_some() {
+                sources.extend(etcd.iter().map(|s| s as &dyn Source));
+            }
             let loaded = desired::load_all(&sources, &saved);
             let units = current_units(host, &paths.unit_dir)?;
             let rt = runtime()?;

@@ -170,6 +170,28 @@ impl Source for AgentConfigSource<'_> {
     }
 }
 
+/// A layer as the agent last applied it, for a reader that does not ask the
+/// layer's own source (osctl does not watch etcd; the agent does).
+pub struct SavedSource<'a> {
+    pub layer: &'static str,
+    pub saved: &'a SavedLayers,
+}
+
+impl Source for SavedSource<'_> {
+    fn layer(&self) -> &'static str {
+        self.layer
+    }
+
+    fn load(&self) -> Result<Vec<Container>, SourceError> {
+        Ok(self
+            .saved
+            .layers
+            .get(self.layer)
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
 /// The layers last loaded without error, by layer name; kept on /var.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SavedLayers {

@@ -197,6 +197,13 @@ impl Store {
         let rootfs = work.path().join("rootfs");
         fs::create_dir(&rootfs).map_err(io_err(format!("cannot create {}", rootfs.display())))?;
         fill(&rootfs)?;
+        // systemd-nspawn refuses a directory without /usr as "not an OS
+        // tree", which many images are (busybox, static binaries on
+        // scratch): an empty /usr changes nothing for them.
+        let usr = rootfs.join("usr");
+        if fs::symlink_metadata(&usr).is_err() {
+            fs::create_dir(&usr).map_err(io_err(format!("cannot create {}", usr.display())))?;
+        }
         let json = serde_json::to_vec_pretty(&info)
             .map_err(|e| io_err("cannot serialize image.json")(io::Error::other(e)))?;
         let mut f = fs::File::create(work.path().join("image.json"))

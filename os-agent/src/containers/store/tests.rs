@@ -92,6 +92,8 @@ fn images_refs_and_gc() {
     let b = add_image(&store, "b");
     let img = store.image(&a.manifest).expect("image").expect("present");
     assert_eq!(fs::read_to_string(img.rootfs.join("f")).expect("read"), "a");
+    // nspawn wants a /usr; the image had none.
+    assert!(img.rootfs.join("usr").is_dir());
     assert_eq!(store.refs().expect("refs").len(), 2);
 
     // A failed unpack leaves nothing behind.
