@@ -129,13 +129,7 @@ fn startup_latency(rounds: usize) -> Result<()> {
     let put = |enabled: bool| -> Result<()> {
         let mut v: serde_json::Value = serde_json::from_str(&image.container_json(PORT))?;
         v["enabled"] = enabled.into();
-        registry::run(
-            std::process::Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .arg(format!("--endpoints={}", etcd.endpoint()))
-                .args(["put", &key, &v.to_string()]),
-        )
-        .map(drop)
+        etcd.etcdctl(&["put", &key, &v.to_string()]).map(drop)
     };
     let host_port = vm.host_port(PORT);
     let wait = |answering: bool, limit: Duration| -> Result<Duration> {

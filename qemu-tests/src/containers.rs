@@ -84,5 +84,7 @@ pub fn http_get(port: u16) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let (head, body) = out.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.0 200").then(|| body.to_string())
+    // "HTTP/1.0 200 OK" or "HTTP/1.1 200 OK", as the server likes.
+    let status = head.lines().next()?.split_whitespace().nth(1)?;
+    (status == "200").then(|| body.to_string())
 }

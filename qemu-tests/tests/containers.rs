@@ -4,7 +4,6 @@
 //! systemd-nspawn unit over D-Bus, and the test reaches it on its port from
 //! outside the guest.
 
-use std::process::Command;
 use std::time::Duration;
 
 use os_agent::fleet::server::LocalEtcd;
@@ -23,18 +22,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// `etcdctl` (v3 API) against the test's etcd.
 fn etcdctl(etcd: &LocalEtcd, args: &[&str]) -> String {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", etcd.endpoint()))
-        .args(args)
-        .output()
-        .expect("running etcdctl (is etcd-client installed? `make deps`)");
-    assert!(
-        out.status.success(),
-        "etcdctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    etcd.etcdctl(args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// What the guest's systemd and machined say about the containers.

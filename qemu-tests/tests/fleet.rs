@@ -26,20 +26,9 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Three downloads at once, then three reboots one after the other.
 const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(2400);
 
-/// `etcdctl` (v3 API, Debian's etcd-client) against the test's etcd.
+/// `etcdctl` (v3 API) against the test's etcd.
 fn etcdctl(etcd: &LocalEtcd, args: &[&str]) -> String {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", etcd.endpoint()))
-        .args(args)
-        .output()
-        .expect("running etcdctl (is etcd-client installed? `make deps`)");
-    assert!(
-        out.status.success(),
-        "etcdctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    etcd.etcdctl(args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The host records registered in etcd, by machine id.

@@ -51,6 +51,26 @@ impl LocalEtcd {
         format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
+    /// Runs Debian's `etcdctl` (v3 API) against this etcd (without TLS);
+    /// its stdout.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run etcdctl (is etcd-client installed? `make deps`)")?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl {args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// etcd's Prometheus metrics (served on the client port; plain HTTP
     /// only without TLS).
     pub fn metrics_url(&self) -> String {

@@ -152,25 +152,31 @@ fn the_watch_follows_both_prefixes() {
         .unwrap();
         let shared = Shared::default();
         let watch = tokio::spawn(watch_desired(fleet, shared.clone()));
-        let wait = |want_group: Vec<&'static str>, want_host: Vec<&'static str>| {
+        // Waits until the shared layers satisfy `done`.
+        let until = |done: &dyn Fn(&EtcdDesired) -> bool| {
             let shared = shared.clone();
+            let d = shared.desired.lock().unwrap().clone();
+            let ok = done(&d);
             async move {
-                loop {
-                    let d = shared.desired.lock().unwrap().clone();
-                    if names(&d.group) == Some(want_group.iter().map(|s| s.to_string()).collect())
-                        && names(&d.host) == Some(want_host.iter().map(|s| s.to_string()).collect())
-                    {
-                        return;
-                    }
+                if !ok {
                     tokio::time::timeout(Duration::from_secs(10), shared.changed.notified())
                         .await
-                        .unwrap_or_else(|_| {
-                            panic!("no change to {want_group:?} {want_host:?}: {d:?}")
-                        });
+                        .unwrap_or_else(|_| panic!("no change from {d:?}"));
                 }
+                ok
             }
         };
-        wait(vec!["a"], vec![]).await;
+        let names_are = |g: &'static [&'static str], h: &'static [&'static str]| {
+            move |d: &EtcdDesired| {
+                let want = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect());
+                names(&d.group) == want(g) && names(&d.host) == want(h)
+            }
+        };
+        let wait = |g: &'static [&'static str], h: &'static [&'static str]| {
+            let check = names_are(g, h);
+            async move { while !until(&check).await {} }
+        };
+        wait(&["a"], &[]).await;
         c.put(
             "/ballast/containers/hosts/m1/b",
             r#"{"image": "b:1"}"#,
@@ -178,27 +184,19 @@ fn the_watch_follows_both_prefixes() {
         )
         .await
         .unwrap();
-        wait(vec!["a"], vec!["b"]).await;
+        wait(&["a"], &["b"]).await;
         c.delete("/ballast/containers/groups/web/a", None)
             .await
             .unwrap();
-        wait(vec![], vec!["b"]).await;
+        wait(&[], &["b"]).await;
         c.put("/ballast/containers/hosts/m1/c", "{", None)
             .await
             .unwrap();
-        loop {
-            let d = shared.desired.lock().unwrap().clone();
-            if let Layer::Read(Err(e)) = &d.host {
-                assert!(
-                    e[0].to_string().contains("/ballast/containers/hosts/m1/c"),
-                    "{e:?}"
-                );
-                break;
-            }
-            tokio::time::timeout(Duration::from_secs(10), shared.changed.notified())
-                .await
-                .expect("the bad key is read");
-        }
+        let bad_key = |d: &EtcdDesired| match &d.host {
+            Layer::Read(Err(e)) => e[0].to_string().contains("/ballast/containers/hosts/m1/c"),
+            _ => false,
+        };
+        while !until(&bad_key).await {}
         watch.abort();
     });
 }
