@@ -3,10 +3,8 @@
 //! steps, each checked, and never makes anything bootable itself.
 
 use super::channel::Channel;
-use super::io::{
-    drain, limit_exceeded, HashingReader, LimitReader, LimitWriter, ProgressReader, TeeWriter,
-};
-use super::offload::Offload;
+use super::io::{drain, limit_exceeded, HashingReader, LimitReader, ProgressReader};
+use super::offload::Split;
 use crate::disk::{self, slot::Slot, BlockPartition};
 use crate::host::Host;
 use anyhow::{Context, Result};
@@ -228,20 +226,14 @@ pub fn write_root_from(
     let device = DeviceWriter::new(dev, dev_path.display().to_string());
     // The slot write and the verity tree each get a thread of their own, so
     // they overlap with download, sha256 and zstd (docs: bench/).
-    let mut sink = LimitWriter::new(
-        TeeWriter {
-            a: Offload::new(device),
-            b: Offload::new(builder),
-        },
-        m.root.uncompressed_size,
-    );
+    let mut sink = Split::new(device, builder);
     let source = ProgressReader::new(
         HashingReader::new(LimitReader::new(body, m.root.size)),
         progress,
     );
     let mut decoder =
         zstd::stream::read::Decoder::new(source).context("cannot start the zstd decoder")?;
-    let copied = io::copy(&mut decoder, &mut sink).and_then(|n| sink.flush().map(|()| n));
+    let copied = sink.copy_from(&mut decoder, m.root.uncompressed_size);
     let received = decoder.get_ref().get_ref().get_ref().get_ref().count();
     if let Err(e) = copied {
         if let Some(l) = limit_exceeded(&e) {
@@ -305,15 +297,11 @@ pub fn write_root_from(
         }
         .into());
     }
-    let TeeWriter {
-        a: device,
-        b: builder,
-    } = sink.into_inner();
+    let (device, builder) = sink.finish();
     let device = device
-        .finish()
         .map_err(anyhow::Error::new)
         .with_context(|| format!("writing slot {}", t.slot))?;
-    let builder = builder.finish().context("cannot hash the written slot")?;
+    let builder = builder.context("cannot hash the written slot")?;
     device
         .sync()
         .with_context(|| format!("cannot fsync {}", dev_path.display()))?;
