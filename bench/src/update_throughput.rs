@@ -102,6 +102,25 @@ fn sparse_file(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
+/// CPU seconds (user + system) of this process and of its waited-for
+/// children, from /proc/self/stat in clock ticks (100 per second on Linux).
+/// Both runs include the bench's HTTP server thread. On a shared machine
+/// this moves much less than the wall times do.
+fn cpu_secs() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let after_name = stat.rsplit_once(')').map(|(_, s)| s).unwrap_or_default();
+    // Fields 14 to 17 of stat(5) (utime stime cutime cstime); the first
+    // after the name is field 3.
+    let ticks: Vec<u64> = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("cannot parse /proc/self/stat")?;
+    Ok(ticks.iter().sum::<u64>() as f64 / 100.0)
+}
+
 /// The baseline into a fresh sparse file; returns its seconds.
 fn baseline(base: &str, sha: &str, out: &Path, size: u64) -> Result<f64> {
     sparse_file(out, size)?;
@@ -228,20 +247,25 @@ fn main() -> Result<()> {
         // write-back or a burst of load from elsewhere on the machine.
         let agent_first = round % 2 == 0;
         let (mut agent_secs, mut base_secs) = (0.0, 0.0);
+        let (mut agent_cpu, mut base_cpu) = (0.0, 0.0);
         for agent_turn in [agent_first, !agent_first] {
             if agent_turn {
                 // A fresh sparse slot each time, as the first round has.
                 sparse_file(&host_root.join("dev/slot-b"), slot_size)?;
+                let cpu = cpu_secs()?;
                 let t = Instant::now();
                 let written = write_root(&host, &channel, &m, &target, &mut |_| {})
                     .context("agent pipeline")?;
                 write_hash_area(&host, &target, &written).context("writing the hash area")?;
                 agent_secs = t.elapsed().as_secs_f64();
+                agent_cpu = cpu_secs()? - cpu;
                 if written.root_hash_hex() != m.root_hash {
                     bail!("agent wrote a slot with the wrong root hash");
                 }
             } else {
+                let cpu = cpu_secs()?;
                 base_secs = baseline(&base, &sha, &baseline_out, slot_size)?;
+                base_cpu = cpu_secs()? - cpu;
             }
         }
         let agent_mbs = bytes / MIB as f64 / agent_secs;
@@ -262,6 +286,9 @@ fn main() -> Result<()> {
             "baseline (curl | zstd -d | dd conv=fsync):       {base_secs:.2} s, {base_mbs:.1} MiB/s"
         );
         println!("ratio agent/baseline: {ratio:.2} (target >= 0.90)");
+        println!(
+            "CPU time (user+sys, server included): agent {agent_cpu:.2} s, baseline {base_cpu:.2} s"
+        );
     }
     if rounds > 1 {
         ratios.sort_by(f64::total_cmp);
