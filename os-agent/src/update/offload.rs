@@ -7,20 +7,25 @@
 //! its way: [`Split::copy_from`] reads straight into a 1 MiB chunk, and both
 //! workers get the same chunk behind an `Arc`. Chunks come back to a pool
 //! once both are done with them, so the pipeline allocates (and the kernel
-//! zero-fills) a handful of chunks, not one per MiB of the payload.
+//! zero-fills) a handful of chunks, not one per MiB of the payload. Chunks
+//! start on a page boundary, so the slot writer can hand them to the disk
+//! without the page cache (`O_DIRECT`, see `update::device`).
 
 use super::io::exceeded;
 use std::io::{self, Read, Write};
+use std::ops::Range;
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 const CHUNK: usize = 1 << 20;
+/// Where chunks start: a page, as `O_DIRECT` asks of a buffer's address.
+const ALIGN: usize = 4096;
 /// Chunks queued per worker: bounds the memory the pipeline holds to a few MiB.
 const DEPTH: usize = 4;
 
-/// A full chunk (or the last, partial one) and how many of its bytes are data.
-type Chunk = (Arc<Vec<u8>>, usize);
+/// A full chunk (or the last, partial one): a buffer and where its data is.
+type Chunk = (Arc<Vec<u8>>, Range<usize>);
 
 /// One writer on its own thread, fed chunks through a bounded channel.
 struct Worker<W: Write + Send + 'static> {
@@ -33,10 +38,10 @@ impl<W: Write + Send + 'static> Worker<W> {
         let (tx, rx) = sync_channel::<Chunk>(DEPTH);
         let handle = std::thread::spawn(move || {
             let mut result = Ok(());
-            for (chunk, len) in rx {
+            for (chunk, data) in rx {
                 // After an error, keep draining so the sender never blocks.
                 if result.is_ok() {
-                    result = inner.write_all(&chunk[..len]);
+                    result = inner.write_all(&chunk[data]);
                 }
             }
             if result.is_ok() {
@@ -88,8 +93,10 @@ fn worker_gone() -> io::Error {
 pub struct Split<A: Write + Send + 'static, B: Write + Send + 'static> {
     a: Worker<A>,
     b: Worker<B>,
-    /// The chunk being filled, and how much of it is.
+    /// The chunk being filled: its buffer, where the aligned chunk starts in
+    /// it, and how much of the chunk is filled.
     buf: Vec<u8>,
+    start: usize,
     filled: usize,
     /// Chunks handed to the workers; those only the pool still holds are free.
     pool: Vec<Arc<Vec<u8>>>,
@@ -98,10 +105,12 @@ pub struct Split<A: Write + Send + 'static, B: Write + Send + 'static> {
 
 impl<A: Write + Send + 'static, B: Write + Send + 'static> Split<A, B> {
     pub fn new(a: A, b: B) -> Split<A, B> {
+        let buf = new_chunk();
         Split {
             a: Worker::spawn(a),
             b: Worker::spawn(b),
-            buf: vec![0; CHUNK],
+            start: aligned_start(&buf),
+            buf,
             filled: 0,
             pool: Vec::new(),
             count: 0,
@@ -128,7 +137,8 @@ impl<A: Write + Send + 'static, B: Write + Send + 'static> Split<A, B> {
             // Ask for one byte past the limit, to tell "ends at the limit" from "goes on".
             let room = (limit.saturating_sub(self.count)).saturating_add(1);
             let want = (CHUNK - self.filled).min(usize::try_from(room).unwrap_or(usize::MAX));
-            let n = match r.read(&mut self.buf[self.filled..self.filled + want]) {
+            let at = self.start + self.filled;
+            let n = match r.read(&mut self.buf[at..at + want]) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -150,11 +160,12 @@ impl<A: Write + Send + 'static, B: Write + Send + 'static> Split<A, B> {
             return Ok(());
         }
         let next = self.free_chunk();
+        let data = self.start..self.start + std::mem::take(&mut self.filled);
+        self.start = aligned_start(&next);
         let chunk = Arc::new(std::mem::replace(&mut self.buf, next));
-        let len = std::mem::take(&mut self.filled);
         self.pool.push(Arc::clone(&chunk));
-        self.a.send((Arc::clone(&chunk), len))?;
-        self.b.send((chunk, len))
+        self.a.send((Arc::clone(&chunk), data.clone()))?;
+        self.b.send((chunk, data))
     }
 
     /// A chunk both workers are done with, else a new one.
@@ -166,7 +177,7 @@ impl<A: Write + Send + 'static, B: Write + Send + 'static> Split<A, B> {
                 Err(shared) => self.pool.push(shared),
             }
         }
-        vec![0; CHUNK]
+        new_chunk()
     }
 
     /// Waits for both workers to write everything; returns each inner
@@ -175,6 +186,16 @@ impl<A: Write + Send + 'static, B: Write + Send + 'static> Split<A, B> {
         let Split { a, b, .. } = self;
         (a.finish(), b.finish())
     }
+}
+
+/// A buffer with room for a chunk at a page boundary.
+fn new_chunk() -> Vec<u8> {
+    vec![0; CHUNK + ALIGN]
+}
+
+/// Where in `buf` the page-aligned chunk starts.
+fn aligned_start(buf: &[u8]) -> usize {
+    (ALIGN - buf.as_ptr() as usize % ALIGN) % ALIGN
 }
 
 #[cfg(test)]
@@ -239,6 +260,28 @@ mod tests {
 
         let mut s = Split::new(Vec::new(), Vec::new());
         s.copy_from(&mut &data[..], data.len() as u64).unwrap();
+    }
+
+    /// Records where each write's bytes start, relative to a page.
+    struct Offsets(Vec<usize>);
+    impl Write for Offsets {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.push(buf.as_ptr() as usize % ALIGN);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn chunks_start_on_a_page() {
+        let data = data();
+        let mut s = Split::new(Offsets(Vec::new()), io::sink());
+        s.copy_from(&mut Dribble(&data, 777), u64::MAX).unwrap();
+        let offsets = s.finish().0.unwrap().0;
+        assert_eq!(offsets.len(), data.len().div_ceil(CHUNK));
+        assert!(offsets.iter().all(|&o| o == 0), "{offsets:?}");
     }
 
     struct Failing;
