@@ -3,6 +3,7 @@
 //! steps, each checked, and never makes anything bootable itself.
 
 use super::channel::Channel;
+use super::device::{DeviceError, DeviceWriter};
 use super::io::{drain, limit_exceeded, HashingReader, LimitReader, ProgressReader};
 use super::offload::Split;
 use crate::disk::{self, slot::Slot, BlockPartition};
@@ -10,11 +11,8 @@ use crate::host::Host;
 use anyhow::{Context, Result};
 use ballast_common::manifest::Manifest;
 use ballast_common::verity::{self, Tree, TreeBuilder};
-use rustix::fs::{fadvise, Advice};
 use sha2::{Digest, Sha256};
-use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::num::NonZeroU64;
+use std::io::{Read, Seek, SeekFrom, Write};
 
 /// Why a payload was refused. Each names the values involved.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -105,84 +103,6 @@ pub fn check_fits(m: &Manifest, t: &Target) -> Result<(), Rejection> {
         });
     }
     Ok(())
-}
-
-/// A write error on the slot's device, told apart from errors of the stream.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot write {path}: {source}")]
-struct DeviceError {
-    path: String,
-    source: io::Error,
-}
-
-/// Every this many bytes written, the slot writer asks the kernel to start
-/// writing them back (see [`DeviceWriter`]).
-const WRITEBACK_EVERY: u64 = 8 << 20;
-
-/// Writes the slot and starts the write-back of what it wrote as it goes:
-/// left to the kernel, a whole slot of dirty pages waits in memory and the
-/// final fsync writes it all at once, after the download; kicked every few
-/// MiB, the disk works while the payload still streams, so the fsync finds
-/// little left to do. `POSIX_FADV_DONTNEED` does the kick on Linux (it starts
-/// write-back of the range, then drops the pages that are clean) and needs
-/// no unsafe code; dropping them also keeps an update from evicting the
-/// running system's page cache for data nobody reads before the reboot.
-struct DeviceWriter {
-    file: File,
-    path: String,
-    written: u64,
-    /// Everything before this offset has been handed to write-back.
-    kicked: u64,
-}
-
-impl Write for DeviceWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf).map_err(|e| self.tag(e))?;
-        self.written += n as u64;
-        if self.written - self.kicked >= WRITEBACK_EVERY {
-            self.kick().map_err(|e| self.tag(e))?;
-        }
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush().map_err(|e| self.tag(e))
-    }
-}
-
-impl DeviceWriter {
-    fn new(file: File, path: String) -> DeviceWriter {
-        DeviceWriter {
-            file,
-            path,
-            written: 0,
-            kicked: 0,
-        }
-    }
-
-    fn kick(&mut self) -> io::Result<()> {
-        let Some(len) = NonZeroU64::new(self.written - self.kicked) else {
-            return Ok(());
-        };
-        fadvise(&self.file, self.kicked, Some(len), Advice::DontNeed)?;
-        self.kicked = self.written;
-        Ok(())
-    }
-
-    /// Writes back the rest and waits for all of it to be on the disk.
-    fn sync(mut self) -> io::Result<()> {
-        self.kick()?;
-        self.file.sync_all()
-    }
-
-    fn tag(&self, e: io::Error) -> io::Error {
-        io::Error::new(
-            e.kind(),
-            DeviceError {
-                path: self.path.clone(),
-                source: e,
-            },
-        )
-    }
 }
 
 fn parse_hash(hex_text: &str) -> Result<[u8; 32]> {
