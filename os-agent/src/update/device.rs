@@ -4,8 +4,8 @@
 //! It writes around the page cache (`O_DIRECT`) where it can. Through the
 //! cache, every byte is copied once more by the kernel, a whole slot of dirty
 //! pages waits in memory, and the final fsync writes it all after the
-//! download; on a two-core host those copies and that wait are what made the
-//! update slower than `curl | zstd -d | dd` (bench/README.md). Direct writes
+//! download; on a two-core host that copy takes CPU the hashing needs, and
+//! the wait comes on top of the download (bench/README.md). Direct writes
 //! go from the pipeline's chunks (page-aligned, see `offload`) to the disk
 //! while the payload still streams, and leave the running system's page
 //! cache alone. Where the file or device refuses `O_DIRECT`, or a write is

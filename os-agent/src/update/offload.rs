@@ -123,8 +123,8 @@ impl<A: Write + Send + 'static, B: Write + Send + 'static> Split<A, B> {
     }
 
     /// Reads `r` to its end and hands everything to both writers. At most
-    /// `limit` bytes in all: one more is a [`LimitExceeded`] error (as from
-    /// a `LimitWriter`), and neither writer gets it, so a payload can never
+    /// `limit` bytes in all: one more is a [`LimitExceeded`] error (with
+    /// `writing` set), and neither writer gets it, so a payload can never
     /// spill past its partition. The workers' own errors come from `finish`.
     ///
     /// [`LimitExceeded`]: super::io::LimitExceeded
