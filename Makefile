@@ -64,7 +64,7 @@ test: unit-test qemu-test
 bench: deps
 	@command -v curl >/dev/null || apt-get install -y -q curl
 	$(CARGO) build --release --locked -p ballast-bench
-	target/release/update-throughput 256
+	target/release/update-throughput 256 4
 	target/release/fleet-sim 1000 50 2
 	target/release/containers 128
 
