@@ -67,7 +67,7 @@ test: unit-test qemu-test
 bench: deps test-image
 	@command -v curl >/dev/null || apt-get install -y -q curl
 	$(CARGO) build --release --locked -p ballast-bench
-	target/release/update-throughput 256
+	target/release/update-throughput 256 4
 	target/release/fleet-sim 1000 50 2
 	BALLAST_TEST_IMAGE_DIR=$(abspath $(TEST_OUT)) target/release/containers 128 5
 

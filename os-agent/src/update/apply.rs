@@ -3,17 +3,16 @@
 //! steps, each checked, and never makes anything bootable itself.
 
 use super::channel::Channel;
-use super::io::{
-    drain, limit_exceeded, HashingReader, LimitReader, LimitWriter, ProgressReader, TeeWriter,
-};
-use super::offload::Offload;
+use super::device::{DeviceError, DeviceWriter};
+use super::io::{drain, limit_exceeded, HashingReader, LimitReader, ProgressReader};
+use super::offload::Split;
 use crate::disk::{self, slot::Slot, BlockPartition};
 use crate::host::Host;
 use anyhow::{Context, Result};
 use ballast_common::manifest::Manifest;
 use ballast_common::verity::{self, Tree, TreeBuilder};
 use sha2::{Digest, Sha256};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 
 /// Why a payload was refused. Each names the values involved.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -106,40 +105,6 @@ pub fn check_fits(m: &Manifest, t: &Target) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// A write error on the slot's device, told apart from errors of the stream.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot write {path}: {source}")]
-struct DeviceError {
-    path: String,
-    source: io::Error,
-}
-
-struct DeviceWriter<W> {
-    inner: W,
-    path: String,
-}
-
-impl<W: Write> Write for DeviceWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.inner.write(buf).map_err(|e| self.tag(e))
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush().map_err(|e| self.tag(e))
-    }
-}
-
-impl<W> DeviceWriter<W> {
-    fn tag(&self, e: io::Error) -> io::Error {
-        io::Error::new(
-            e.kind(),
-            DeviceError {
-                path: self.path.clone(),
-                source: e,
-            },
-        )
-    }
-}
-
 fn parse_hash(hex_text: &str) -> Result<[u8; 32]> {
     let v = hex::decode(hex_text).with_context(|| format!("{hex_text:?} is not hex"))?;
     v.try_into()
@@ -178,26 +143,17 @@ pub fn write_root_from(
     let dev = host
         .open_rw(&dev_path)
         .with_context(|| format!("cannot open {}", dev_path.display()))?;
-    let device = DeviceWriter {
-        inner: BufWriter::with_capacity(1 << 20, dev),
-        path: dev_path.display().to_string(),
-    };
+    let device = DeviceWriter::new(dev, dev_path.display().to_string());
     // The slot write and the verity tree each get a thread of their own, so
     // they overlap with download, sha256 and zstd (docs: bench/).
-    let mut sink = LimitWriter::new(
-        TeeWriter {
-            a: Offload::new(device),
-            b: Offload::new(builder),
-        },
-        m.root.uncompressed_size,
-    );
+    let mut sink = Split::new(device, builder);
     let source = ProgressReader::new(
         HashingReader::new(LimitReader::new(body, m.root.size)),
         progress,
     );
     let mut decoder =
         zstd::stream::read::Decoder::new(source).context("cannot start the zstd decoder")?;
-    let copied = io::copy(&mut decoder, &mut sink).and_then(|n| sink.flush().map(|()| n));
+    let copied = sink.copy_from(&mut decoder, m.root.uncompressed_size);
     let received = decoder.get_ref().get_ref().get_ref().get_ref().count();
     if let Err(e) = copied {
         if let Some(l) = limit_exceeded(&e) {
@@ -261,21 +217,13 @@ pub fn write_root_from(
         }
         .into());
     }
-    let TeeWriter {
-        a: device,
-        b: builder,
-    } = sink.into_inner();
+    let (device, builder) = sink.finish();
     let device = device
-        .finish()
         .map_err(anyhow::Error::new)
         .with_context(|| format!("writing slot {}", t.slot))?;
-    let builder = builder.finish().context("cannot hash the written slot")?;
-    let dev = device
-        .inner
-        .into_inner()
-        .map_err(|e| e.into_error())
-        .with_context(|| format!("cannot write {}", dev_path.display()))?;
-    dev.sync_all()
+    let builder = builder.context("cannot hash the written slot")?;
+    device
+        .sync()
         .with_context(|| format!("cannot fsync {}", dev_path.display()))?;
     let tree = builder
         .finish()

@@ -1,9 +1,9 @@
-//! Small Read/Write adapters the payload stream is built from: each does one
-//! thing (count and cap, hash, report progress, split a stream in two), so
-//! the pipeline reads as what it is.
+//! Small Read adapters the payload stream is built from: each does one
+//! thing (count and cap, hash, report progress), so the pipeline reads as
+//! what it is. Splitting the stream in two is `offload::Split`.
 
 use sha2::{Digest, Sha256};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 
 /// The error a limit adapter returns: its payload can be told apart from
 /// any other I/O error with [`limit_exceeded`].
@@ -11,11 +11,13 @@ use std::io::{self, Read, Write};
 #[error("more than the {limit} bytes expected")]
 pub struct LimitExceeded {
     pub limit: u64,
-    /// From a [`LimitWriter`] (else a [`LimitReader`]).
+    /// From the writing side, [`Split::copy_from`] (else a [`LimitReader`]).
+    ///
+    /// [`Split::copy_from`]: super::offload::Split::copy_from
     pub writing: bool,
 }
 
-fn exceeded(limit: u64, writing: bool) -> io::Error {
+pub(crate) fn exceeded(limit: u64, writing: bool) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, LimitExceeded { limit, writing })
 }
 
@@ -131,67 +133,6 @@ impl<R: Read, F: FnMut(u64)> Read for ProgressReader<R, F> {
     }
 }
 
-/// Writes at most `limit` bytes to `inner`; a write past it is an error and
-/// writes nothing, so a payload can never spill past its partition.
-pub struct LimitWriter<W> {
-    inner: W,
-    limit: u64,
-    count: u64,
-}
-
-impl<W: Write> LimitWriter<W> {
-    pub fn new(inner: W, limit: u64) -> Self {
-        LimitWriter {
-            inner,
-            limit,
-            count: 0,
-        }
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
-    pub fn into_inner(self) -> W {
-        self.inner
-    }
-}
-
-impl<W: Write> Write for LimitWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.count + buf.len() as u64 > self.limit {
-            return Err(exceeded(self.limit, true));
-        }
-        let n = self.inner.write(buf)?;
-        self.count += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// Writes everything to both `a` and `b` (the slot and the verity tree).
-pub struct TeeWriter<A, B> {
-    pub a: A,
-    pub b: B,
-}
-
-impl<A: Write, B: Write> Write for TeeWriter<A, B> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // write_all on both, so neither sees a byte the other did not.
-        self.a.write_all(buf)?;
-        self.b.write_all(buf)?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.a.flush()?;
-        self.b.flush()
-    }
-}
-
 /// Reads what is left of `r` (so a hash covers every byte), capped by the
 /// reader's own limit.
 pub fn drain<R: Read>(r: &mut R) -> io::Result<u64> {
@@ -221,31 +162,18 @@ mod tests {
     }
 
     #[test]
-    fn limit_writer_refuses_to_spill() {
-        let mut w = LimitWriter::new(Vec::new(), 4);
-        w.write_all(b"abcd").unwrap();
-        let e = w.write_all(b"e").unwrap_err();
-        assert!(e.to_string().contains("more than the 4 bytes"), "{e}");
-        assert_eq!(w.into_inner(), b"abcd");
-    }
-
-    #[test]
-    fn hashing_progress_and_tee() {
+    fn hashing_and_progress() {
         let mut seen = Vec::new();
         let r = HashingReader::new(&b"abc"[..]);
         let mut p = ProgressReader::new(r, |n| seen.push(n));
-        let mut tee = TeeWriter {
-            a: Vec::new(),
-            b: Vec::new(),
-        };
-        io::copy(&mut p, &mut tee).unwrap();
+        let mut out = Vec::new();
+        io::copy(&mut p, &mut out).unwrap();
         let (digest, _) = p.into_inner().finish();
         assert_eq!(
             digest,
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
-        assert_eq!(tee.a, b"abc");
-        assert_eq!(tee.b, b"abc");
+        assert_eq!(out, b"abc");
         assert_eq!(seen.last(), Some(&3));
     }
 }

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod apply;
 pub mod channel;
 pub mod cli;
+pub mod device;
 pub mod engine;
 pub mod esp;
 pub mod fleet_lock;
