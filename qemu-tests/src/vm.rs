@@ -198,10 +198,13 @@ impl Vm {
 
     /// Runs `probe` over SSH until it succeeds and `accept` likes its stdout.
     fn wait_ssh_until(&self, timeout: Duration, probe: &str, accept: impl Fn(&str) -> bool) {
-        let started = Instant::now();
+        let mut started = Instant::now();
         loop {
             self.check_running();
-            self.unstick_firmware();
+            if self.unstick_firmware() {
+                // A fresh QEMU boots from the start: it gets the whole timeout.
+                started = Instant::now();
+            }
             let attempt = run_with_timeout(&mut self.ssh.command(probe), Duration::from_secs(30));
             let last = match attempt {
                 Ok(Some(out)) if out.status.success() => {
@@ -230,11 +233,13 @@ impl Vm {
     /// (a fresh QEMU on the same disk and variables boots). The guest had
     /// already shut down cleanly and flushed its disk, so restarting QEMU
     /// loses nothing.
-    fn unstick_firmware(&self) {
+    /// Returns whether it restarted QEMU.
+    fn unstick_firmware(&self) -> bool {
         if lock(&self.monitor).is_none() {
-            return; // powered off
+            return false; // powered off
         }
-        if lock(&self.reset_watch).firmware_stuck(&self.console) {
+        let stuck = lock(&self.reset_watch).firmware_stuck(&self.console);
+        if stuck {
             // A system_reset does not bring it back; a fresh QEMU on the same
             // disk, variables and SSH port does.
             eprintln!(
@@ -251,6 +256,7 @@ impl Vm {
                 self.fail(format!("restarting QEMU after a stuck reset: {e:#}"));
             }
         }
+        stuck
     }
 
     /// Runs `cmd` in the guest's root shell. Panics only if ssh cannot run
@@ -759,6 +765,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// loaded machine.
 const RESET_STALL: Duration = Duration::from_secs(150);
 
+/// Whether a console line is one of the last a guest prints before it
+/// resets: the kernel's own last words do not always reach the console.
+fn ends_in_reset(line: &str) -> bool {
+    [
+        "reboot: machine restart",
+        "reboot: Restarting system",
+        "systemd-shutdown[1]: Rebooting.",
+    ]
+    .iter()
+    .any(|m| line.contains(m))
+}
+
 /// Notices a machine that reset itself and then printed nothing.
 ///
 /// Fires at most once per console state: a firmware that is only slow
@@ -782,11 +800,7 @@ impl ResetWatch {
         if self.fired_at_len == Some(len) {
             return false;
         }
-        let ended_in_reset = console
-            .tail(3)
-            .lines()
-            .last()
-            .is_some_and(|l| l.contains("reboot: machine restart"));
+        let ended_in_reset = console.tail(3).lines().any(ends_in_reset);
         match self.since {
             Some(t) if ended_in_reset && t.elapsed() >= RESET_STALL => {
                 self.fired_at_len = Some(len);
@@ -804,6 +818,18 @@ impl ResetWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn last_words_before_a_reset() {
+        assert!(ends_in_reset(
+            "[   52.580171] systemd-shutdown[1]: Rebooting."
+        ));
+        assert!(ends_in_reset("[   60.1] reboot: machine restart"));
+        assert!(!ends_in_reset(
+            "[   52.5] systemd-shutdown[1]: Powering off."
+        ));
+        assert!(!ends_in_reset("localhost login:"));
+    }
 
     #[test]
     fn qemu_args_isolate_the_guest() {
