@@ -8,13 +8,17 @@
 use anyhow::{bail, Context, Result};
 use os_agent::fleet::server::LocalEtcd;
 use os_agent::fleet::sim::{HolderWatch, SimEnd, SimHost, SimParams};
-use os_agent::fleet::{admin, connect, Fleet, FleetSettings, Keys};
+use os_agent::fleet::{admin, connect, register, Fleet, FleetSettings, Keys};
 use std::time::Duration;
 use tokio::time::Instant;
 
 const GROUP: &str = "bench";
 const LEASE_TTL: Duration = Duration::from_secs(30);
-const STEADY_WINDOW: Duration = Duration::from_secs(15);
+/// At least this long; rounded up to whole keep-alive intervals, because the
+/// simulated hosts register within a second of each other and so renew in
+/// step: a window that is not a whole number of intervals counts one round
+/// of renewals too many or too few.
+const STEADY_WINDOW_MIN: Duration = Duration::from_secs(15);
 /// Hosts per etcd client connection (a real host has one each).
 const HOSTS_PER_CLIENT: usize = 50;
 
@@ -117,17 +121,23 @@ async fn run() -> Result<()> {
     );
 
     // Steady state: registered, nothing to do but keep leases alive.
+    let every = register::keep_alive_interval(LEASE_TTL);
+    let rounds = STEADY_WINDOW_MIN.as_secs_f64() / every.as_secs_f64();
+    let window = every * rounds.ceil().max(1.0) as u32;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = counters(&etcd)?;
-    tokio::time::sleep(STEADY_WINDOW).await;
+    tokio::time::sleep(window).await;
     let after = counters(&etcd)?;
-    let secs = STEADY_WINDOW.as_secs_f64();
+    let secs = window.as_secs_f64();
     let unary = (after.unary - before.unary) / secs;
     let msgs = (after.stream_msgs - before.stream_msgs) / secs;
     let per_host_ttl = (unary + msgs) * LEASE_TTL.as_secs_f64() / hosts as f64;
     println!(
-        "steady state: {unary:.1} unary requests/s + {msgs:.1} stream messages/s (lease keep-alives) \
-         = {per_host_ttl:.2} per host per lease TTL"
+        "steady state over {secs:.0} s (keep-alive every {:.0} s): {unary:.1} unary requests/s + \
+         {msgs:.1} stream messages/s (lease keep-alives) = {per_host_ttl:.2} per host per lease TTL \
+         ({:.2} unary)",
+        every.as_secs_f64(),
+        unary * LEASE_TTL.as_secs_f64() / hosts as f64
     );
 
     // The rollout.
