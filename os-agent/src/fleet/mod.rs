@@ -8,6 +8,8 @@
 //! - [`register`]: the host's record, on a lease kept alive;
 //! - [`lock`]: the semaphore, failure reports, and [`lock::EtcdLock`], the
 //!   [`crate::update::fleet_lock::RebootLock`] the update engine calls;
+//! - [`view`]: a watched view of the group's lock, to wait for a free slot
+//!   without polling;
 //! - [`admin`]: the operator's view and actions, [`cli`]: `osctl fleet`;
 //! - [`sim`]: a simulated host, for the tests and the fleet bench;
 //! - [`server`]: a throwaway local etcd for the tests and the bench.
@@ -23,6 +25,7 @@ pub mod model;
 pub mod register;
 pub mod server;
 pub mod sim;
+pub mod view;
 
 use anyhow::{Context, Result};
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};

@@ -1,0 +1,244 @@
+//! A host's view of its group's lock (policy, slot keys, proven versions),
+//! kept from one etcd watch on the group's keys, so a host waiting for a
+//! reboot slot learns that one was freed without asking etcd again and
+//! again. Watches cost etcd no requests while nothing changes.
+//!
+//! The view is only a hint: the take itself is a transaction that checks
+//! everything ([`super::lock`]). It decides *when* to ask: when a change
+//! makes a slot look free, the host waits a random part of
+//! [`WAKE_SPREAD`] and asks only if its view still says so. Of the hosts
+//! woken by one freed slot the first to ask takes it; the others see the new
+//! slot key in their view and keep waiting, so a freed slot costs about one
+//! request instead of one per waiting host.
+
+use super::lock::{decide, Decision, LockState};
+use super::model::{Keys, Policy};
+use super::Backoff;
+use anyhow::{Context, Result};
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How long hosts woken by the same change spread their requests over.
+pub const WAKE_SPREAD: Duration = Duration::from_secs(1);
+
+/// The group's lock as the watch last saw it.
+#[derive(Debug, Clone, Default)]
+pub struct GroupView {
+    /// `None` while the policy key holds something that does not parse (no
+    /// slot looks free then, as the host would not take one).
+    policy: Option<Policy>,
+    slots: BTreeSet<u32>,
+    odd_slots: BTreeSet<String>,
+    proven: BTreeSet<String>,
+    /// Whether the view was read from etcd at all.
+    pub synced: bool,
+}
+
+impl GroupView {
+    fn apply(&mut self, keys: &Keys, group: &str, key: &str, value: Option<&[u8]>) {
+        let Some(rest) = key.strip_prefix(&keys.group(group)) else {
+            return;
+        };
+        if rest == "policy" {
+            self.policy = match value {
+                None => Some(Policy::default()),
+                Some(v) => Policy::parse(key, v).ok(),
+            };
+        } else if let Some(n) = rest.strip_prefix("lock/slots/") {
+            let number = n.parse::<u32>().ok().filter(|i| i.to_string() == n);
+            match (number, value.is_some()) {
+                (Some(i), true) => self.slots.insert(i),
+                (Some(i), false) => self.slots.remove(&i),
+                (None, true) => self.odd_slots.insert(n.to_string()),
+                (None, false) => self.odd_slots.remove(n),
+            };
+        } else if let Some(v) = rest.strip_prefix("proven/") {
+            if value.is_some() {
+                self.proven.insert(v.to_string());
+            } else {
+                self.proven.remove(v);
+            }
+        }
+    }
+
+    /// Whether a host that holds no slot might take one for `version` now.
+    pub fn may_take(&self, version: &str) -> bool {
+        let Some(policy) = &self.policy else {
+            return false;
+        };
+        let st = LockState {
+            policy: policy.clone(),
+            policy_rev: 0,
+            slots: self.slots.clone(),
+            odd_slots: self.odd_slots.len(),
+            holding: false,
+            proven: self.proven.contains(version),
+        };
+        self.synced && !matches!(decide(&st, version), Decision::Answer(_))
+    }
+}
+
+/// The running watch; clones share it, and it stops with the last one.
+#[derive(Debug, Clone)]
+pub struct GroupWatch {
+    rx: watch::Receiver<GroupView>,
+    _task: Arc<AbortOnDrop>,
+}
+
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl GroupWatch {
+    /// Starts watching `group`; reconnects with backoff. Must be called
+    /// inside a tokio runtime.
+    pub fn start(client: Client, keys: Keys, group: String) -> GroupWatch {
+        let (tx, rx) = watch::channel(GroupView::default());
+        let task = tokio::spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+            loop {
+                let e = match watch_once(&client, &keys, &group, &tx, &mut backoff).await {
+                    Ok(()) => anyhow::anyhow!("etcd ended the watch"),
+                    Err(e) => e,
+                };
+                tx.send_modify(|v| v.synced = false);
+                let wait = backoff.next_wait();
+                tracing::warn!("watching group {group}: {e:#}; again in {wait:?}");
+                tokio::time::sleep(wait).await;
+            }
+        });
+        GroupWatch {
+            rx,
+            _task: Arc::new(AbortOnDrop(task)),
+        }
+    }
+
+    /// A receiver of the view, for [`wait_for_slot`].
+    pub fn subscribe(&self) -> watch::Receiver<GroupView> {
+        self.rx.clone()
+    }
+}
+
+async fn watch_once(
+    client: &Client,
+    keys: &Keys,
+    group: &str,
+    tx: &watch::Sender<GroupView>,
+    backoff: &mut Backoff,
+) -> Result<()> {
+    let prefix = keys.group(group);
+    let mut c = client.clone();
+    let now = c
+        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await
+        .with_context(|| format!("cannot read {prefix}"))?;
+    let rev = now.header().map_or(0, |h| h.revision());
+    let mut view = GroupView {
+        policy: Some(Policy::default()),
+        synced: true,
+        ..GroupView::default()
+    };
+    for kv in now.kvs() {
+        view.apply(
+            keys,
+            group,
+            &String::from_utf8_lossy(kv.key()),
+            Some(kv.value()),
+        );
+    }
+    tx.send_replace(view);
+    let (_watcher, mut stream) = c
+        .watch(
+            prefix.as_str(),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(rev + 1),
+            ),
+        )
+        .await
+        .with_context(|| format!("cannot watch {prefix}"))?;
+    backoff.reset();
+    while let Some(resp) = stream.message().await.context("the group watch failed")? {
+        tx.send_modify(|v| {
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key());
+                let value = (ev.event_type() == EventType::Put).then(|| kv.value());
+                v.apply(keys, group, &key, value);
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Returns once a change to the group makes a slot look free for `version`
+/// and it still does a random part of `spread` later. Changes seen before
+/// the call do not count: the caller has just asked etcd itself. Never
+/// returns if the watch stopped; callers bound it with their own timeout.
+pub async fn wait_for_slot(rx: &mut watch::Receiver<GroupView>, version: &str, spread: Duration) {
+    rx.borrow_and_update();
+    loop {
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        if !rx.borrow_and_update().may_take(version) {
+            continue;
+        }
+        tokio::time::sleep(super::random_up_to(spread)).await;
+        if rx.borrow().may_take(version) {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn view_follows_the_keys() {
+        let keys = Keys::new("/b");
+        let mut v = GroupView {
+            policy: Some(Policy::default()),
+            synced: true,
+            ..GroupView::default()
+        };
+        let put = |v: &mut GroupView, k: &str, val: &str| {
+            v.apply(
+                &keys,
+                "g",
+                &format!("/b/groups/g/{k}"),
+                Some(val.as_bytes()),
+            )
+        };
+        put(&mut v, "policy", r#"{"max_holders": 2}"#);
+        // Unproven: safe mode, free while nobody holds.
+        assert!(v.may_take("2.0"));
+        put(&mut v, "lock/slots/0", "a");
+        assert!(!v.may_take("2.0"));
+        put(&mut v, "proven/2.0", "a");
+        assert!(v.may_take("2.0"));
+        put(&mut v, "lock/slots/1", "b");
+        assert!(!v.may_take("2.0"));
+        v.apply(&keys, "g", "/b/groups/g/lock/slots/1", None);
+        assert!(v.may_take("2.0"));
+        put(&mut v, "policy", "not json");
+        assert!(!v.may_take("2.0"));
+        v.apply(&keys, "g", "/b/groups/g/policy", None);
+        // Default max 1, slot 0 held.
+        assert!(!v.may_take("2.0"));
+        put(&mut v, "lock/holders/a", "{}");
+        put(&mut v, "failures/2.0/a", "{}");
+        v.apply(&keys, "g", "/b/groups/g/lock/slots/0", None);
+        assert!(v.may_take("2.0"));
+    }
+}
