@@ -2,7 +2,7 @@
 //! join the fleet in etcd if the config names one, then run the update loop
 //! until asked to stop.
 
-use crate::fleet::{self, lock::EtcdLock, register::Registration, Fleet};
+use crate::fleet::{self, lock::EtcdLock, register::Registration, view::GroupWatch, Fleet};
 use crate::host::Host;
 use crate::status::{self, HostStatus};
 use crate::update::{
@@ -109,6 +109,8 @@ struct FleetState {
     registration: Registration,
     wake: Arc<tokio::sync::Notify>,
     policy_watch: tokio::task::JoinHandle<()>,
+    /// Wakes the update loop when a reboot slot looks free.
+    slot_wake: tokio::task::JoinHandle<()>,
 }
 
 impl FleetState {
@@ -127,6 +129,7 @@ impl FleetState {
 impl Drop for FleetState {
     fn drop(&mut self) {
         self.policy_watch.abort();
+        self.slot_wake.abort();
     }
 }
 
@@ -154,8 +157,15 @@ async fn join_fleet(host: Arc<dyn Host + Send + Sync>) -> Result<Option<FleetSta
         fs.group
     );
     let wake = Arc::new(tokio::sync::Notify::new());
+    let registration = Registration::start(f.clone(), record);
+    let view = GroupWatch::start(f.client.clone(), f.keys.clone(), f.group.clone());
     Ok(Some(FleetState {
-        registration: Registration::start(f.clone(), record),
+        slot_wake: tokio::spawn(fleet::view::wake_for_staged(
+            view,
+            registration.subscribe(),
+            wake.clone(),
+        )),
+        registration,
         policy_watch: tokio::spawn(fleet::agent::watch_policy(f.clone(), wake.clone())),
         fleet: f,
         wake,
@@ -274,7 +284,7 @@ mod tests {
 
     /// The daemon's fleet wiring against a real etcd: the config's
     /// endpoints and group, the DirHost's record, a policy change that wakes
-    /// the update loop.
+    /// the update loop, and so does a slot freed while an update is staged.
     #[test]
     fn joins_the_fleet_named_in_the_config() {
         use crate::disk::fixture::write;
@@ -326,6 +336,30 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(5), f.wake.notified())
                 .await
                 .expect("a policy change wakes the update loop");
+            admin::resume(&f.fleet.client, &f.fleet.keys, "web")
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(5), f.wake.notified())
+                .await
+                .expect("a policy change wakes the update loop");
+            // Another host holds the only slot while this one staged 2.0:
+            // freeing it wakes the update loop.
+            let settings = crate::fleet::FleetSettings {
+                group: "web".into(),
+                ..crate::fleet::FleetSettings::new(vec![etcd.endpoint()])
+            };
+            let other = Fleet::new(f.fleet.client.clone(), &settings, &"0f".repeat(16));
+            assert_eq!(
+                other.try_acquire("2.0").await.unwrap(),
+                crate::fleet::lock::Acquire::Granted
+            );
+            f.registration
+                .modify(|r| r.staged_version = Some("2.0".into()));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            other.delete_holder(&other.machine_id).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(5), f.wake.notified())
+                .await
+                .expect("a freed slot wakes the update loop of a host that staged an update");
         });
     }
 

@@ -10,6 +10,7 @@ use anyhow::Result;
 use os_agent::fleet::lock::Acquire;
 use os_agent::fleet::server::{LocalEtcd, ServerTls};
 use os_agent::fleet::sim::{HolderWatch, SimEnd, SimHost, SimParams};
+use os_agent::fleet::view::GroupWatch;
 use os_agent::fleet::{admin, config::Tls, connect, Fleet, FleetSettings, Keys};
 use os_agent::update::fleet_lock::Released;
 use std::path::Path;
@@ -102,7 +103,15 @@ async fn fifty_hosts_never_more_than_three_holders() {
     let client = connect(&s).await.unwrap();
     let keys = Keys::new(&s.prefix);
     let watch = HolderWatch::start(&client, &keys, GROUP).await.unwrap();
-    let hosts = start_hosts(&s, 50, "1.0").await;
+    // Half of them wait for a slot on a watched view of the group, as the
+    // agent does, half poll.
+    let view = GroupWatch::start(client.clone(), keys.clone(), GROUP.into());
+    let hosts: Vec<SimHost> = start_hosts(&s, 50, "1.0")
+        .await
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| if i % 2 == 0 { h.with_view(&view) } else { h })
+        .collect();
     let started = Instant::now();
     let ended = roll_all(hosts, "2.0", &params(), Duration::from_secs(60)).await;
     let took = started.elapsed();

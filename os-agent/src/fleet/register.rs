@@ -84,6 +84,11 @@ impl Registration {
         self.task.abort();
     }
 
+    /// The record as it changes.
+    pub fn subscribe(&self) -> watch::Receiver<HostRecord> {
+        self.record.subscribe()
+    }
+
     pub fn record(&self) -> HostRecord {
         self.record.borrow().clone()
     }

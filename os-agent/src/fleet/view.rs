@@ -9,17 +9,18 @@
 //! [`WAKE_SPREAD`] and asks only if its view still says so. Of the hosts
 //! woken by one freed slot the first to ask takes it; the others see the new
 //! slot key in their view and keep waiting, so a freed slot costs about one
-//! request instead of one per waiting host.
+//! request instead of one per waiting host. The daemon runs
+//! [`wake_for_staged`]; the simulated hosts wait on [`wait_for_slot`].
 
 use super::lock::{decide, Decision, LockState};
-use super::model::{Keys, Policy};
+use super::model::{HostRecord, Keys, Policy};
 use super::Backoff;
 use anyhow::{Context, Result};
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 /// How long hosts woken by the same change spread their requests over.
 pub const WAKE_SPREAD: Duration = Duration::from_secs(1);
@@ -196,6 +197,38 @@ pub async fn wait_for_slot(rx: &mut watch::Receiver<GroupView>, version: &str, s
         tokio::time::sleep(super::random_up_to(spread)).await;
         if rx.borrow().may_take(version) {
             return;
+        }
+    }
+}
+
+/// The daemon's waiting: wakes the update loop when a slot looks free for
+/// the version the host has staged (from its registration record), so a
+/// host waiting for a slot asks within about a second of one being freed
+/// rather than at its next round (a minute or more). Runs until aborted.
+pub async fn wake_for_staged(
+    view: GroupWatch,
+    mut record: watch::Receiver<HostRecord>,
+    wake: Arc<Notify>,
+) {
+    let mut rx = view.subscribe();
+    loop {
+        let staged = record.borrow_and_update().staged_version.clone();
+        let Some(version) = staged else {
+            if record.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        tokio::select! {
+            () = wait_for_slot(&mut rx, &version, WAKE_SPREAD) => {
+                tracing::debug!("a reboot slot looks free for {version}");
+                wake.notify_one();
+            }
+            changed = record.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
         }
     }
 }
