@@ -157,8 +157,10 @@ async fn join_fleet(host: Arc<dyn Host + Send + Sync>) -> Result<Option<FleetSta
         fs.group
     );
     let wake = Arc::new(tokio::sync::Notify::new());
-    let registration = Registration::start(f.clone(), record);
+    // The lock takes a slot on what the view shows when it shows one free.
     let view = GroupWatch::start(f.client.clone(), f.keys.clone(), f.group.clone());
+    let f = f.with_view(&view);
+    let registration = Registration::start(f.clone(), record);
     Ok(Some(FleetState {
         slot_wake: tokio::spawn(fleet::view::wake_for_staged(
             view,

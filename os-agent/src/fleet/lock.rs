@@ -16,7 +16,10 @@
 //! one compare-and-swap at a time (which a single guard key compared by
 //! every taker did); two that pick the same slot are told apart by etcd, and
 //! the loser's failed transaction returns the fresh lock state, from which it
-//! picks again without another read.
+//! picks again without another read. A host with a watched view of the
+//! group ([`super::view`]) skips the first read when its view shows a free
+//! slot: the view is an older snapshot than a read, but the argument below
+//! holds for any snapshot, since the take compares the policy's revision.
 //!
 //! Why this never lets more than `max_holders` hosts hold: every successful
 //! take was made under the current policy (the transaction compares the
@@ -182,7 +185,18 @@ impl Fleet {
     /// number of holders allow it.
     pub async fn try_acquire(&self, version: &str) -> Result<Acquire> {
         model::check_version(version).map_err(anyhow::Error::msg)?;
-        let mut st = self.lock_state(version).await?;
+        // A view that shows a free slot is as good a start as a read: the
+        // take checks in etcd everything that makes it safe, and a failed
+        // one returns the fresh state. Any other answer is read from etcd.
+        let viewed = self.view.as_ref().and_then(|v| {
+            let st = v.borrow().state(&self.machine_id, version)?;
+            let take = !st.holding && !matches!(decide(&st, version), Decision::Answer(_));
+            take.then_some(st)
+        });
+        let mut st = match viewed {
+            Some(st) => st,
+            None => self.lock_state(version).await?,
+        };
         for _ in 0..CAS_ATTEMPTS {
             let slot = match decide(&st, version) {
                 Decision::Answer(a) => return Ok(a),

@@ -84,6 +84,7 @@ impl SimHost {
     /// (hosts on one connection may share one).
     pub fn with_view(mut self, watch: &GroupWatch) -> SimHost {
         self.view = Some(watch.subscribe());
+        self.fleet = self.fleet.with_view(watch);
         self
     }
 

@@ -17,7 +17,7 @@ use super::model::{HostRecord, Keys, Policy};
 use super::Backoff;
 use anyhow::{Context, Result};
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -31,31 +31,52 @@ pub struct GroupView {
     /// `None` while the policy key holds something that does not parse (no
     /// slot looks free then, as the host would not take one).
     policy: Option<Policy>,
-    slots: BTreeSet<u32>,
+    /// The policy key's revision (0: none).
+    policy_rev: i64,
+    /// Slot number -> the machine id holding it.
+    slots: BTreeMap<u32, String>,
     odd_slots: BTreeSet<String>,
+    /// Machine ids with a holder key.
+    holders: BTreeSet<String>,
     proven: BTreeSet<String>,
     /// Whether the view was read from etcd at all.
     pub synced: bool,
 }
 
 impl GroupView {
-    fn apply(&mut self, keys: &Keys, group: &str, key: &str, value: Option<&[u8]>) {
+    /// Applies a put (`value`, at `rev`) or a delete of `key`.
+    fn apply(&mut self, keys: &Keys, group: &str, key: &str, value: Option<&[u8]>, rev: i64) {
         let Some(rest) = key.strip_prefix(&keys.group(group)) else {
             return;
         };
         if rest == "policy" {
-            self.policy = match value {
-                None => Some(Policy::default()),
-                Some(v) => Policy::parse(key, v).ok(),
+            (self.policy, self.policy_rev) = match value {
+                None => (Some(Policy::default()), 0),
+                Some(v) => (Policy::parse(key, v).ok(), rev),
             };
         } else if let Some(n) = rest.strip_prefix("lock/slots/") {
             let number = n.parse::<u32>().ok().filter(|i| i.to_string() == n);
-            match (number, value.is_some()) {
-                (Some(i), true) => self.slots.insert(i),
-                (Some(i), false) => self.slots.remove(&i),
-                (None, true) => self.odd_slots.insert(n.to_string()),
-                (None, false) => self.odd_slots.remove(n),
-            };
+            match (number, value) {
+                (Some(i), Some(v)) => {
+                    self.slots
+                        .insert(i, String::from_utf8_lossy(v).into_owned());
+                }
+                (Some(i), None) => {
+                    self.slots.remove(&i);
+                }
+                (None, Some(_)) => {
+                    self.odd_slots.insert(n.to_string());
+                }
+                (None, None) => {
+                    self.odd_slots.remove(n);
+                }
+            }
+        } else if let Some(m) = rest.strip_prefix("lock/holders/") {
+            if value.is_some() {
+                self.holders.insert(m.to_string());
+            } else {
+                self.holders.remove(m);
+            }
         } else if let Some(v) = rest.strip_prefix("proven/") {
             if value.is_some() {
                 self.proven.insert(v.to_string());
@@ -65,20 +86,25 @@ impl GroupView {
         }
     }
 
+    /// The lock state for `machine_id` and `version` as the view shows it;
+    /// `None` before the view was read or while the policy does not parse.
+    pub fn state(&self, machine_id: &str, version: &str) -> Option<LockState> {
+        let policy = self.policy.as_ref().filter(|_| self.synced)?;
+        Some(LockState {
+            policy: policy.clone(),
+            policy_rev: self.policy_rev,
+            slots: self.slots.keys().copied().collect(),
+            odd_slots: self.odd_slots.len(),
+            holding: self.holders.contains(machine_id)
+                || self.slots.values().any(|m| m == machine_id),
+            proven: self.proven.contains(version),
+        })
+    }
+
     /// Whether a host that holds no slot might take one for `version` now.
     pub fn may_take(&self, version: &str) -> bool {
-        let Some(policy) = &self.policy else {
-            return false;
-        };
-        let st = LockState {
-            policy: policy.clone(),
-            policy_rev: 0,
-            slots: self.slots.clone(),
-            odd_slots: self.odd_slots.len(),
-            holding: false,
-            proven: self.proven.contains(version),
-        };
-        self.synced && !matches!(decide(&st, version), Decision::Answer(_))
+        self.state("", version)
+            .is_some_and(|st| !matches!(decide(&st, version), Decision::Answer(_)))
     }
 }
 
@@ -148,12 +174,8 @@ async fn watch_once(
         ..GroupView::default()
     };
     for kv in now.kvs() {
-        view.apply(
-            keys,
-            group,
-            &String::from_utf8_lossy(kv.key()),
-            Some(kv.value()),
-        );
+        let key = String::from_utf8_lossy(kv.key());
+        view.apply(keys, group, &key, Some(kv.value()), kv.mod_revision());
     }
     tx.send_replace(view);
     let (_watcher, mut stream) = c
@@ -174,7 +196,7 @@ async fn watch_once(
                 let Some(kv) = ev.kv() else { continue };
                 let key = String::from_utf8_lossy(kv.key());
                 let value = (ev.event_type() == EventType::Put).then(|| kv.value());
-                v.apply(keys, group, &key, value);
+                v.apply(keys, group, &key, value, kv.mod_revision());
             }
         });
     }
@@ -251,6 +273,7 @@ mod tests {
                 "g",
                 &format!("/b/groups/g/{k}"),
                 Some(val.as_bytes()),
+                9,
             )
         };
         put(&mut v, "policy", r#"{"max_holders": 2}"#);
@@ -262,16 +285,21 @@ mod tests {
         assert!(v.may_take("2.0"));
         put(&mut v, "lock/slots/1", "b");
         assert!(!v.may_take("2.0"));
-        v.apply(&keys, "g", "/b/groups/g/lock/slots/1", None);
+        v.apply(&keys, "g", "/b/groups/g/lock/slots/1", None, 10);
         assert!(v.may_take("2.0"));
         put(&mut v, "policy", "not json");
         assert!(!v.may_take("2.0"));
-        v.apply(&keys, "g", "/b/groups/g/policy", None);
+        v.apply(&keys, "g", "/b/groups/g/policy", None, 11);
         // Default max 1, slot 0 held.
         assert!(!v.may_take("2.0"));
         put(&mut v, "lock/holders/a", "{}");
         put(&mut v, "failures/2.0/a", "{}");
-        v.apply(&keys, "g", "/b/groups/g/lock/slots/0", None);
+        let st = v.state("a", "2.0").unwrap();
+        assert!(st.holding && st.slots.contains(&0) && st.policy_rev == 0);
+        v.apply(&keys, "g", "/b/groups/g/lock/slots/0", None, 12);
         assert!(v.may_take("2.0"));
+        assert!(v.state("a", "2.0").unwrap().holding, "its holder key");
+        v.apply(&keys, "g", "/b/groups/g/lock/holders/a", None, 12);
+        assert!(!v.state("a", "2.0").unwrap().holding);
     }
 }
