@@ -200,7 +200,7 @@ pub async fn set_max(client: &Client, keys: &Keys, group: &str, max: u32) -> Res
 /// machine id does not look like success.
 pub async fn unlock(client: &Client, keys: &Keys, group: &str, machine_id: &str) -> Result<()> {
     check_group(group)?;
-    if !super::lock::free_slot(client, keys, group, machine_id, None).await? {
+    if !super::lock::free_slot(client, keys, group, machine_id, None, None).await? {
         let key = keys.holder(group, machine_id);
         bail!("{machine_id} holds no reboot slot of group {group} ({key} does not exist)");
     }

@@ -33,19 +33,33 @@ pub struct GroupView {
     policy: Option<Policy>,
     /// The policy key's revision (0: none).
     policy_rev: i64,
-    /// Slot number -> the machine id holding it.
-    slots: BTreeMap<u32, String>,
+    /// Slot number -> the machine id holding it, and the key's revision.
+    slots: BTreeMap<u32, (String, i64)>,
     odd_slots: BTreeSet<String>,
-    /// Machine ids with a holder key.
-    holders: BTreeSet<String>,
+    /// Machine ids with a holder key -> the key's revision and lease.
+    holders: BTreeMap<String, (i64, i64)>,
     proven: BTreeSet<String>,
     /// Whether the view was read from etcd at all.
     pub synced: bool,
 }
 
 impl GroupView {
-    /// Applies a put (`value`, at `rev`) or a delete of `key`.
+    /// Applies a put (`value`, at `rev`) or a delete of `key`, on no lease.
+    #[cfg(test)]
     fn apply(&mut self, keys: &Keys, group: &str, key: &str, value: Option<&[u8]>, rev: i64) {
+        self.apply_leased(keys, group, key, value, rev, 0);
+    }
+
+    /// Applies a put (`value`, at `rev`, on `lease`) or a delete of `key`.
+    fn apply_leased(
+        &mut self,
+        keys: &Keys,
+        group: &str,
+        key: &str,
+        value: Option<&[u8]>,
+        rev: i64,
+        lease: i64,
+    ) {
         let Some(rest) = key.strip_prefix(&keys.group(group)) else {
             return;
         };
@@ -58,8 +72,8 @@ impl GroupView {
             let number = n.parse::<u32>().ok().filter(|i| i.to_string() == n);
             match (number, value) {
                 (Some(i), Some(v)) => {
-                    self.slots
-                        .insert(i, String::from_utf8_lossy(v).into_owned());
+                    let m = String::from_utf8_lossy(v).into_owned();
+                    self.slots.insert(i, (m, rev));
                 }
                 (Some(i), None) => {
                     self.slots.remove(&i);
@@ -73,7 +87,7 @@ impl GroupView {
             }
         } else if let Some(m) = rest.strip_prefix("lock/holders/") {
             if value.is_some() {
-                self.holders.insert(m.to_string());
+                self.holders.insert(m.to_string(), (rev, lease));
             } else {
                 self.holders.remove(m);
             }
@@ -95,9 +109,24 @@ impl GroupView {
             policy_rev: self.policy_rev,
             slots: self.slots.keys().copied().collect(),
             odd_slots: self.odd_slots.len(),
-            holding: self.holders.contains(machine_id)
-                || self.slots.values().any(|m| m == machine_id),
+            holding: self.holders.contains_key(machine_id)
+                || self.slots.values().any(|(m, _)| m == machine_id),
             proven: self.proven.contains(version),
+        })
+    }
+
+    /// What `machine_id` holds as the view shows it; `None` before the view
+    /// was read or if it has no holder key.
+    pub fn held_by(&self, machine_id: &str) -> Option<Held> {
+        if !self.synced {
+            return None;
+        }
+        let (holder_rev, lease) = *self.holders.get(machine_id)?;
+        let slots = self.slots.iter().filter(|(_, (m, _))| m == machine_id);
+        Some(Held {
+            holder_rev,
+            lease,
+            slots: slots.map(|(i, (_, rev))| (*i, *rev)).collect(),
         })
     }
 
@@ -106,6 +135,17 @@ impl GroupView {
         self.state("", version)
             .is_some_and(|st| !matches!(decide(&st, version), Decision::Answer(_)))
     }
+}
+
+/// A host's keys in the lock as its view shows them, for a release
+/// without a read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// The holder key's revision and lease.
+    pub holder_rev: i64,
+    pub lease: i64,
+    /// Slot numbers with their keys' revisions.
+    pub slots: Vec<(u32, i64)>,
 }
 
 /// The running watch; clones share it, and it stops with the last one.
@@ -175,7 +215,14 @@ async fn watch_once(
     };
     for kv in now.kvs() {
         let key = String::from_utf8_lossy(kv.key());
-        view.apply(keys, group, &key, Some(kv.value()), kv.mod_revision());
+        view.apply_leased(
+            keys,
+            group,
+            &key,
+            Some(kv.value()),
+            kv.mod_revision(),
+            kv.lease(),
+        );
     }
     tx.send_replace(view);
     let (_watcher, mut stream) = c
@@ -196,7 +243,7 @@ async fn watch_once(
                 let Some(kv) = ev.kv() else { continue };
                 let key = String::from_utf8_lossy(kv.key());
                 let value = (ev.event_type() == EventType::Put).then(|| kv.value());
-                v.apply(keys, group, &key, value, kv.mod_revision());
+                v.apply_leased(keys, group, &key, value, kv.mod_revision(), kv.lease());
             }
         });
     }
@@ -301,5 +348,14 @@ mod tests {
         assert!(v.state("a", "2.0").unwrap().holding, "its holder key");
         v.apply(&keys, "g", "/b/groups/g/lock/holders/a", None, 12);
         assert!(!v.state("a", "2.0").unwrap().holding);
+        put(&mut v, "lock/slots/3", "a");
+        assert_eq!(v.held_by("a"), None, "no holder key");
+        put(&mut v, "lock/holders/a", "{}");
+        let held = Held {
+            holder_rev: 9,
+            lease: 0,
+            slots: vec![(3, 9)],
+        };
+        assert_eq!(v.held_by("a"), Some(held));
     }
 }
