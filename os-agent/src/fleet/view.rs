@@ -12,7 +12,7 @@
 //! request instead of one per waiting host. The daemon runs
 //! [`wake_for_staged`]; the simulated hosts wait on [`wait_for_slot`].
 
-use super::lock::{decide, Decision, LockState};
+use super::lock::LockState;
 use super::model::{HostRecord, Keys, Policy};
 use super::Backoff;
 use anyhow::{Context, Result};
@@ -130,10 +130,27 @@ impl GroupView {
         })
     }
 
-    /// Whether a host that holds no slot might take one for `version` now.
+    /// Whether a host that holds no slot might take one for `version` now:
+    /// [`super::lock::decide`] on [`Self::state`], without copying the slots, since
+    /// every waiting host asks this on every change of its group.
     pub fn may_take(&self, version: &str) -> bool {
-        self.state("", version)
-            .is_some_and(|st| !matches!(decide(&st, version), Decision::Answer(_)))
+        let Some(p) = self.policy.as_ref().filter(|_| self.synced) else {
+            return false;
+        };
+        if p.paused
+            || p.pinned_version
+                .as_deref()
+                .is_some_and(|pin| pin != version)
+        {
+            return false;
+        }
+        let held = self.slots.len() + self.odd_slots.len();
+        if !self.proven.contains(version) {
+            return held == 0;
+        }
+        held < p.max_holders as usize
+            && self.odd_slots.is_empty()
+            && self.slots.range(p.max_holders..).next().is_none()
     }
 }
 
@@ -305,6 +322,7 @@ pub async fn wake_for_staged(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fleet::lock::{decide, Decision};
 
     #[test]
     fn view_follows_the_keys() {
@@ -323,6 +341,11 @@ mod tests {
                 9,
             )
         };
+        let agrees = |v: &GroupView| {
+            let st = v.state("z", "2.0").unwrap();
+            let decided = !matches!(decide(&st, "2.0"), Decision::Answer(_));
+            assert_eq!(v.may_take("2.0"), decided, "{v:?}");
+        };
         put(&mut v, "policy", r#"{"max_holders": 2}"#);
         // Unproven: safe mode, free while nobody holds.
         assert!(v.may_take("2.0"));
@@ -332,6 +355,21 @@ mod tests {
         assert!(v.may_take("2.0"));
         put(&mut v, "lock/slots/1", "b");
         assert!(!v.may_take("2.0"));
+        agrees(&v);
+        put(
+            &mut v,
+            "policy",
+            r#"{"max_holders": 5, "pinned_version": "2.0"}"#,
+        );
+        agrees(&v);
+        put(&mut v, "policy", r#"{"max_holders": 1}"#);
+        agrees(&v);
+        put(&mut v, "lock/slots/x", "c");
+        put(&mut v, "policy", r#"{"max_holders": 5}"#);
+        agrees(&v);
+        v.apply(&keys, "g", "/b/groups/g/lock/slots/x", None, 10);
+        agrees(&v);
+        put(&mut v, "policy", r#"{"max_holders": 2}"#);
         v.apply(&keys, "g", "/b/groups/g/lock/slots/1", None, 10);
         assert!(v.may_take("2.0"));
         put(&mut v, "policy", "not json");
