@@ -8,13 +8,18 @@
 use anyhow::{bail, Context, Result};
 use os_agent::fleet::server::LocalEtcd;
 use os_agent::fleet::sim::{HolderWatch, SimEnd, SimHost, SimParams};
-use os_agent::fleet::{admin, connect, Fleet, FleetSettings, Keys};
+use os_agent::fleet::view::GroupWatch;
+use os_agent::fleet::{admin, connect, register, Fleet, FleetSettings, Keys};
 use std::time::Duration;
 use tokio::time::Instant;
 
 const GROUP: &str = "bench";
 const LEASE_TTL: Duration = Duration::from_secs(30);
-const STEADY_WINDOW: Duration = Duration::from_secs(15);
+/// At least this long; rounded up to whole keep-alive intervals, because the
+/// simulated hosts register within a second of each other and so renew in
+/// step: a window that is not a whole number of intervals counts one round
+/// of renewals too many or too few.
+const STEADY_WINDOW_MIN: Duration = Duration::from_secs(15);
 /// Hosts per etcd client connection (a real host has one each).
 const HOSTS_PER_CLIENT: usize = 50;
 
@@ -97,11 +102,18 @@ async fn run() -> Result<()> {
     for _ in 0..hosts.div_ceil(HOSTS_PER_CLIENT) {
         clients.push(connect(&settings).await?);
     }
+    // One watch of the group per connection, shared by its hosts: each host
+    // waits on the same view its own watch would give it.
+    let views: Vec<GroupWatch> = clients
+        .iter()
+        .map(|c| GroupWatch::start(c.clone(), keys.clone(), GROUP.into()))
+        .collect();
     let sims: Vec<SimHost> = (0..hosts)
         .map(|i| {
             let client = clients[i / HOSTS_PER_CLIENT].clone();
             let id = format!("{:032x}", 0xba11_a570_0000_u128 + i as u128);
             SimHost::start(Fleet::new(client, &settings, &id), "1.0")
+                .with_view(&views[i / HOSTS_PER_CLIENT])
         })
         .collect();
     for s in &sims {
@@ -117,26 +129,32 @@ async fn run() -> Result<()> {
     );
 
     // Steady state: registered, nothing to do but keep leases alive.
+    let every = register::keep_alive_interval(LEASE_TTL);
+    let rounds = STEADY_WINDOW_MIN.as_secs_f64() / every.as_secs_f64();
+    let window = every * rounds.ceil().max(1.0) as u32;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = counters(&etcd)?;
-    tokio::time::sleep(STEADY_WINDOW).await;
+    tokio::time::sleep(window).await;
     let after = counters(&etcd)?;
-    let secs = STEADY_WINDOW.as_secs_f64();
+    let secs = window.as_secs_f64();
     let unary = (after.unary - before.unary) / secs;
     let msgs = (after.stream_msgs - before.stream_msgs) / secs;
     let per_host_ttl = (unary + msgs) * LEASE_TTL.as_secs_f64() / hosts as f64;
     println!(
-        "steady state: {unary:.1} unary requests/s + {msgs:.1} stream messages/s (lease keep-alives) \
-         = {per_host_ttl:.2} per host per lease TTL"
+        "steady state over {secs:.0} s (keep-alive every {:.0} s): {unary:.1} unary requests/s + \
+         {msgs:.1} stream messages/s (lease keep-alives) = {per_host_ttl:.2} per host per lease TTL \
+         ({:.2} unary)",
+        every.as_secs_f64(),
+        unary * LEASE_TTL.as_secs_f64() / hosts as f64
     );
 
     // The rollout.
     let watch = HolderWatch::start(&admin_client, &keys, GROUP).await?;
     let params = SimParams {
         reboot,
-        // A waiting host asks every 1-2 reboot times: with hundreds waiting, a
-        // freed slot is still found within milliseconds.
-        poll: reboot,
+        // Waiting hosts are woken by their view of the group; they ask
+        // without a change only after 30-60 s, as the agent's idle poll.
+        poll: Duration::from_secs(30),
         fails: false,
     };
     let before = counters(&etcd)?;
@@ -183,6 +201,19 @@ async fn run() -> Result<()> {
         busy * 100.0,
         stats.holder_seconds / took.as_secs_f64()
     );
+    let mut refill = stats.refill_secs.clone();
+    refill.sort_by(f64::total_cmp);
+    if !refill.is_empty() {
+        let pct = |q: f64| refill[((refill.len() - 1) as f64 * q).round() as usize] * 1000.0;
+        println!(
+            "release to next grant (etcd watch, {} pairs): mean {:.0} ms, median {:.0} ms, p90 {:.0} ms, max {:.0} ms",
+            refill.len(),
+            refill.iter().sum::<f64>() / refill.len() as f64 * 1000.0,
+            pct(0.5),
+            pct(0.9),
+            pct(1.0)
+        );
+    }
     println!(
         "ideal (hosts / max x reboot): {ideal:.2} s; ratio {:.3}",
         rollout / ideal

@@ -2,7 +2,9 @@
 //! join the fleet in etcd if the config names one, then run the update loop
 //! until asked to stop.
 
-use crate::fleet::{self, lock::EtcdLock, model::Containers, register::Registration, Fleet};
+use crate::fleet::{
+    self, lock::EtcdLock, model::Containers, register::Registration, view::GroupWatch, Fleet,
+};
 use crate::host::Host;
 use crate::status::{self, HostStatus};
 use crate::update::{
@@ -115,6 +117,8 @@ struct FleetState {
     desired_watch: tokio::task::JoinHandle<()>,
     /// The containers loop's last count, for the record.
     containers: std::sync::Mutex<Containers>,
+    /// Wakes the update loop when a reboot slot looks free.
+    slot_wake: tokio::task::JoinHandle<()>,
 }
 
 impl FleetState {
@@ -141,6 +145,7 @@ impl Drop for FleetState {
     fn drop(&mut self) {
         self.policy_watch.abort();
         self.desired_watch.abort();
+        self.slot_wake.abort();
     }
 }
 
@@ -169,8 +174,17 @@ async fn join_fleet(host: Arc<dyn Host + Send + Sync>) -> Result<Option<FleetSta
     );
     let wake = Arc::new(tokio::sync::Notify::new());
     let desired = fleet::containers::Shared::default();
+    // The lock takes a slot on what the view shows when it shows one free.
+    let view = GroupWatch::start(f.client.clone(), f.keys.clone(), f.group.clone());
+    let f = f.with_view(&view);
+    let registration = Registration::start(f.clone(), record);
     Ok(Some(FleetState {
-        registration: Registration::start(f.clone(), record),
+        slot_wake: tokio::spawn(fleet::view::wake_for_staged(
+            view,
+            registration.subscribe(),
+            wake.clone(),
+        )),
+        registration,
         policy_watch: tokio::spawn(fleet::agent::watch_policy(f.clone(), wake.clone())),
         desired_watch: tokio::spawn(fleet::containers::watch_desired(f.clone(), desired.clone())),
         desired,
@@ -321,7 +335,7 @@ mod tests {
 
     /// The daemon's fleet wiring against a real etcd: the config's
     /// endpoints and group, the DirHost's record, a policy change that wakes
-    /// the update loop.
+    /// the update loop, and so does a slot freed while an update is staged.
     #[test]
     fn joins_the_fleet_named_in_the_config() {
         use crate::disk::fixture::write;
@@ -373,6 +387,30 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(5), f.wake.notified())
                 .await
                 .expect("a policy change wakes the update loop");
+            admin::resume(&f.fleet.client, &f.fleet.keys, "web")
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(5), f.wake.notified())
+                .await
+                .expect("a policy change wakes the update loop");
+            // Another host holds the only slot while this one staged 2.0:
+            // freeing it wakes the update loop.
+            let settings = crate::fleet::FleetSettings {
+                group: "web".into(),
+                ..crate::fleet::FleetSettings::new(vec![etcd.endpoint()])
+            };
+            let other = Fleet::new(f.fleet.client.clone(), &settings, &"0f".repeat(16));
+            assert_eq!(
+                other.try_acquire("2.0").await.unwrap(),
+                crate::fleet::lock::Acquire::Granted
+            );
+            f.registration
+                .modify(|r| r.staged_version = Some("2.0".into()));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            other.delete_holder(&other.machine_id).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(5), f.wake.notified())
+                .await
+                .expect("a freed slot wakes the update loop of a host that staged an update");
         });
     }
 

@@ -10,6 +10,7 @@ use anyhow::Result;
 use os_agent::fleet::lock::Acquire;
 use os_agent::fleet::server::{LocalEtcd, ServerTls};
 use os_agent::fleet::sim::{HolderWatch, SimEnd, SimHost, SimParams};
+use os_agent::fleet::view::GroupWatch;
 use os_agent::fleet::{admin, config::Tls, connect, Fleet, FleetSettings, Keys};
 use os_agent::update::fleet_lock::Released;
 use std::path::Path;
@@ -102,7 +103,15 @@ async fn fifty_hosts_never_more_than_three_holders() {
     let client = connect(&s).await.unwrap();
     let keys = Keys::new(&s.prefix);
     let watch = HolderWatch::start(&client, &keys, GROUP).await.unwrap();
-    let hosts = start_hosts(&s, 50, "1.0").await;
+    // Half of them wait for a slot on a watched view of the group, as the
+    // agent does, half poll.
+    let view = GroupWatch::start(client.clone(), keys.clone(), GROUP.into());
+    let hosts: Vec<SimHost> = start_hosts(&s, 50, "1.0")
+        .await
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| if i % 2 == 0 { h.with_view(&view) } else { h })
+        .collect();
     let started = Instant::now();
     let ended = roll_all(hosts, "2.0", &params(), Duration::from_secs(60)).await;
     let took = started.elapsed();
@@ -162,6 +171,184 @@ async fn safe_mode_first_host_takes_a_new_version_alone() {
     assert_eq!(c.try_acquire("2.0").await.unwrap(), Acquire::Granted);
     // Taking a slot already held is granted again (across the reboot).
     assert_eq!(b.try_acquire("2.0").await.unwrap(), Acquire::Granted);
+}
+
+/// The slot keys in etcd: (slot number, machine id), in slot order.
+async fn slots_held(f: &Fleet) -> Vec<(u32, String)> {
+    let prefix = f.keys.slots(GROUP);
+    let resp = f
+        .client
+        .clone()
+        .get(
+            prefix.as_str(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let mut out: Vec<(u32, String)> = resp
+        .kvs()
+        .iter()
+        .map(|kv| {
+            let key = kv.key_str().unwrap();
+            let n = key.strip_prefix(&prefix).unwrap().parse().unwrap();
+            (n, kv.value_str().unwrap().to_string())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+async fn prove(f: &Fleet, version: &str) {
+    let mut c = f.client.clone();
+    c.put(f.keys.proven(GROUP, version), "test", None)
+        .await
+        .unwrap();
+}
+
+fn waits(a: Acquire, why: &str) {
+    match a {
+        Acquire::Wait(w) => assert!(w.contains(why), "waits because {w:?}, not {why:?}"),
+        Acquire::Granted => panic!("granted, expected to wait because {why:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_lowered_max_admits_nobody_until_the_holders_above_it_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LocalEtcd::start(dir.path(), None).unwrap();
+    // Holders must not expire during the test.
+    let s = FleetSettings {
+        lock_ttl: Duration::from_secs(600),
+        ..settings(&etcd)
+    };
+    set_policy(&s, |p| p.max_holders = 5).await;
+    let mut hosts = Vec::new();
+    for i in 0..8 {
+        hosts.push(fleet(&s, i).await);
+    }
+    prove(&hosts[0], "2.0").await;
+    for h in &hosts[..5] {
+        assert_eq!(h.try_acquire("2.0").await.unwrap(), Acquire::Granted);
+    }
+    assert_eq!(
+        slots_held(&hosts[0])
+            .await
+            .iter()
+            .map(|s| s.0)
+            .collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4]
+    );
+    set_policy(&s, |p| p.max_holders = 2).await;
+    waits(hosts[5].try_acquire("2.0").await.unwrap(), "5 of 2");
+    let by_id = |id: &str| hosts.iter().find(|h| h.machine_id == id).unwrap();
+    let release = |h: &Fleet| {
+        let h = h.clone();
+        async move {
+            h.release(&Released::Blessed {
+                version: "2.0".into(),
+            })
+            .await
+            .unwrap()
+        }
+    };
+    // Free slots 0, 1 and 2: two holders left, both above the new maximum.
+    for (_, id) in slots_held(&hosts[0]).await.into_iter().take(3) {
+        release(by_id(&id)).await;
+    }
+    waits(hosts[5].try_acquire("2.0").await.unwrap(), "2 of 2");
+    let left = slots_held(&hosts[0]).await;
+    assert_eq!(left.iter().map(|s| s.0).collect::<Vec<_>>(), [3, 4]);
+    release(by_id(&left[0].1)).await;
+    // One holder, below the maximum in number, but in slot 4.
+    waits(
+        hosts[5].try_acquire("2.0").await.unwrap(),
+        "1 hosts hold slots above the maximum of 2",
+    );
+    release(by_id(&left[1].1)).await;
+    assert_eq!(hosts[5].try_acquire("2.0").await.unwrap(), Acquire::Granted);
+    assert_eq!(hosts[6].try_acquire("2.0").await.unwrap(), Acquire::Granted);
+    waits(hosts[7].try_acquire("2.0").await.unwrap(), "2 of 2");
+    let now = slots_held(&hosts[0]).await;
+    assert_eq!(now.iter().map(|s| s.0).collect::<Vec<_>>(), [0, 1]);
+    // A released host comes back as the holder of nothing.
+    let o = admin::overview(&hosts[0].client, &Keys::new(&s.prefix))
+        .await
+        .unwrap();
+    let g = o.groups.iter().find(|g| g.name == GROUP).unwrap();
+    let mut holders: Vec<&str> = g.holders.iter().map(|h| h.machine_id.as_str()).collect();
+    holders.sort();
+    let mut expected = [hosts[5].machine_id.as_str(), hosts[6].machine_id.as_str()];
+    expected.sort();
+    assert_eq!(holders, expected);
+}
+
+#[tokio::test]
+async fn concurrent_takers_never_exceed_max() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LocalEtcd::start(dir.path(), None).unwrap();
+    let s = FleetSettings {
+        lock_ttl: Duration::from_secs(600),
+        ..settings(&etcd)
+    };
+    set_policy(&s, |p| p.max_holders = 4).await;
+    let client = connect(&s).await.unwrap();
+    let keys = Keys::new(&s.prefix);
+    let watch = HolderWatch::start(&client, &keys, GROUP).await.unwrap();
+    // Four connections, ten hosts each, all asking at once.
+    let mut hosts = Vec::new();
+    for c in 0..4 {
+        let client = connect(&s).await.unwrap();
+        for i in 0..10 {
+            hosts.push(Fleet::new(client.clone(), &s, &machine_id(c * 10 + i)));
+        }
+    }
+    prove(&hosts[0], "2.0").await;
+    let mut done = std::collections::BTreeSet::new();
+    for round in 0..30 {
+        // Everyone not done asks at once; the holders of the last round
+        // release at the same time.
+        let tasks: Vec<_> = hosts
+            .iter()
+            .filter(|h| !done.contains(&h.machine_id))
+            .cloned()
+            .map(|h| {
+                tokio::spawn(async move {
+                    let holding = h.lock_state("2.0").await.unwrap().holding;
+                    if holding {
+                        h.release(&Released::Blessed {
+                            version: "2.0".into(),
+                        })
+                        .await
+                        .unwrap();
+                        return (h.machine_id.clone(), true);
+                    }
+                    h.try_acquire("2.0").await.unwrap();
+                    (h.machine_id.clone(), false)
+                })
+            })
+            .collect();
+        for t in tasks {
+            let (id, released) = t.await.unwrap();
+            if released {
+                done.insert(id);
+            }
+        }
+        let held = slots_held(&hosts[0]).await;
+        assert!(held.len() <= 4, "round {round}: {held:?}");
+        assert!(held.iter().all(|(n, _)| *n < 4), "round {round}: {held:?}");
+        if done.len() == hosts.len() {
+            break;
+        }
+    }
+    assert_eq!(
+        done.len(),
+        hosts.len(),
+        "every host got a slot and released it"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = watch.snapshot();
+    assert!(stats.max_seen <= 4, "{} holders at once", stats.max_seen);
+    assert_eq!(stats.ever.len(), 40);
 }
 
 #[tokio::test]
@@ -522,6 +709,7 @@ async fn osctl_fleet_reads_and_changes_the_fleet() {
     let json: serde_json::Value = serde_json::from_str(&ok(&["status", "--json"])).unwrap();
     assert_eq!(json["hosts"].as_array().unwrap().len(), 2);
     ok(&["unlock", GROUP, &f.machine_id]);
+    assert_eq!(slots_held(f).await, Vec::<(u32, String)>::new());
     let (failed, text) = osctl(&etcd, &["unlock", GROUP, &f.machine_id]);
     assert!(!failed && text.contains("holds no reboot slot"), "{text}");
     // An operator's bad JSON: the CLI names the key; the host refuses to reboot on it.

@@ -82,7 +82,9 @@ pub async fn overview(client: &Client, keys: &Keys) -> Result<Overview> {
             [g, "lock", "holders", _] => {
                 Holder::parse(&key, kv.value()).map(|h| view(&mut by_name, g).holders.push(h))
             }
-            [_, "lock", "guard"] => Ok(()),
+            // The slot keys name their holder's machine id; the holder keys
+            // say the rest. The guard was the lock of agents before slot keys.
+            [_, "lock", "slots", _] | [_, "lock", "guard"] => Ok(()),
             [g, "failures", v, _] => FailureReport::parse(&key, kv.value()).map(|f| {
                 view(&mut by_name, g)
                     .failures
@@ -198,13 +200,8 @@ pub async fn set_max(client: &Client, keys: &Keys, group: &str, max: u32) -> Res
 /// machine id does not look like success.
 pub async fn unlock(client: &Client, keys: &Keys, group: &str, machine_id: &str) -> Result<()> {
     check_group(group)?;
-    let key = keys.holder(group, machine_id);
-    let resp = client
-        .clone()
-        .delete(key.as_str(), None)
-        .await
-        .with_context(|| format!("cannot delete {key}"))?;
-    if resp.deleted() == 0 {
+    if !super::lock::free_slot(client, keys, group, machine_id, None, None).await? {
+        let key = keys.holder(group, machine_id);
         bail!("{machine_id} holds no reboot slot of group {group} ({key} does not exist)");
     }
     Ok(())

@@ -1,30 +1,51 @@
 //! The reboot lock: a counting semaphore per group in etcd.
 //!
-//! A holder is a key `groups/<g>/lock/holders/<machine-id>` on its own lease
-//! of the lock TTL, taken before the reboot and deleted once the new boot is
-//! blessed or the host fell back; the lease is not kept alive, so a host that
-//! never comes back frees its slot when the lease runs out.
+//! A host holds a slot through two keys written in one transaction on one
+//! lease of the lock TTL: its holder key `groups/<g>/lock/holders/<m>` (who,
+//! for which version, since when: what operators read) and a numbered slot
+//! key `groups/<g>/lock/slots/<i>`, `i` in `0..max_holders`, whose value is
+//! the machine id. The lease is not kept alive, so a host that never comes
+//! back frees its slot when the lease runs out.
 //!
-//! Taking a slot is one read (policy, the number of holders, whether this
-//! host is one, guard, proven marker, in one transaction) and one
-//! compare-and-swap: put the holder key only if the
-//! guard key has not changed since the read and the holder key does not
-//! exist, and bump the guard in the same transaction. Two hosts that counted
-//! the same free slot both compare against the same guard version; one wins,
-//! the other reads again. Deletions (release, lease expiry, `osctl fleet
-//! unlock`) only lower the count, so they need no guard.
+//! Taking a slot: read the policy, the slot keys, whether this host holds
+//! one and whether the version is proven (one transaction); pick a free slot
+//! number below `max_holders` at random; create its key in a transaction
+//! that holds only if that slot key and the host's holder key do not exist
+//! and the policy is the one read. Hosts that pick different slots do not
+//! conflict, so slots freed together are refilled in parallel rather than
+//! one compare-and-swap at a time (which a single guard key compared by
+//! every taker did); two that pick the same slot are told apart by etcd, and
+//! the loser's failed transaction returns the fresh lock state, from which it
+//! picks again without another read. A host with a watched view of the
+//! group ([`super::view`]) skips the first read when its view shows a free
+//! slot: the view is an older snapshot than a read, but the argument below
+//! holds for any snapshot, since the take compares the policy's revision.
+//!
+//! Why this never lets more than `max_holders` hosts hold: every successful
+//! take was made under the current policy (the transaction compares the
+//! policy's revision) and so used a slot below the current maximum, and slot
+//! keys are unique. Only hosts that took their slot before the maximum was
+//! lowered can hold slots at or above it; while any does, nobody takes a
+//! new slot (they keep theirs until they release it). Safe mode (the first
+//! host of a version takes it alone) takes slot 0 only if no slot key exists
+//! at all, compared over the whole slot range in the same transaction.
+//!
+//! Releasing deletes both keys, compared against the revisions read, so a
+//! host whose lease ran out never deletes a slot another host has taken
+//! since; `osctl fleet unlock` does the same.
 
 use super::model::{self, FailureReport, Holder, Policy};
-use super::{now_unix, Fleet};
+use super::{now_unix, Fleet, Keys};
 use crate::update::fleet_lock::{RebootLock, Released};
 use anyhow::{bail, Context, Result};
 use etcd_client::{
-    Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    TxnResponse,
 };
-use std::time::Duration;
+use std::collections::BTreeSet;
 
-/// How many times a host retries a lost compare-and-swap before it waits for
-/// its next turn.
+/// How many times a host tries to take a slot (or to write the policy)
+/// before it waits for its next turn. A lost take costs no extra read.
 const CAS_ATTEMPTS: u32 = 5;
 
 /// The answer to a request for a reboot slot.
@@ -40,14 +61,36 @@ pub enum Acquire {
 #[derive(Debug, Clone)]
 pub struct LockState {
     pub policy: Policy,
-    /// How many hosts hold a slot.
-    pub holders: usize,
-    /// Whether this host is one of them.
+    /// The policy key's revision (0: none written). A take is conditional on
+    /// it, so no host takes a slot under a policy that changed since it read.
+    pub policy_rev: i64,
+    /// The slot numbers held.
+    pub slots: BTreeSet<u32>,
+    /// Slot keys that are not a slot number (written by hand): counted as
+    /// held, and, as slots above the maximum, they stop new takes.
+    pub odd_slots: usize,
+    /// Whether this host holds a slot.
     pub holding: bool,
-    /// The guard key's version (0: never taken).
-    pub guard_version: i64,
     /// Whether a host of the group already proved the version.
     pub proven: bool,
+}
+
+impl LockState {
+    /// How many hosts hold a slot.
+    pub fn holders(&self) -> usize {
+        self.slots.len() + self.odd_slots
+    }
+}
+
+/// What to do about a request for a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Answer now, without a write.
+    Answer(Acquire),
+    /// Take slot 0, on condition that no slot is held (safe mode).
+    Alone,
+    /// Take one of these free slots.
+    AnyOf(Vec<u32>),
 }
 
 fn range(r: TxnOpResponse) -> Result<etcd_client::GetResponse> {
@@ -55,6 +98,13 @@ fn range(r: TxnOpResponse) -> Result<etcd_client::GetResponse> {
         TxnOpResponse::Get(g) => Ok(g),
         other => bail!("etcd answered a range request with {other:?}"),
     }
+}
+
+/// The slot number of a slot key, if it is one.
+fn slot_number(key: &[u8], prefix: &str) -> Option<u32> {
+    let n = std::str::from_utf8(key).ok()?.strip_prefix(prefix)?;
+    // Exactly how `Keys::slot` writes it, so "07" is not taken for 7.
+    n.parse::<u32>().ok().filter(|i| i.to_string() == n)
 }
 
 impl Fleet {
@@ -73,71 +123,115 @@ impl Fleet {
         }
     }
 
-    /// Reads everything a decision needs in one transaction.
-    pub async fn lock_state(&self, version: &str) -> Result<LockState> {
+    /// The reads that make a [`LockState`], as transaction operations: on
+    /// their own, and as the failure branch of a take.
+    fn state_reads(&self, version: &str) -> Vec<TxnOp> {
         let g = &self.group;
-        let policy_key = self.keys.policy(g);
-        let holders_key = self.keys.holders(g);
         let count = || GetOptions::new().with_count_only();
-        let txn = Txn::new().and_then([
-            TxnOp::get(policy_key.as_str(), None),
-            TxnOp::get(holders_key.as_str(), Some(count().with_prefix())),
+        vec![
+            TxnOp::get(self.keys.policy(g), None),
+            TxnOp::get(
+                self.keys.slots(g),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            ),
             TxnOp::get(self.keys.holder(g, &self.machine_id), Some(count())),
-            TxnOp::get(self.keys.guard(g), None),
             TxnOp::get(self.keys.proven(g, version), Some(count())),
-        ]);
-        let resp = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .with_context(|| format!("cannot read the reboot lock of group {g}"))?;
+        ]
+    }
+
+    fn parse_state(&self, resp: TxnResponse) -> Result<LockState> {
+        let policy_key = self.keys.policy(&self.group);
+        let slots_prefix = self.keys.slots(&self.group);
         let mut ops = resp.op_responses().into_iter();
         let mut next = || ops.next().context("etcd answered fewer reads than asked");
-        let policy = match range(next()?)?.kvs().first() {
-            Some(kv) => Policy::parse(&policy_key, kv.value())?,
-            None => Policy::default(),
+        let (policy, policy_rev) = match range(next()?)?.kvs().first() {
+            Some(kv) => (Policy::parse(&policy_key, kv.value())?, kv.mod_revision()),
+            None => (Policy::default(), 0),
         };
-        let holders = usize::try_from(range(next()?)?.count()).unwrap_or(usize::MAX);
+        let mut slots = BTreeSet::new();
+        let mut odd_slots = 0;
+        for kv in range(next()?)?.kvs() {
+            match slot_number(kv.key(), &slots_prefix) {
+                Some(i) => {
+                    slots.insert(i);
+                }
+                None => odd_slots += 1,
+            }
+        }
         let holding = range(next()?)?.count() > 0;
-        let guard_version = range(next()?)?.kvs().first().map_or(0, |kv| kv.version());
         let proven = range(next()?)?.count() > 0;
         Ok(LockState {
             policy,
-            holders,
+            policy_rev,
+            slots,
+            odd_slots,
             holding,
-            guard_version,
             proven,
         })
+    }
+
+    /// Reads everything a decision needs in one transaction.
+    pub async fn lock_state(&self, version: &str) -> Result<LockState> {
+        let resp = self
+            .client
+            .clone()
+            .txn(Txn::new().and_then(self.state_reads(version)))
+            .await
+            .with_context(|| format!("cannot read the reboot lock of group {}", self.group))?;
+        self.parse_state(resp)
     }
 
     /// Takes a reboot slot to boot `version`, if the group's policy and the
     /// number of holders allow it.
     pub async fn try_acquire(&self, version: &str) -> Result<Acquire> {
         model::check_version(version).map_err(anyhow::Error::msg)?;
+        // A view that shows a free slot is as good a start as a read: the
+        // take checks in etcd everything that makes it safe, and a failed
+        // one returns the fresh state. Any other answer is read from etcd.
+        let viewed = self.view.as_ref().and_then(|v| {
+            let st = v.borrow().state(&self.machine_id, version)?;
+            let take = !st.holding && !matches!(decide(&st, version), Decision::Answer(_));
+            take.then_some(st)
+        });
+        let mut st = match viewed {
+            Some(st) => st,
+            None => self.lock_state(version).await?,
+        };
         for _ in 0..CAS_ATTEMPTS {
-            let st = self.lock_state(version).await?;
-            if let Some(verdict) = decide(&st, version) {
-                return Ok(verdict);
+            let slot = match decide(&st, version) {
+                Decision::Answer(a) => return Ok(a),
+                Decision::Alone => None,
+                Decision::AnyOf(free) => Some(free[random_below(free.len())]),
+            };
+            match self.take(version, &st, slot).await? {
+                None => {
+                    tracing::info!(
+                        "took reboot slot {} of group {} for {version} ({} of {} held before)",
+                        slot.unwrap_or(0),
+                        self.group,
+                        st.holders(),
+                        st.policy.max_holders
+                    );
+                    return Ok(Acquire::Granted);
+                }
+                // Another host took that slot first, or the policy changed:
+                // decide again on what etcd answered instead.
+                Some(fresh) => st = fresh,
             }
-            if self.cas_take(version, st.guard_version).await? {
-                tracing::info!(
-                    "took a reboot slot of group {} for {version} ({} of {} held before)",
-                    self.group,
-                    st.holders,
-                    st.policy.max_holders
-                );
-                return Ok(Acquire::Granted);
-            }
-            // Someone else took a slot between our read and our write.
-            tokio::time::sleep(super::random_up_to(Duration::from_millis(50))).await;
         }
         Ok(Acquire::Wait(
             "other hosts took the free slots first (contention)".into(),
         ))
     }
 
-    async fn cas_take(&self, version: &str, guard_version: i64) -> Result<bool> {
+    /// Creates the holder key and the slot key (`None`: slot 0, on condition
+    /// that no slot is held). `None` if taken, else the lock state now.
+    async fn take(
+        &self,
+        version: &str,
+        st: &LockState,
+        slot: Option<u32>,
+    ) -> Result<Option<LockState>> {
         let mut c = self.client.clone();
         let (lease, granted) = match self.take_spare_lease() {
             Some(spare) => spare,
@@ -151,35 +245,40 @@ impl Fleet {
                 (id, std::time::Instant::now())
             }
         };
-        let holder_key = self.keys.holder(&self.group, &self.machine_id);
+        let g = &self.group;
+        let holder_key = self.keys.holder(g, &self.machine_id);
         let holder = Holder {
             machine_id: self.machine_id.clone(),
             version: version.to_string(),
             since: now_unix(),
         };
-        let guard = self.keys.guard(&self.group);
+        let slot_key = self.keys.slot(g, slot.unwrap_or(0));
+        let free = match slot {
+            Some(_) => Compare::create_revision(slot_key.as_str(), CompareOp::Equal, 0),
+            // Every key in the slot range must not exist: none held.
+            None => Compare::create_revision(self.keys.slots(g), CompareOp::Equal, 0).with_prefix(),
+        };
+        let on_lease = || Some(PutOptions::new().with_lease(lease));
         let txn = Txn::new()
             .when([
-                Compare::version(guard.as_str(), CompareOp::Equal, guard_version),
+                free,
                 Compare::create_revision(holder_key.as_str(), CompareOp::Equal, 0),
+                Compare::mod_revision(self.keys.policy(g), CompareOp::Equal, st.policy_rev),
             ])
             .and_then([
-                TxnOp::put(
-                    holder_key.as_str(),
-                    model::to_json(&holder),
-                    Some(PutOptions::new().with_lease(lease)),
-                ),
-                TxnOp::put(guard.as_str(), self.machine_id.as_str(), None),
-            ]);
-        let won = c
+                TxnOp::put(slot_key.as_str(), self.machine_id.as_str(), on_lease()),
+                TxnOp::put(holder_key.as_str(), model::to_json(&holder), on_lease()),
+            ])
+            .or_else(self.state_reads(version));
+        let resp = c
             .txn(txn)
             .await
-            .with_context(|| format!("cannot write {holder_key}"))?
-            .succeeded();
-        if !won {
-            *lock_spare(&self.spare_lease) = Some((lease, granted));
+            .with_context(|| format!("cannot write {slot_key} and {holder_key}"))?;
+        if resp.succeeded() {
+            return Ok(None);
         }
-        Ok(won)
+        *lock_spare(&self.spare_lease) = Some((lease, granted));
+        Ok(Some(self.parse_state(resp)?))
     }
 
     /// The spare lease, if it still has nearly all of its TTL. An older one
@@ -198,77 +297,63 @@ impl Fleet {
     /// blessed boot proves it (ending safe mode), a rollback files a failure
     /// report and may pause the group.
     pub async fn release(&self, outcome: &Released) -> Result<()> {
-        let holder = self.keys.holder(&self.group, &self.machine_id);
-        let delete = TxnOp::delete(holder.as_str(), Some(DeleteOptions::new().with_prev_key()));
-        let resp = match outcome {
-            // One transaction frees the slot and proves the version, so the
-            // slot is free after a single round trip.
-            Released::Blessed { version } => {
-                let proven = self.keys.proven(&self.group, version);
-                let txn = Txn::new()
-                    .when([Compare::create_revision(
-                        proven.as_str(),
-                        CompareOp::Equal,
-                        0,
-                    )])
-                    .and_then([
-                        TxnOp::put(proven.as_str(), self.machine_id.as_str(), None),
-                        delete.clone(),
-                    ])
-                    .or_else([delete]);
-                self.client
-                    .clone()
-                    .txn(txn)
-                    .await
-                    .with_context(|| format!("cannot release {holder}"))?
-            }
+        let prove = match outcome {
+            Released::Blessed { version } => Some(version.as_str()),
             // The report (and the pause it may cause) goes first, so no
             // other host takes the freed slot to a version that just paused
             // its group.
             Released::RolledBack { version, reason } => {
                 self.report_failure(version, reason).await?;
-                self.client
-                    .clone()
-                    .txn(Txn::new().and_then([delete]))
-                    .await
-                    .with_context(|| format!("cannot release {holder}"))?
+                None
             }
         };
-        let lease = resp.op_responses().into_iter().find_map(|op| match op {
-            TxnOpResponse::Delete(d) => d.prev_kvs().first().map(|kv| kv.lease()),
-            _ => None,
+        // The view knows this host's keys and their revisions: a delete on
+        // them frees the slot in one round trip instead of a read and a
+        // delete; if the view was behind, the delete fails and the read
+        // follows.
+        let known = self.view.as_ref().and_then(|v| {
+            let held = v.borrow().held_by(&self.machine_id)?;
+            let g = &self.group;
+            let holder = (self.keys.holder(g, &self.machine_id), held.holder_rev);
+            let slots = held
+                .slots
+                .into_iter()
+                .map(|(i, rev)| (self.keys.slot(g, i), rev));
+            let keys = std::iter::once(holder)
+                .chain(slots)
+                .map(|(k, rev)| (k.into_bytes(), rev))
+                .collect();
+            Some(KnownKeys {
+                keys,
+                lease: held.lease,
+            })
         });
-        if let Some(lease) = lease {
-            tracing::info!("released the reboot slot {holder}");
-            self.revoke_quietly(lease, &holder).await;
+        let freed = free_slot(
+            &self.client,
+            &self.keys,
+            &self.group,
+            &self.machine_id,
+            prove,
+            known,
+        )
+        .await?;
+        if freed {
+            tracing::info!("released the reboot slot of group {}", self.group);
         }
         Ok(())
     }
 
-    /// Revokes a holder's lease once its key is gone; an expired lease is
-    /// the common case and not an error.
-    async fn revoke_quietly(&self, lease: i64, key: &str) {
-        if lease == 0 {
-            return;
-        }
-        if let Err(e) = self.client.clone().lease_revoke(lease).await {
-            tracing::debug!("revoking the lease of {key}: {e}");
-        }
-    }
-
-    /// Deletes a holder key and revokes its lease (`osctl fleet unlock`).
+    /// Frees `machine_id`'s slot (as `osctl fleet unlock` does).
     pub async fn delete_holder(&self, machine_id: &str) -> Result<()> {
-        let key = self.keys.holder(&self.group, machine_id);
-        let resp = self
-            .client
-            .clone()
-            .delete(key.as_str(), Some(DeleteOptions::new().with_prev_key()))
-            .await
-            .with_context(|| format!("cannot delete {key}"))?;
-        if let Some(kv) = resp.prev_kvs().first() {
-            tracing::info!("released the reboot slot {key}");
-            self.revoke_quietly(kv.lease(), &key).await;
-        }
+        free_slot(
+            &self.client,
+            &self.keys,
+            &self.group,
+            machine_id,
+            None,
+            None,
+        )
+        .await?;
         Ok(())
     }
 
@@ -343,42 +428,193 @@ impl Fleet {
     }
 }
 
+/// A host's lock keys with their revisions, and their lease.
+#[derive(Debug, Clone)]
+pub struct KnownKeys {
+    pub keys: Vec<(Vec<u8>, i64)>,
+    pub lease: i64,
+}
+
+/// Frees `machine_id`'s slot in `group`: deletes its holder key and every
+/// slot key naming it, each on condition that it did not change since read
+/// (a slot whose lease ran out may already be another host's), then revokes
+/// their leases, which hold nothing else. With `prove`, first marks that
+/// version proven if nobody did, so the slot is not freed into safe mode.
+/// `known`: the keys with their revisions and their lease, if the caller
+/// knows them (from a view); tried first, without the read. Whether there was anything to free.
+pub async fn free_slot(
+    client: &Client,
+    keys: &Keys,
+    group: &str,
+    machine_id: &str,
+    prove: Option<&str>,
+    known: Option<KnownKeys>,
+) -> Result<bool> {
+    let mut c = client.clone();
+    let holder = keys.holder(group, machine_id);
+    let slots = keys.slots(group);
+    let proving = || {
+        prove.map(|v| {
+            let proven = keys.proven(group, v);
+            TxnOp::txn(
+                Txn::new()
+                    .when([Compare::create_revision(
+                        proven.as_str(),
+                        CompareOp::Equal,
+                        0,
+                    )])
+                    .and_then([TxnOp::put(proven.as_str(), machine_id, None)]),
+            )
+        })
+    };
+    if let Some(KnownKeys { keys: known, lease }) = known {
+        let txn = Txn::new()
+            .when(
+                known
+                    .iter()
+                    .map(|(k, rev)| Compare::mod_revision(k.clone(), CompareOp::Equal, *rev))
+                    .collect::<Vec<_>>(),
+            )
+            .and_then(
+                proving()
+                    .into_iter()
+                    .chain(
+                        known
+                            .iter()
+                            .map(|(k, _)| TxnOp::delete(k.clone(), Some(DeleteOptions::new()))),
+                    )
+                    .collect::<Vec<_>>(),
+            );
+        let resp = c
+            .txn(txn)
+            .await
+            .with_context(|| format!("cannot delete {holder}"))?;
+        if resp.succeeded() {
+            if let Err(e) = c.lease_revoke(lease).await {
+                tracing::debug!("revoking the lease {lease:x} of {holder}: {e}");
+            }
+            return Ok(true);
+        }
+    }
+    for _ in 0..CAS_ATTEMPTS {
+        let reads = [
+            TxnOp::get(holder.as_str(), None),
+            TxnOp::get(slots.as_str(), Some(GetOptions::new().with_prefix())),
+        ];
+        let txn = match prove {
+            // In the same round trip as the read.
+            Some(v) => {
+                let proven = keys.proven(group, v);
+                Txn::new()
+                    .when([Compare::create_revision(
+                        proven.as_str(),
+                        CompareOp::Equal,
+                        0,
+                    )])
+                    .and_then(
+                        [TxnOp::put(proven.as_str(), machine_id, None)]
+                            .into_iter()
+                            .chain(reads.clone())
+                            .collect::<Vec<_>>(),
+                    )
+                    .or_else(reads)
+            }
+            None => Txn::new().and_then(reads),
+        };
+        let resp = c
+            .txn(txn)
+            .await
+            .with_context(|| format!("cannot read {holder}"))?;
+        let mut mine = Vec::new();
+        for op in resp.op_responses() {
+            let TxnOpResponse::Get(g) = op else { continue };
+            for kv in g.kvs() {
+                if kv.key() == holder.as_bytes() || kv.value() == machine_id.as_bytes() {
+                    mine.push((kv.key().to_vec(), kv.mod_revision(), kv.lease()));
+                }
+            }
+        }
+        if mine.is_empty() {
+            return Ok(false);
+        }
+        let txn = Txn::new()
+            .when(
+                mine.iter()
+                    .map(|(k, rev, _)| Compare::mod_revision(k.clone(), CompareOp::Equal, *rev))
+                    .collect::<Vec<_>>(),
+            )
+            .and_then(
+                mine.iter()
+                    .map(|(k, _, _)| TxnOp::delete(k.clone(), Some(DeleteOptions::new())))
+                    .collect::<Vec<_>>(),
+            );
+        if c.txn(txn)
+            .await
+            .with_context(|| format!("cannot delete {holder}"))?
+            .succeeded()
+        {
+            let leases: BTreeSet<i64> = mine.iter().map(|(_, _, l)| *l).collect();
+            for lease in leases.into_iter().filter(|l| *l != 0) {
+                // An expired lease is the common case and not an error.
+                if let Err(e) = c.lease_revoke(lease).await {
+                    tracing::debug!("revoking the lease {lease:x} of {holder}: {e}");
+                }
+            }
+            return Ok(true);
+        }
+    }
+    bail!("cannot free the reboot slot of {machine_id} in group {group}: it kept changing")
+}
+
+/// A random number in `0..n` (`n` > 0).
+fn random_below(n: usize) -> usize {
+    (uuid::Uuid::new_v4().as_u128() % n.max(1) as u128) as usize
+}
+
 fn lock_spare<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Holding the lock never panics; a poisoned one still holds a valid value.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The decision that needs no write: `Some` to answer now, `None` to try
-/// to take a slot.
-pub fn decide(st: &LockState, version: &str) -> Option<Acquire> {
+/// What to do about a request for a slot for `version`, given the lock
+/// state: answer now, or which slot to try to take.
+pub fn decide(st: &LockState, version: &str) -> Decision {
+    let wait = |why: String| Decision::Answer(Acquire::Wait(why));
     if st.holding {
-        return Some(Acquire::Granted);
+        return Decision::Answer(Acquire::Granted);
     }
     let p = &st.policy;
     if p.paused {
         let why = p.paused_reason.as_deref().unwrap_or("by an operator");
-        return Some(Acquire::Wait(format!("the group is paused ({why})")));
+        return wait(format!("the group is paused ({why})"));
     }
     if let Some(pin) = &p.pinned_version {
         if pin != version {
-            return Some(Acquire::Wait(format!(
-                "the group is pinned to {pin}, not {version}"
-            )));
+            return wait(format!("the group is pinned to {pin}, not {version}"));
         }
     }
+    let held = st.holders();
     // Safe mode: the first host to take a version takes it alone.
-    let (limit, mode) = if st.proven {
-        (p.max_holders as usize, "")
-    } else {
-        (1, " (safe mode: the first host takes a new version alone)")
-    };
-    if st.holders >= limit {
-        return Some(Acquire::Wait(format!(
-            "{} of {limit} reboot slots are held{mode}",
-            st.holders
-        )));
+    if !st.proven {
+        if held > 0 {
+            return wait(format!(
+                "{held} of 1 reboot slots are held (safe mode: the first host takes a new version alone)"
+            ));
+        }
+        return Decision::Alone;
     }
-    None
+    let max = p.max_holders;
+    if held >= max as usize {
+        return wait(format!("{held} of {max} reboot slots are held"));
+    }
+    let above = st.odd_slots + st.slots.range(max..).count();
+    if above > 0 {
+        return wait(format!(
+            "{above} hosts hold slots above the maximum of {max} (it was lowered while they held \
+             them); no new slot until they release theirs"
+        ));
+    }
+    Decision::AnyOf((0..max).filter(|i| !st.slots.contains(i)).collect())
 }
 
 /// The engine's view of the semaphore. The engine is blocking code (it runs
@@ -417,9 +653,10 @@ mod tests {
                 max_holders: 3,
                 ..Policy::default()
             },
-            holders: 2,
+            policy_rev: 4,
+            slots: [0, 2].into(),
+            odd_slots: 0,
             holding: false,
-            guard_version: 7,
             proven: true,
         };
         let with = |f: &dyn Fn(&mut LockState)| {
@@ -428,13 +665,13 @@ mod tests {
             s
         };
         let wait = |s: &LockState, v: &str| match decide(s, v) {
-            Some(Acquire::Wait(why)) => why,
+            Decision::Answer(Acquire::Wait(why)) => why,
             other => panic!("{other:?}"),
         };
-        assert_eq!(decide(&base, "2.0"), None);
+        assert_eq!(decide(&base, "2.0"), Decision::AnyOf(vec![1]));
         let mine = with(&|s| s.holding = true);
-        assert_eq!(decide(&mine, "2.0"), Some(Acquire::Granted));
-        let full = with(&|s| s.holders = 3);
+        assert_eq!(decide(&mine, "2.0"), Decision::Answer(Acquire::Granted));
+        let full = with(&|s| s.slots = [0, 1, 2].into());
         assert!(wait(&full, "2.0").contains("3 of 3"));
         let paused = with(&|s| s.policy.paused = true);
         assert!(wait(&paused, "2.0").contains("paused"));
@@ -443,16 +680,42 @@ mod tests {
             s.policy.paused = true;
             s.holding = true;
         });
-        assert_eq!(decide(&paused_mine, "2.0"), Some(Acquire::Granted));
+        assert_eq!(
+            decide(&paused_mine, "2.0"),
+            Decision::Answer(Acquire::Granted)
+        );
         let pinned = with(&|s| s.policy.pinned_version = Some("1.5".into()));
         assert!(wait(&pinned, "2.0").contains("pinned to 1.5"));
-        assert_eq!(decide(&pinned, "1.5"), None);
+        assert_eq!(decide(&pinned, "1.5"), Decision::AnyOf(vec![1]));
         let fresh = with(&|s| s.proven = false);
         assert!(wait(&fresh, "2.0").contains("safe mode"));
         let fresh_empty = with(&|s| {
             s.proven = false;
-            s.holders = 0;
+            s.slots.clear();
         });
-        assert_eq!(decide(&fresh_empty, "2.0"), None);
+        assert_eq!(decide(&fresh_empty, "2.0"), Decision::Alone);
+        // The maximum went from 5 to 3 while slots 3 and 4 were held: one
+        // host is below the new maximum, but nobody takes a slot until the
+        // hosts above it release theirs.
+        let lowered = with(&|s| s.slots = [1, 4].into());
+        assert!(wait(&lowered, "2.0").contains("1 hosts hold slots above the maximum of 3"));
+        let odd = with(&|s| {
+            s.slots = [0].into();
+            s.odd_slots = 1;
+        });
+        assert!(wait(&odd, "2.0").contains("above the maximum"));
+        let empty = with(&|s| s.slots.clear());
+        assert_eq!(decide(&empty, "2.0"), Decision::AnyOf(vec![0, 1, 2]));
+    }
+
+    #[test]
+    fn slot_numbers() {
+        let p = "/b/groups/g/lock/slots/";
+        assert_eq!(slot_number(b"/b/groups/g/lock/slots/7", p), Some(7));
+        assert_eq!(slot_number(b"/b/groups/g/lock/slots/0", p), Some(0));
+        for odd in ["07", "x", "", "-1", "7/8"] {
+            let key = format!("{p}{odd}");
+            assert_eq!(slot_number(key.as_bytes(), p), None, "{odd:?}");
+        }
     }
 }

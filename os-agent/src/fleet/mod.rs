@@ -9,6 +9,8 @@
 //! - [`register`]: the host's record, on a lease kept alive;
 //! - [`lock`]: the semaphore, failure reports, and [`lock::EtcdLock`], the
 //!   [`crate::update::fleet_lock::RebootLock`] the update engine calls;
+//! - [`view`]: a watched view of the group's lock, to wait for a free slot
+//!   without polling;
 //! - [`admin`]: the operator's view and actions, [`cli`]: `osctl fleet`;
 //! - [`sim`]: a simulated host, for the tests and the fleet bench;
 //! - [`server`]: a throwaway local etcd for the tests and the bench.
@@ -25,6 +27,7 @@ pub mod model;
 pub mod register;
 pub mod server;
 pub mod sim;
+pub mod view;
 
 use anyhow::{Context, Result};
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
@@ -92,6 +95,9 @@ pub struct Fleet {
     /// next attempt so that contention does not cost a grant and a revoke
     /// each time: (id, when granted).
     pub(crate) spare_lease: Arc<Mutex<Option<(i64, Instant)>>>,
+    /// The group as a watch sees it: when it says a slot is free, a take is
+    /// tried on it without reading first ([`lock`]).
+    pub(crate) view: Option<tokio::sync::watch::Receiver<view::GroupView>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -114,7 +120,16 @@ impl Fleet {
             lease_ttl: settings.lease_ttl,
             lock_ttl: settings.lock_ttl,
             spare_lease: Arc::new(Mutex::new(None)),
+            view: None,
         }
+    }
+
+    /// Takes slots on what `watch` shows when it shows one free, saving the
+    /// read before the take (half the requests of hosts that race for a
+    /// freed slot, and one round trip less for the one that gets it).
+    pub fn with_view(mut self, watch: &view::GroupWatch) -> Fleet {
+        self.view = Some(watch.subscribe());
+        self
     }
 }
 

@@ -74,10 +74,15 @@ impl Keys {
         format!("{}{machine_id}", self.holders(group))
     }
 
-    /// Bumped by every acquisition: the compare-and-swap target that makes
-    /// two hosts counting the same free slot conflict.
-    pub fn guard(&self, group: &str) -> String {
-        format!("{}/groups/{group}/lock/guard", self.prefix)
+    /// The numbered reboot slots `0..max_holders`; a host takes one by
+    /// creating its key, so hosts that pick different free slots never
+    /// conflict, and two that pick the same one are told apart by etcd.
+    pub fn slots(&self, group: &str) -> String {
+        format!("{}/groups/{group}/lock/slots/", self.prefix)
+    }
+
+    pub fn slot(&self, group: &str, index: u32) -> String {
+        format!("{}{index}", self.slots(group))
     }
 
     pub fn failures(&self, group: &str) -> String {

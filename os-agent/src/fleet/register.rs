@@ -1,7 +1,9 @@
 //! The host's registration: `hosts/<machine-id>` holds its [`HostRecord`] on
 //! a lease of the configured TTL, so a dead host's entry disappears within
 //! the TTL. The record is written when it changes, not on a timer; the lease
-//! is kept alive at a third of its TTL. When etcd is unreachable or the lease
+//! is renewed once per [`keep_alive_interval`] (three quarters of the TTL, so
+//! about 1.3 keep-alive messages per host per TTL, the least a lease allows
+//! with room to spare). When etcd is unreachable or the lease
 //! was lost (etcd restarted after the TTL, say), the task retries with
 //! backoff and registers again under a new lease.
 
@@ -12,6 +14,21 @@ use etcd_client::PutOptions;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+/// The least time left on the lease when it is renewed: room for a slow
+/// keep-alive ([`super::REQUEST_TIMEOUT`]) and a re-registration after a failed
+/// one, before the entry would disappear.
+const RENEW_MARGIN_FLOOR: Duration = Duration::from_secs(10);
+
+/// How often the registration lease is renewed. A lease must be renewed at
+/// least once per TTL, and each renewal is a message to etcd from every host,
+/// so this is as late as is safe: a quarter of the TTL is left as margin, and
+/// never less than [`RENEW_MARGIN_FLOOR`] (or half the TTL, for short ones).
+/// TTL 60 s: every 45 s; 30 s: every 20 s; 10 s: every 5 s.
+pub fn keep_alive_interval(ttl: Duration) -> Duration {
+    let margin = (ttl / 4).max(RENEW_MARGIN_FLOOR.min(ttl / 2));
+    (ttl - margin).max(Duration::from_millis(100))
+}
 
 /// The running registration; dropping it stops the task (the entry then
 /// disappears when its lease runs out).
@@ -65,6 +82,11 @@ impl Registration {
     /// disappears when its lease runs out.
     pub fn stop(&self) {
         self.task.abort();
+    }
+
+    /// The record as it changes.
+    pub fn subscribe(&self) -> watch::Receiver<HostRecord> {
+        self.record.subscribe()
     }
 
     pub fn record(&self) -> HostRecord {
@@ -159,7 +181,7 @@ async fn session_inner(
     });
     backoff.reset();
     tracing::info!("registered {key} (lease {lease:x}, TTL {ttl} s)");
-    let mut tick = tokio::time::interval(fleet.lease_ttl / 3);
+    let mut tick = tokio::time::interval(keep_alive_interval(fleet.lease_ttl));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
@@ -183,6 +205,19 @@ async fn session_inner(
                 let r = rx.borrow_and_update().clone();
                 put(&mut c, &r).await?;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_leaves_a_margin() {
+        let secs = |s: u64| Duration::from_secs(s);
+        for (ttl, every) in [(60, 45), (30, 20), (20, 10), (10, 5), (2, 1), (3600, 2700)] {
+            assert_eq!(keep_alive_interval(secs(ttl)), secs(every), "TTL {ttl} s");
         }
     }
 }

@@ -10,6 +10,7 @@
 use super::lock::Acquire;
 use super::model::{HostRecord, Keys};
 use super::register::Registration;
+use super::view::{self, GroupView, GroupWatch};
 use super::Fleet;
 use crate::update::fleet_lock::Released;
 use anyhow::{Context, Result};
@@ -17,6 +18,7 @@ use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 #[derive(Debug, Clone)]
@@ -24,7 +26,8 @@ pub struct SimParams {
     /// How long a reboot takes.
     pub reboot: Duration,
     /// How often a host waiting for the lock asks again (plus up to as much
-    /// again at random).
+    /// again at random); with a view of the group, how long it waits for a
+    /// change before it asks anyway.
     pub poll: Duration,
     /// The new version fails its boot assessment on this host.
     pub fails: bool,
@@ -42,6 +45,9 @@ pub enum SimEnd {
 pub struct SimHost {
     pub fleet: Fleet,
     pub registration: Registration,
+    /// The group's lock as a [`GroupWatch`] sees it, as the agent waits for
+    /// a slot; without one the host polls.
+    pub view: Option<watch::Receiver<GroupView>>,
     /// Reboots done.
     pub reboots: u32,
 }
@@ -69,8 +75,17 @@ impl SimHost {
         SimHost {
             fleet,
             registration,
+            view: None,
             reboots: 0,
         }
+    }
+
+    /// Waits for slots as the agent does, on `watch`'s view of the group
+    /// (hosts on one connection may share one).
+    pub fn with_view(mut self, watch: &GroupWatch) -> SimHost {
+        self.view = Some(watch.subscribe());
+        self.fleet = self.fleet.with_view(watch);
+        self
     }
 
     pub fn booted_version(&self) -> String {
@@ -99,7 +114,16 @@ impl SimHost {
                         .modify(|r| r.last_error = Some(last.clone()));
                 }
             }
-            tokio::time::sleep(p.poll + super::random_up_to(p.poll)).await;
+            let pause = p.poll + super::random_up_to(p.poll);
+            match &mut self.view {
+                Some(rx) => {
+                    let woken = view::wait_for_slot(rx, target, view::WAKE_SPREAD);
+                    if tokio::time::timeout(pause, woken).await.is_err() {
+                        tracing::debug!("no slot freed in {pause:?}; asking anyway");
+                    }
+                }
+                None => tokio::time::sleep(pause).await,
+            }
         }
         // The reboot: the agent stops, the lease lives on until its TTL, the
         // new boot registers afresh.
@@ -156,6 +180,11 @@ pub struct HolderStats {
     pub events: u64,
     /// The integral of the holder count over time, in holder-seconds.
     pub holder_seconds: f64,
+    /// For each grant that followed a release, the seconds from the oldest
+    /// release not yet followed by a grant to it: how long freed slots stay
+    /// empty (releases and grants paired first in, first out).
+    pub refill_secs: Vec<f64>,
+    freed: std::collections::VecDeque<std::time::Instant>,
     last_change: Option<std::time::Instant>,
 }
 
@@ -218,10 +247,14 @@ impl HolderWatch {
                     s.events += 1;
                     match ev.event_type() {
                         EventType::Put => {
+                            if let Some(t) = s.freed.pop_front() {
+                                s.refill_secs.push(t.elapsed().as_secs_f64());
+                            }
                             s.ever.insert(k.clone());
                             s.current.insert(k);
                         }
                         EventType::Delete => {
+                            s.freed.push_back(std::time::Instant::now());
                             s.current.remove(&k);
                         }
                     }

@@ -941,7 +941,7 @@ fn fleet_lock_with_a_real_etcd() {
         Assessment::Succeeded
     );
     let state = rt.handle().block_on(me.lock_state("1.3.0")).unwrap();
-    assert_eq!((state.holders, state.holding), (0, false));
+    assert_eq!((state.holders(), state.holding), (0, false));
     assert!(state.proven);
     stop.send(()).unwrap();
     driver.join().unwrap().unwrap();
