@@ -439,3 +439,202 @@ fn basic_auth() -> Result<()> {
     );
     Ok(())
 }
+
+/// A token service for the registry's `auth: token` mode: it grants every
+/// scope it is asked for, as a JWT signed (RS256, by `openssl dgst`) with a
+/// key whose self-signed certificate is the registry's root, or, with
+/// `forge`, with another key. Counts the scopes it was asked for.
+struct TokenService {
+    dir: tempfile::TempDir,
+    port: u16,
+    scopes: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    forge: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+const SERVICE: &str = "ballast-test-registry";
+const ISSUER: &str = "ballast-test-tokens";
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<Vec<u8>> {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .context("cannot run openssl (make deps installs it)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
+}
+
+impl TokenService {
+    fn start() -> Result<TokenService> {
+        let dir = tempfile::tempdir()?;
+        for name in ["key", "forged"] {
+            openssl(
+                dir.path(),
+                &["genrsa", "-out", &format!("{name}.pem"), "2048"],
+            )?;
+        }
+        openssl(
+            dir.path(),
+            &[
+                "req",
+                "-new",
+                "-x509",
+                "-key",
+                "key.pem",
+                "-out",
+                "cert.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=ballast-test-tokens",
+            ],
+        )?;
+        let der = openssl(dir.path(), &["x509", "-in", "cert.pem", "-outform", "DER"])?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let scopes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let forge = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (d, sc, fg) = (dir.path().to_path_buf(), scopes.clone(), forge.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                if let Err(e) = answer(conn, &d, &der, &sc, &fg) {
+                    eprintln!("token service: {e:#}");
+                }
+            }
+        });
+        Ok(TokenService {
+            dir,
+            port,
+            scopes,
+            forge,
+        })
+    }
+
+    fn realm(&self) -> String {
+        format!("http://127.0.0.1:{}/token", self.port)
+    }
+}
+
+/// One token request: `GET /token?scope=…&service=…`.
+fn answer(
+    mut conn: std::net::TcpStream,
+    dir: &Path,
+    cert_der: &[u8],
+    scopes: &std::sync::Mutex<Vec<String>>,
+    forge: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
+    use base64::Engine as _;
+    use std::io::{BufRead, Write};
+    let mut line = String::new();
+    std::io::BufReader::new(&conn).read_line(&mut line)?;
+    let target = line.split_whitespace().nth(1).unwrap_or_default();
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or_default();
+    let mut access = Vec::new();
+    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        if k == "scope" {
+            let v = v
+                .replace("%3A", ":")
+                .replace("%2F", "/")
+                .replace("%2C", ",");
+            scopes.lock().unwrap().push(v.clone());
+            let parts: Vec<&str> = v.splitn(3, ':').collect();
+            if let [kind, name, actions] = parts[..] {
+                access.push(serde_json::json!({"type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}));
+            }
+        }
+    }
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let header = serde_json::json!({"typ": "JWT", "alg": "RS256",
+        "x5c": [base64::engine::general_purpose::STANDARD.encode(cert_der)]});
+    let claims = serde_json::json!({"iss": ISSUER, "sub": "", "aud": SERVICE,
+        "exp": now + 300, "nbf": now - 10, "iat": now, "jti": format!("{now}-{}", access.len()),
+        "access": access});
+    let signing_input = format!(
+        "{}.{}",
+        b64.encode(header.to_string()),
+        b64.encode(claims.to_string())
+    );
+    let input_file = tempfile::NamedTempFile::new_in(dir)?;
+    std::fs::write(input_file.path(), &signing_input)?;
+    let key = if forge.load(std::sync::atomic::Ordering::SeqCst) {
+        "forged.pem"
+    } else {
+        "key.pem"
+    };
+    let sig = openssl(
+        dir,
+        &[
+            "dgst",
+            "-sha256",
+            "-sign",
+            key,
+            &input_file.path().display().to_string(),
+        ],
+    )?;
+    let token = format!("{signing_input}.{}", b64.encode(sig));
+    let body = serde_json::json!({"token": token, "access_token": token}).to_string();
+    write!(
+        conn,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    Ok(())
+}
+
+/// Bearer tokens against the real registry in token mode: skopeo pushes
+/// with a token; the agent answers the registry's challenge with an
+/// anonymous token for the pull scope and pulls; a token the registry's root
+/// does not vouch for is refused with an error that names the registry.
+#[test]
+fn bearer_token_auth() -> Result<()> {
+    let tokens = TokenService::start()?;
+    let root = tokens.dir.path().join("cert.pem");
+    let realm = tokens.realm();
+    let reg = Registry::start_with(os_agent::containers::local_registry::Auth::Token {
+        realm: &realm,
+        service: SERVICE,
+        issuer: ISSUER,
+        root_cert: &root,
+    })?;
+    let work = tempfile::tempdir()?;
+    let layout = build_image(work.path())?;
+    push(&layout, "v1", &reg, "test/app", false)
+        .with_context(|| format!("push with a token: registry log: {}", reg.log()))?;
+
+    let r = Reference::parse(&format!("{}/test/app:v1", reg.addr)).map_err(anyhow::Error::msg)?;
+    let store_dir = tempfile::tempdir()?;
+    let store = Store::open(store_dir.path())?;
+    let pulled = Puller::new(&store)
+        .pull(&r)
+        .with_context(|| format!("pull with a token: registry log: {}", reg.log()))?;
+    assert_eq!(
+        read(&pulled.image.rootfs, "etc/greeting"),
+        "hello from the registry\n"
+    );
+    let asked = tokens.scopes.lock().unwrap().clone();
+    assert!(
+        asked.iter().any(|s| s == "repository:test/app:pull"),
+        "the agent did not ask for the pull scope: {asked:?}"
+    );
+
+    // A token signed by a key the registry does not trust.
+    tokens
+        .forge
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let other_dir = tempfile::tempdir()?;
+    let other = Store::open(other_dir.path())?;
+    let e = Puller::new(&other)
+        .pull(&r)
+        .expect_err("a forged token pulls");
+    assert!(matches!(e, PullError::Http { status: 401, .. }), "{e}");
+    assert!(e.to_string().contains(&reg.addr), "{e}");
+    Ok(())
+}

@@ -12,6 +12,22 @@ use std::time::{Duration, Instant};
 
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 
+/// How the registry wants clients to authenticate.
+pub enum Auth<'a> {
+    None,
+    /// Basic auth against this htpasswd file content (bcrypt hashes).
+    Htpasswd(&'a str),
+    /// Bearer tokens from a token service at `realm`: JWTs for `service`
+    /// from `issuer`, signed by a key whose certificate chains to the PEM
+    /// bundle `root_cert`.
+    Token {
+        realm: &'a str,
+        service: &'a str,
+        issuer: &'a str,
+        root_cert: &'a Path,
+    },
+}
+
 pub struct Registry {
     child: Child,
     pub addr: String,
@@ -26,6 +42,13 @@ impl Registry {
     /// With `htpasswd` (file content, bcrypt hashes), the registry wants
     /// Basic auth for everything.
     pub fn start_with_auth(htpasswd: Option<&str>) -> Result<Registry> {
+        Registry::start_with(match htpasswd {
+            Some(content) => Auth::Htpasswd(content),
+            None => Auth::None,
+        })
+    }
+
+    pub fn start_with(auth: Auth<'_>) -> Result<Registry> {
         if !Path::new(REGISTRY_BIN).exists() {
             bail!(
                 "{REGISTRY_BIN} is missing: install the docker-registry package (make deps does)"
@@ -40,8 +63,8 @@ impl Registry {
         let addr = format!("127.0.0.1:{port}");
         let storage = dir.path().join("storage");
         let config = dir.path().join("config.yml");
-        let auth = match htpasswd {
-            Some(content) => {
+        let auth = match auth {
+            Auth::Htpasswd(content) => {
                 let file = dir.path().join("htpasswd");
                 std::fs::write(&file, content).context("cannot write htpasswd")?;
                 format!(
@@ -49,7 +72,16 @@ impl Registry {
                     file.display()
                 )
             }
-            None => String::new(),
+            Auth::Token {
+                realm,
+                service,
+                issuer,
+                root_cert,
+            } => format!(
+                "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {}\n",
+                root_cert.display()
+            ),
+            Auth::None => String::new(),
         };
         std::fs::write(
             &config,
