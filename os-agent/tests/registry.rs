@@ -541,7 +541,7 @@ fn answer(
                 .replace("%3A", ":")
                 .replace("%2F", "/")
                 .replace("%2C", ",");
-            scopes.lock().unwrap().push(v.clone());
+            scopes.lock().expect("scopes").push(v.clone());
             let parts: Vec<&str> = v.splitn(3, ':').collect();
             if let [kind, name, actions] = parts[..] {
                 access.push(serde_json::json!({"type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}));
@@ -619,7 +619,7 @@ fn bearer_token_auth() -> Result<()> {
         read(&pulled.image.rootfs, "etc/greeting"),
         "hello from the registry\n"
     );
-    let asked = tokens.scopes.lock().unwrap().clone();
+    let asked = tokens.scopes.lock().expect("scopes").clone();
     assert!(
         asked.iter().any(|s| s == "repository:test/app:pull"),
         "the agent did not ask for the pull scope: {asked:?}"
