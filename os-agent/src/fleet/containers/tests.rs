@@ -129,27 +129,14 @@ fn the_watch_follows_both_prefixes() {
         let client = crate::fleet::connect(&settings).await.unwrap();
         let fleet = Fleet::new(client.clone(), &settings, "m1");
         let mut c = client;
-        c.put(
-            "/ballast/containers/groups/web/a",
-            r#"{"image": "a:1"}"#,
-            None,
-        )
-        .await
-        .unwrap();
-        c.put(
-            "/ballast/containers/groups/db/x",
-            r#"{"image": "x:1"}"#,
-            None,
-        )
-        .await
-        .unwrap();
-        c.put(
-            "/ballast/containers/hosts/m2/y",
-            r#"{"image": "y:1"}"#,
-            None,
-        )
-        .await
-        .unwrap();
+        // The group's, another group's, another host's.
+        for (key, value) in [
+            ("/ballast/containers/groups/web/a", r#"{"image": "a:1"}"#),
+            ("/ballast/containers/groups/db/x", r#"{"image": "x:1"}"#),
+            ("/ballast/containers/hosts/m2/y", r#"{"image": "y:1"}"#),
+        ] {
+            c.put(key, value, None).await.unwrap();
+        }
         let shared = Shared::default();
         let watch = tokio::spawn(watch_desired(fleet, shared.clone()));
         // Waits until the shared layers satisfy `done`.
