@@ -76,6 +76,17 @@ impl WebImage {
     }
 }
 
+impl WebImage {
+    /// A container of this image on a private network, its httpd's port
+    /// 8080 published on the host's `port`.
+    pub fn private_container_json(&self, port: u16) -> String {
+        format!(
+            r#"{{"image": "{}", "ports": ["{port}:8080"], "memory": "64M"}}"#,
+            self.reference
+        )
+    }
+}
+
 /// One HTTP GET of `/` on 127.0.0.1:`port`; the body if the answer is 200.
 pub fn http_get(port: u16) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;

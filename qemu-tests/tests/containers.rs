@@ -14,9 +14,11 @@ use qemu_tests::{poll, Vm, VmOptions, DEFAULT_SSH_TIMEOUT};
 const GUEST_ETCD: &str = "10.0.2.101:2379";
 const PREFIX: &str = "/ballast";
 const GROUP: &str = "qemu";
-/// The ports the group's and the host's container listen on (host network).
+/// The ports the group's and the host's container listen on (host network),
+/// and the port the group's private-network container is published on.
 const PORT: u16 = 8080;
 const API_PORT: u16 = 8081;
+const PRIVATE_PORT: u16 = 8082;
 /// Pull, unpack and start under TCG.
 const START_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -77,8 +79,9 @@ fn record(etcd: &LocalEtcd, machine_id: &str) -> Option<serde_json::Value> {
     serde_json::from_str(out.trim()).ok()
 }
 
-/// A container for the group (`web`, port 8080) and one for this host
-/// (`api`, port 8081), declared in etcd: both pulled from the registry on the
+/// Two containers for the group (`web` on the host network, port 8080;
+/// `private` on its own network, published on port 8082) and one for this
+/// host (`api`, port 8081), declared in etcd: pulled from the registry on the
 /// host and answering from outside the guest. They keep running across an
 /// agent restart, while etcd is down and through a reboot with etcd down;
 /// deleting the host's key stops and removes its container only.
@@ -94,7 +97,7 @@ fn containers_declared_in_etcd_run_and_follow_their_keys() {
             image.guest_forward(),
             format!("tcp:{GUEST_ETCD}-cmd:nc 127.0.0.1 {}", etcd.client_port),
         ],
-        host_forwards: vec![PORT, API_PORT],
+        host_forwards: vec![PORT, API_PORT, PRIVATE_PORT],
         ..VmOptions::default()
     });
     vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
@@ -102,6 +105,9 @@ fn containers_declared_in_etcd_run_and_follow_their_keys() {
     let group_key = format!("{PREFIX}/containers/groups/{GROUP}/web");
     let host_key = format!("{PREFIX}/containers/hosts/{machine_id}/api");
     etcdctl(&etcd, &["put", &group_key, &image.container_json(PORT)]);
+    let private_key = format!("{PREFIX}/containers/groups/{GROUP}/private");
+    let private = image.private_container_json(PRIVATE_PORT);
+    etcdctl(&etcd, &["put", &private_key, &private]);
     etcdctl(&etcd, &["put", &host_key, &image.container_json(API_PORT)]);
     let config = format!(
         "group = \"{GROUP}\"\n[etcd]\nendpoints = [\"http://{GUEST_ETCD}\"]\nlease_ttl_secs = 30\n{}",
@@ -112,11 +118,18 @@ fn containers_declared_in_etcd_run_and_follow_their_keys() {
     ));
     wait_for(&vm, PORT, true, "the group's container");
     wait_for(&vm, API_PORT, true, "the host's container");
+    wait_for(
+        &vm,
+        PRIVATE_PORT,
+        true,
+        "the private container's published port",
+    );
     let machines = vm.ssh_ok("machinectl list --no-legend --no-pager");
-    if !(machines.contains("web") && machines.contains("api")) {
-        vm.fail(format!(
-            "machinectl does not list both containers: {machines}"
-        ));
+    if !["web", "api", "private"]
+        .iter()
+        .all(|m| machines.contains(m))
+    {
+        vm.fail(format!("machinectl does not list all three: {machines}"));
     }
     let limit = vm.ssh_ok("systemctl show -P MemoryMax ballast-container-web.service");
     if limit.trim() != (64u64 << 20).to_string() {
@@ -126,11 +139,11 @@ fn containers_declared_in_etcd_run_and_follow_their_keys() {
     if !poll(START_TIMEOUT, || {
         rec = record(&etcd, &machine_id);
         rec.as_ref().is_some_and(|r| {
-            r["containers"] == serde_json::json!({"desired": 2, "running": 2, "failed": 0})
+            r["containers"] == serde_json::json!({"desired": 3, "running": 3, "failed": 0})
         })
     }) {
         vm.fail(format!(
-            "the host record does not count two running containers: {rec:?}"
+            "the host record does not count three running containers: {rec:?}"
         ));
     }
 
@@ -163,6 +176,7 @@ fn containers_declared_in_etcd_run_and_follow_their_keys() {
     vm.reboot();
     wait_for(&vm, PORT, true, "after a reboot with etcd down");
     wait_for(&vm, API_PORT, true, "after a reboot with etcd down");
+    wait_for(&vm, PRIVATE_PORT, true, "after a reboot with etcd down");
 
     // etcd is back; the host's key goes: its container stops and its unit
     // is removed, the group's stays.
@@ -170,8 +184,14 @@ fn containers_declared_in_etcd_run_and_follow_their_keys() {
     etcdctl(&etcd, &["del", &host_key]);
     wait_for(&vm, API_PORT, false, "after its key was deleted");
     let units = vm.ssh_ok("ls /etc/systemd/system/ | grep ballast-container- || true");
-    if units.trim() != "ballast-container-web.service" {
-        vm.fail(format!("want only web's unit left, found: {units}"));
+    let left: Vec<&str> = units.split_whitespace().collect();
+    if left
+        != [
+            "ballast-container-private.service",
+            "ballast-container-web.service",
+        ]
+    {
+        vm.fail(format!("want the group's two units left, found: {units}"));
     }
     wait_for(
         &vm,
@@ -182,11 +202,11 @@ fn containers_declared_in_etcd_run_and_follow_their_keys() {
     if !poll(START_TIMEOUT, || {
         rec = record(&etcd, &machine_id);
         rec.as_ref().is_some_and(|r| {
-            r["containers"] == serde_json::json!({"desired": 1, "running": 1, "failed": 0})
+            r["containers"] == serde_json::json!({"desired": 2, "running": 2, "failed": 0})
         })
     }) {
         vm.fail(format!(
-            "the host record does not count one running container: {rec:?}"
+            "the host record does not count two running containers: {rec:?}"
         ));
     }
 }

@@ -30,6 +30,12 @@ enum Command {
     /// ballast.config_url=, QEMU fw_cfg or a NoCloud seed, once per instance
     /// id; exits non-zero if the data could not be read, was invalid or failed.
     Provision,
+    /// Give a running container on a private network its address and
+    /// default route (its unit's ExecStartPost=).
+    ContainerNetwork {
+        /// The container (machine) name.
+        name: String,
+    },
 }
 
 fn health_check() -> Result<ExitCode> {
@@ -119,6 +125,12 @@ fn main() -> ExitCode {
         Command::HealthCheck => health_check(),
         Command::GrowData => grow_data(),
         Command::Provision => provision(),
+        Command::ContainerNetwork { name } => {
+            os_agent::containers::network::setup(&RealHost, &name).map(|addr| {
+                tracing::info!("container {name}: host0 is {addr}");
+                ExitCode::SUCCESS
+            })
+        }
     };
     match result {
         Ok(code) => code,

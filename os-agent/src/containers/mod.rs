@@ -5,7 +5,8 @@
 //! - [`spec`], [`desired`]: the format, its validation, sources and merge.
 //! - [`reference`](mod@reference), [`oci`], [`registry`], [`registries`], [`store`],
 //!   [`unpack`]: images.
-//! - [`unit`](mod@unit), [`reconcile`], [`systemd`], [`agent`]: running them.
+//! - [`unit`](mod@unit), [`reconcile`], [`systemd`], [`agent`]: running them;
+//!   [`network`]: the container's side of a private network.
 //! - [`cli`]: `osctl containers`.
 //! - [`local_registry`]: a real registry for tests and benchmarks.
 
@@ -13,6 +14,7 @@ pub mod agent;
 pub mod cli;
 pub mod desired;
 pub mod local_registry;
+pub mod network;
 pub mod oci;
 pub mod reconcile;
 pub mod reference;

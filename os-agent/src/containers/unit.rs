@@ -183,6 +183,13 @@ pub fn render(c: &Container, image: &Image) -> Result<Rendered, RenderError> {
         service.push(format!("ExecStartPre=/bin/mkdir -p {}", quote(&v.host)));
     }
     service.push(format!("ExecStart={}", exec.join(" ")));
+    if matches!(c.network, Network::Private { .. }) {
+        // nspawn leaves the container's side of the veth down (network.rs).
+        service.push(format!(
+            "ExecStartPost=/usr/bin/os-agent container-network {}",
+            c.name
+        ));
+    }
 
     let body = format!(
         "[Unit]\n\
