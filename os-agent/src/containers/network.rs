@@ -6,10 +6,11 @@
 //! `host0` stays down and nspawn's `--port` forwards have nowhere to go.
 //!
 //! `os-agent container-network <name>` (the unit's `ExecStartPost=`) does
-//! what a DHCP client in the container would: it waits for the host side's
-//! address, then gives `host0` the next address of that subnet and a
-//! default route through the host side, inside the container's network
-//! namespace (`nsenter`). nspawn notices the address and installs the port
+//! what a DHCP client in the container would, inside the container's network
+//! namespace (`nsenter`): it brings `host0` up (networkd configures the host
+//! side only once it has a carrier), waits for the host side's address, then
+//! gives `host0` the next address of that subnet and a default route through
+//! the host side. nspawn notices the address and installs the port
 //! forwards to it.
 
 use crate::host::Host;
@@ -34,6 +35,19 @@ pub fn parse_leader(record: &str, origin: &str) -> Result<u32> {
         .ok()
         .filter(|p| *p > 1)
         .with_context(|| format!("{origin}: LEADER={value:?} is not a process id"))
+}
+
+/// The host side's interface index: `link_index` of `host0` in the
+/// container's `ip -j link show host0` (its sysfs is the host's, so
+/// `/sys/class/net/host0/iflink` cannot be read there).
+pub fn peer_ifindex(ip_json: &str) -> Result<u32> {
+    let v: serde_json::Value =
+        serde_json::from_str(ip_json).context("`ip -j link` printed something other than JSON")?;
+    v.as_array()
+        .and_then(|a| a.first())
+        .and_then(|i| i["link_index"].as_u64())
+        .and_then(|i| u32::try_from(i).ok())
+        .with_context(|| format!("`ip -j link show host0` has no link_index: {ip_json}"))
 }
 
 /// The IPv4 address and prefix length of the interface with index
@@ -106,12 +120,12 @@ pub fn setup(host: &dyn Host, name: &str) -> Result<Ipv4Addr> {
         full.extend_from_slice(args);
         run(host, "nsenter", &full)
     };
-    let iflink = netns(&["cat", "/sys/class/net/host0/iflink"])
+    let link = netns(&["ip", "-j", "link", "show", "host0"])
         .with_context(|| format!("machine {name} has no host0 (is its network private?)"))?;
-    let ifindex: u32 = iflink
-        .trim()
-        .parse()
-        .with_context(|| format!("host0's iflink is {iflink:?}"))?;
+    let ifindex = peer_ifindex(&link)?;
+    // The host side has no carrier, and networkd gives it no address,
+    // until this side is up.
+    netns(&["ip", "link", "set", "host0", "up"])?;
     let deadline = Instant::now() + HOST_SIDE_TIMEOUT;
     let (gateway, prefix) = loop {
         let json = run(host, "ip", &["-j", "-4", "addr", "show"])?;
@@ -129,7 +143,6 @@ pub fn setup(host: &dyn Host, name: &str) -> Result<Ipv4Addr> {
     let addr = container_address(gateway, prefix)?;
     let cidr = format!("{addr}/{prefix}");
     let gw = gateway.to_string();
-    netns(&["ip", "link", "set", "host0", "up"])?;
     netns(&["ip", "addr", "replace", &cidr, "dev", "host0"])?;
     netns(&[
         "ip", "route", "replace", "default", "via", &gw, "dev", "host0",
@@ -157,6 +170,22 @@ mod tests {
                 e.to_string().contains("/run/systemd/machines/web"),
                 "{bad}: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn peer_of_host0() {
+        let json =
+            r#"[{"ifindex":2,"link_index":3,"ifname":"host0","flags":["UP"],"link_netnsid":0}]"#;
+        assert_eq!(peer_ifindex(json).unwrap(), 3);
+        for bad in [
+            "",
+            "[]",
+            r#"[{"ifindex":2}]"#,
+            r#"[{"link_index":-1}]"#,
+            "{",
+        ] {
+            assert!(peer_ifindex(bad).is_err(), "{bad}");
         }
     }
 
