@@ -199,8 +199,14 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(60);
 
 /// Reconciles the containers at start, then every [`RECONCILE_EVERY`] and
 /// whenever the desired containers in etcd change. A failed pass is logged
-/// and retried; the units keep running meanwhile.
-async fn containers_loop(host: Arc<dyn Host + Send + Sync>, fleet: Option<Arc<FleetState>>) {
+/// and retried; the units keep running meanwhile. `in_fleet` without
+/// `fleet` is a fleet configured but not joined: etcd's layers are then
+/// unavailable, so their last good versions keep running.
+async fn containers_loop(
+    host: Arc<dyn Host + Send + Sync>,
+    fleet: Option<Arc<FleetState>>,
+    in_fleet: bool,
+) {
     use crate::containers::agent::{self, Tags};
     let paths = agent::Paths::default();
     for n in 0u64.. {
@@ -209,10 +215,11 @@ async fn containers_loop(host: Arc<dyn Host + Send + Sync>, fleet: Option<Arc<Fl
         } else {
             Tags::Cached
         };
-        let remote = fleet
-            .as_ref()
-            .map(|f| f.desired.sources())
-            .unwrap_or_default();
+        let remote = match &fleet {
+            Some(f) => f.desired.sources(),
+            None if in_fleet => fleet::containers::Shared::default().sources(),
+            None => Vec::new(),
+        };
         let pass = async {
             let sd = crate::containers::systemd::Systemd::connect().await?;
             agent::reconcile_once(host.clone(), &sd, &paths, tags, remote).await
@@ -270,6 +277,7 @@ pub fn run(host: Arc<dyn Host + Send + Sync>) -> Result<()> {
     )
     .context("cannot notify systemd that the agent is ready")?;
     let joined = rt.block_on(join_fleet(host.clone()));
+    let in_fleet = !matches!(joined, Ok(None));
     let (lock, fleet): (Arc<dyn RebootLock + Send + Sync>, _) = match joined {
         Ok(Some(f)) => (
             Arc::new(EtcdLock {
@@ -288,7 +296,7 @@ pub fn run(host: Arc<dyn Host + Send + Sync>) -> Result<()> {
     let updates = rt.spawn(update_loop(host.clone(), lock, fleet.clone()));
     // Container units are not the agent's children: they keep running when
     // it stops, and the next start reconciles them.
-    let containers = rt.spawn(containers_loop(host.clone(), fleet));
+    let containers = rt.spawn(containers_loop(host.clone(), fleet, in_fleet));
     let why = rt.block_on(wait_for_stop())?;
     updates.abort();
     containers.abort();
