@@ -9,7 +9,7 @@ use crate::host::Host;
 use crate::status;
 use crate::update::store;
 use anyhow::{Context, Result};
-use etcd_client::{EventType, WatchOptions};
+use etcd_client::EventType;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,13 +110,7 @@ async fn watch_policy_once(fleet: &Fleet, wake: &Notify, backoff: &mut Backoff) 
         .await
         .with_context(|| format!("cannot read {key}"))?;
     let rev = now.header().map_or(0, |h| h.revision());
-    let (_watcher, mut stream) = c
-        .watch(
-            key.as_str(),
-            Some(WatchOptions::new().with_start_revision(rev + 1)),
-        )
-        .await
-        .with_context(|| format!("cannot watch {key}"))?;
+    let (_watcher, mut stream) = super::watch_after(&mut c, &key, false, rev).await?;
     backoff.reset();
     while let Some(resp) = stream.message().await.context("the policy watch failed")? {
         for ev in resp.events() {

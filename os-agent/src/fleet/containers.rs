@@ -5,8 +5,8 @@
 //! `etcd-group` and `etcd-host` layers of the merge.
 //!
 //! The daemon reads both prefixes once and then watches them; every change
-//! reads them again (a whole layer is validated at once, as a file is) and
-//! wakes the containers loop. What was last read is kept in memory here, and
+//! reads them again (a whole layer is validated at once, as a file is), and
+//! every read wakes the containers loop. What was last read is kept in memory here, and
 //! the containers code keeps the last layers that applied on /var: before the
 //! first read, and while etcd cannot be reached, the layers are
 //! "unavailable" and their saved versions run.
@@ -15,7 +15,7 @@ use super::{Backoff, Fleet};
 use crate::containers::desired::{validate_list, Source, SourceError};
 use crate::containers::spec::{Container, RawContainer, SpecError};
 use anyhow::{Context, Result};
-use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
+use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -40,7 +40,7 @@ pub struct EtcdDesired {
 #[derive(Debug, Clone)]
 pub struct Shared {
     pub desired: Arc<Mutex<EtcdDesired>>,
-    /// Notified after each read that changed something.
+    /// Notified after each read (the first, and one per change seen).
     pub changed: Arc<Notify>,
 }
 
@@ -166,7 +166,7 @@ pub fn parse_layer(
 }
 
 /// Reads and watches the host's two prefixes until aborted; reconnects with
-/// backoff. Each read that changes a layer notifies `shared.changed`.
+/// backoff. Each read notifies `shared.changed`.
 pub async fn watch_desired(fleet: Fleet, shared: Shared) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
@@ -183,20 +183,18 @@ pub async fn watch_desired(fleet: Fleet, shared: Shared) {
     }
 }
 
+/// The keys and values of a range answer in a transaction.
 fn kvs(r: TxnOpResponse) -> Result<Vec<(String, Vec<u8>)>> {
-    match r {
-        TxnOpResponse::Get(g) => Ok(g
-            .kvs()
-            .iter()
-            .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    kv.value().to_vec(),
-                )
-            })
-            .collect()),
-        other => anyhow::bail!("etcd answered a range request with {other:?}"),
-    }
+    Ok(super::lock::range(r)?
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            )
+        })
+        .collect())
 }
 
 /// One read of both prefixes, then a watch on them; `Ok(true)` when the
@@ -234,17 +232,10 @@ async fn watch_once(fleet: &Fleet, shared: &Shared, backoff: &mut Backoff) -> Re
         .lock()
         .unwrap_or_else(PoisonError::into_inner) = read;
     shared.changed.notify_one();
-    let opts = || {
-        WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(rev + 1)
-    };
-    let (mut watcher, mut stream) = c
-        .watch(group.as_str(), Some(opts()))
-        .await
-        .with_context(|| format!("cannot watch {group}"))?;
+    // Both prefixes on one watch stream.
+    let (mut watcher, mut stream) = super::watch_after(&mut c, &group, true, rev).await?;
     watcher
-        .watch(host.as_str(), Some(opts()))
+        .watch(host.as_str(), Some(super::watch_options_after(rev, true)))
         .await
         .with_context(|| format!("cannot watch {host}"))?;
     backoff.reset();

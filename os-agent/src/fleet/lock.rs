@@ -93,7 +93,7 @@ pub enum Decision {
     AnyOf(Vec<u32>),
 }
 
-fn range(r: TxnOpResponse) -> Result<etcd_client::GetResponse> {
+pub(crate) fn range(r: TxnOpResponse) -> Result<etcd_client::GetResponse> {
     match r {
         TxnOpResponse::Get(g) => Ok(g),
         other => bail!("etcd answered a range request with {other:?}"),

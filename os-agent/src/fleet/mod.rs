@@ -30,7 +30,9 @@ pub mod sim;
 pub mod view;
 
 use anyhow::{Context, Result};
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, Identity, TlsOptions, WatchOptions, WatchStream, Watcher,
+};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -131,6 +133,30 @@ impl Fleet {
         self.view = Some(watch.subscribe());
         self
     }
+}
+
+/// Options that watch `key` (a prefix if `prefix`) from just after `rev`,
+/// the revision of the read the caller built its state from: no change
+/// between that read and the watch is missed.
+pub fn watch_options_after(rev: i64, prefix: bool) -> WatchOptions {
+    let opts = WatchOptions::new().with_start_revision(rev + 1);
+    if prefix {
+        opts.with_prefix()
+    } else {
+        opts
+    }
+}
+
+/// Watches `key` with [`watch_options_after`].
+pub async fn watch_after(
+    c: &mut Client,
+    key: &str,
+    prefix: bool,
+    rev: i64,
+) -> Result<(Watcher, WatchStream)> {
+    c.watch(key, Some(watch_options_after(rev, prefix)))
+        .await
+        .with_context(|| format!("cannot watch {key}"))
 }
 
 /// Exponential backoff with jitter for retrying etcd.

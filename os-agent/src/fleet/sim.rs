@@ -14,7 +14,7 @@ use super::view::{self, GroupView, GroupWatch};
 use super::Fleet;
 use crate::update::fleet_lock::Released;
 use anyhow::{Context, Result};
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -223,17 +223,7 @@ impl HolderWatch {
             }
             s.max_seen = s.current.len();
         }
-        let (_watcher, mut stream) = c
-            .watch(
-                prefix.as_str(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(rev + 1),
-                ),
-            )
-            .await
-            .context("cannot watch the holders")?;
+        let (_watcher, mut stream) = super::watch_after(&mut c, &prefix, true, rev).await?;
         let st = stats.clone();
         let task = tokio::spawn(async move {
             // The watcher cancels the watch when dropped: keep it here.

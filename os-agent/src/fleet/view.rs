@@ -16,7 +16,7 @@ use super::lock::LockState;
 use super::model::{HostRecord, Keys, Policy};
 use super::Backoff;
 use anyhow::{Context, Result};
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -242,17 +242,7 @@ async fn watch_once(
         );
     }
     tx.send_replace(view);
-    let (_watcher, mut stream) = c
-        .watch(
-            prefix.as_str(),
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(rev + 1),
-            ),
-        )
-        .await
-        .with_context(|| format!("cannot watch {prefix}"))?;
+    let (_watcher, mut stream) = super::watch_after(&mut c, &prefix, true, rev).await?;
     backoff.reset();
     while let Some(resp) = stream.message().await.context("the group watch failed")? {
         tx.send_modify(|v| {
