@@ -13,7 +13,7 @@
 //! the host side. nspawn notices the address and installs the port
 //! forwards to it.
 
-use crate::host::Host;
+use crate::host::{run_ok, Host};
 use anyhow::{bail, Context, Result};
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -98,16 +98,6 @@ pub fn container_address(host: Ipv4Addr, prefix: u8) -> Result<Ipv4Addr> {
     Ok(Ipv4Addr::from(next))
 }
 
-fn run(host: &dyn Host, program: &str, args: &[&str]) -> Result<String> {
-    let out = host
-        .run(program, args)
-        .with_context(|| format!("cannot run {program}"))?;
-    if !out.success() {
-        bail!("{program} {}: {}", args.join(" "), out.describe());
-    }
-    Ok(out.stdout)
-}
-
 /// Configures `host0` of machine `name`; returns the address it got.
 pub fn setup(host: &dyn Host, name: &str) -> Result<Ipv4Addr> {
     let record = format!("/run/systemd/machines/{name}");
@@ -118,7 +108,7 @@ pub fn setup(host: &dyn Host, name: &str) -> Result<Ipv4Addr> {
     let netns = |args: &[&str]| -> Result<String> {
         let mut full = vec!["-t", leader.as_str(), "-n", "--"];
         full.extend_from_slice(args);
-        run(host, "nsenter", &full)
+        run_ok(host, "nsenter", &full)
     };
     let link = netns(&["ip", "-j", "link", "show", "host0"])
         .with_context(|| format!("machine {name} has no host0 (is its network private?)"))?;
@@ -128,7 +118,7 @@ pub fn setup(host: &dyn Host, name: &str) -> Result<Ipv4Addr> {
     netns(&["ip", "link", "set", "host0", "up"])?;
     let deadline = Instant::now() + HOST_SIDE_TIMEOUT;
     let (gateway, prefix) = loop {
-        let json = run(host, "ip", &["-j", "-4", "addr", "show"])?;
+        let json = run_ok(host, "ip", &["-j", "-4", "addr", "show"])?;
         if let Some(a) = host_side_address(&json, ifindex)? {
             break a;
         }

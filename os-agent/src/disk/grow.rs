@@ -42,11 +42,7 @@ fn backup_header_lba<R: Read + Seek>(disk: &mut R) -> std::io::Result<u64> {
 
 fn run_checked(host: &dyn Host, program: &str, args: &[&str]) -> Result<()> {
     tracing::info!("running {program} {}", args.join(" "));
-    let out = host.run(program, args)?;
-    if !out.success() {
-        bail!("{program} {} failed: {}", args.join(" "), out.describe());
-    }
-    Ok(())
+    crate::host::run_ok(host, program, args).map(drop)
 }
 
 /// Grows the partition labelled `data` to the end of its disk, then its ext4.

@@ -41,6 +41,19 @@ impl CmdOutput {
     }
 }
 
+/// Runs `program` on `host` and returns its stdout; unless it exits 0, an
+/// error that names the command and says how it ended.
+pub fn run_ok(host: &dyn Host, program: &str, args: &[&str]) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let out = host
+        .run(program, args)
+        .with_context(|| format!("cannot run {program}"))?;
+    if !out.success() {
+        anyhow::bail!("{program} {} failed: {}", args.join(" "), out.describe());
+    }
+    Ok(out.stdout)
+}
+
 /// The narrow view of a machine the agent needs. Paths are absolute paths as
 /// seen on the host (`/proc/cmdline`); implementations decide where they live.
 pub trait Host {
