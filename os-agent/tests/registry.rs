@@ -3,7 +3,9 @@
 //! unpacked by os-agent; a corrupted blob in the registry's storage is refused.
 
 use anyhow::{Context, Result};
-use os_agent::containers::local_registry::{layer_tar, push, push_as, Entry, Registry};
+use os_agent::containers::local_registry::{
+    init_layout, layer_tar, push, push_as, put_blob, put_image, tagged, Entry, Registry,
+};
 use os_agent::containers::oci::Platform;
 use os_agent::containers::reference::Reference;
 use os_agent::containers::registry::{PullError, Puller};
@@ -16,15 +18,6 @@ fn sha256_hex(b: &[u8]) -> String {
     hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b))
 }
 
-/// Writes `bytes` as a blob of the layout; returns its descriptor.
-fn put_blob(layout: &Path, media_type: &str, bytes: &[u8]) -> Result<serde_json::Value> {
-    let hex = sha256_hex(bytes);
-    fs::write(layout.join("blobs/sha256").join(&hex), bytes)?;
-    Ok(
-        serde_json::json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": bytes.len()}),
-    )
-}
-
 /// Builds an OCI layout by hand with tag `v1` (four layers exercising links,
 /// a whiteout and an opaque directory; gzip, plain and zstd) and tag `multi`
 /// (an image index whose linux/<this arch> entry, and a made-up linux/arm64
@@ -33,11 +26,7 @@ fn put_blob(layout: &Path, media_type: &str, bytes: &[u8]) -> Result<serde_json:
 fn build_image(dir: &Path) -> Result<std::path::PathBuf> {
     use Entry::*;
     let layout = dir.join("layout");
-    fs::create_dir_all(layout.join("blobs/sha256"))?;
-    fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
+    init_layout(&layout)?;
     let big = b"0123456789abcdef".repeat(4096);
     let layers = [
         layer_tar(&[
@@ -62,10 +51,9 @@ fn build_image(dir: &Path) -> Result<std::path::PathBuf> {
             File("opt/new", b"new\n".to_vec()),
         ])?,
     ];
-    let mut descs = Vec::new();
-    let mut diff_ids = Vec::new();
+    let mut blobs = Vec::new();
     for (i, l) in layers.iter().enumerate() {
-        diff_ids.push(format!("sha256:{}", sha256_hex(l)));
+        let diff_id = format!("sha256:{}", sha256_hex(l));
         let (media_type, bytes) = match i {
             1 => ("application/vnd.oci.image.layer.v1.tar", l.clone()),
             3 => (
@@ -79,28 +67,14 @@ fn build_image(dir: &Path) -> Result<std::path::PathBuf> {
                 ("application/vnd.oci.image.layer.v1.tar+gzip", gz.finish()?)
             }
         };
-        descs.push(put_blob(&layout, media_type, &bytes)?);
+        blobs.push((media_type, bytes, diff_id));
     }
+    let manifest = put_image(
+        &layout,
+        &blobs,
+        serde_json::json!({"Entrypoint": ["/bin/sh"], "Cmd": ["-c"], "Env": ["GREETING=hi"], "WorkingDir": "/opt"}),
+    )?;
     let arch = Platform::host().architecture;
-    let config = serde_json::json!({
-        "architecture": arch, "os": "linux",
-        "config": {"Entrypoint": ["/bin/sh"], "Cmd": ["-c"], "Env": ["GREETING=hi"], "WorkingDir": "/opt"},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    });
-    let config = put_blob(
-        &layout,
-        "application/vnd.oci.image.config.v1+json",
-        &serde_json::to_vec(&config)?,
-    )?;
-    let manifest = serde_json::json!({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": config, "layers": descs,
-    });
-    let manifest = put_blob(
-        &layout,
-        "application/vnd.oci.image.manifest.v1+json",
-        &serde_json::to_vec(&manifest)?,
-    )?;
     let entry = |arch: &str| {
         let mut e = manifest.clone();
         e["platform"] = serde_json::json!({"os": "linux", "architecture": arch});
@@ -115,11 +89,6 @@ fn build_image(dir: &Path) -> Result<std::path::PathBuf> {
         "application/vnd.oci.image.index.v1+json",
         &serde_json::to_vec(&index)?,
     )?;
-    let tagged = |d: &serde_json::Value, tag: &str| {
-        let mut e = d.clone();
-        e["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": tag});
-        e
-    };
     let top = serde_json::json!({"schemaVersion": 2, "manifests": [tagged(&manifest, "v1"), tagged(&index, "multi")]});
     fs::write(layout.join("index.json"), serde_json::to_vec(&top)?)?;
     Ok(layout)

@@ -245,6 +245,68 @@ pub fn push_as(
     run(&mut cmd).map(drop)
 }
 
+/// Starts an OCI layout at `layout`: its blob directory and `oci-layout`.
+pub fn init_layout(layout: &Path) -> Result<()> {
+    std::fs::create_dir_all(layout.join("blobs/sha256"))?;
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    Ok(())
+}
+
+/// Writes `bytes` as a blob of the layout; returns its descriptor.
+pub fn put_blob(layout: &Path, media_type: &str, bytes: &[u8]) -> Result<serde_json::Value> {
+    use sha2::Digest as _;
+    let hex = hex::encode(sha2::Sha256::digest(bytes));
+    std::fs::write(layout.join("blobs/sha256").join(&hex), bytes)?;
+    Ok(
+        serde_json::json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": bytes.len()}),
+    )
+}
+
+/// Writes one image into the layout: the layer blobs (media type, bytes)
+/// with their uncompressed digests, an image config for this host's
+/// platform whose `config` (Cmd, Entrypoint, Env, …) is `run`, and its
+/// manifest. Returns the manifest's descriptor, for an index to name.
+pub fn put_image(
+    layout: &Path,
+    layers: &[(&str, Vec<u8>, String)],
+    run: serde_json::Value,
+) -> Result<serde_json::Value> {
+    let mut descs = Vec::new();
+    for (media_type, bytes, _) in layers {
+        descs.push(put_blob(layout, media_type, bytes)?);
+    }
+    let diff_ids: Vec<&String> = layers.iter().map(|(_, _, d)| d).collect();
+    let config = serde_json::json!({
+        "architecture": super::oci::Platform::host().architecture, "os": "linux",
+        "config": run,
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    });
+    let config = put_blob(
+        layout,
+        "application/vnd.oci.image.config.v1+json",
+        &serde_json::to_vec(&config)?,
+    )?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config, "layers": descs,
+    });
+    put_blob(
+        layout,
+        "application/vnd.oci.image.manifest.v1+json",
+        &serde_json::to_vec(&manifest)?,
+    )
+}
+
+/// The descriptor `d` named `tag` in a layout's index.json.
+pub fn tagged(d: &serde_json::Value, tag: &str) -> serde_json::Value {
+    let mut e = d.clone();
+    e["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": tag});
+    e
+}
+
 /// Writes an OCI layout at `layout` with one image tagged `tag`: the given
 /// layer blobs (media type, bytes) and their uncompressed digests, and an
 /// image config for this host's platform running `cmd`.
@@ -254,48 +316,9 @@ pub fn write_layout(
     layers: &[(&str, Vec<u8>, String)],
     cmd: &[&str],
 ) -> Result<()> {
-    use sha2::Digest as _;
-    std::fs::create_dir_all(layout.join("blobs/sha256"))?;
-    std::fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
-    let put = |media_type: &str, bytes: &[u8]| -> Result<serde_json::Value> {
-        let hex = hex::encode(sha2::Sha256::digest(bytes));
-        std::fs::write(layout.join("blobs/sha256").join(&hex), bytes)?;
-        Ok(
-            serde_json::json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": bytes.len()}),
-        )
-    };
-    let mut descs = Vec::new();
-    for (media_type, bytes, _) in layers {
-        descs.push(put(media_type, bytes)?);
-    }
-    let diff_ids: Vec<&String> = layers.iter().map(|(_, _, d)| d).collect();
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    };
-    let config = serde_json::json!({
-        "architecture": arch, "os": "linux",
-        "config": {"Cmd": cmd},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    });
-    let config = put(
-        "application/vnd.oci.image.config.v1+json",
-        &serde_json::to_vec(&config)?,
-    )?;
-    let manifest = serde_json::json!({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": config, "layers": descs,
-    });
-    let mut manifest = put(
-        "application/vnd.oci.image.manifest.v1+json",
-        &serde_json::to_vec(&manifest)?,
-    )?;
-    manifest["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": tag});
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [manifest]});
+    init_layout(layout)?;
+    let manifest = put_image(layout, layers, serde_json::json!({"Cmd": cmd}))?;
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [tagged(&manifest, tag)]});
     std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
     Ok(())
 }
