@@ -79,6 +79,20 @@ fn record(etcd: &LocalEtcd, machine_id: &str) -> Option<serde_json::Value> {
     serde_json::from_str(out.trim()).ok()
 }
 
+/// Waits until the host's record counts `n` containers, all running.
+fn wait_record(vm: &Vm, etcd: &LocalEtcd, machine_id: &str, n: u32) {
+    let want = serde_json::json!({"desired": n, "running": n, "failed": 0});
+    let mut rec = None;
+    if !poll(START_TIMEOUT, || {
+        rec = record(etcd, machine_id);
+        rec.as_ref().is_some_and(|r| r["containers"] == want)
+    }) {
+        vm.fail(format!(
+            "the host record does not count {n} running containers: {rec:?}"
+        ));
+    }
+}
+
 /// Two containers for the group (`web` on the host network, port 8080;
 /// `private` on its own network, published on port 8082) and one for this
 /// host (`api`, port 8081), declared in etcd: pulled from the registry on the
@@ -135,17 +149,7 @@ fn containers_declared_in_etcd_run_and_follow_their_keys() {
     if limit.trim() != (64u64 << 20).to_string() {
         vm.fail(format!("MemoryMax of web is {limit:?}, want 64M"));
     }
-    let mut rec = None;
-    if !poll(START_TIMEOUT, || {
-        rec = record(&etcd, &machine_id);
-        rec.as_ref().is_some_and(|r| {
-            r["containers"] == serde_json::json!({"desired": 3, "running": 3, "failed": 0})
-        })
-    }) {
-        vm.fail(format!(
-            "the host record does not count three running containers: {rec:?}"
-        ));
-    }
+    wait_record(&vm, &etcd, &machine_id, 3);
 
     // The agent stops and starts: the units are not its children.
     let (web, api) = (invocation(&vm, "web"), invocation(&vm, "api"));
@@ -199,14 +203,5 @@ fn containers_declared_in_etcd_run_and_follow_their_keys() {
         true,
         "the group's container after the host's key went",
     );
-    if !poll(START_TIMEOUT, || {
-        rec = record(&etcd, &machine_id);
-        rec.as_ref().is_some_and(|r| {
-            r["containers"] == serde_json::json!({"desired": 2, "running": 2, "failed": 0})
-        })
-    }) {
-        vm.fail(format!(
-            "the host record does not count two running containers: {rec:?}"
-        ));
-    }
+    wait_record(&vm, &etcd, &machine_id, 2);
 }
