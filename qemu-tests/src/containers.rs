@@ -74,9 +74,7 @@ impl WebImage {
             self.reference
         )
     }
-}
 
-impl WebImage {
     /// A container of this image on a private network, its httpd's port
     /// 8080 published on the host's `port`.
     pub fn private_container_json(&self, port: u16) -> String {
