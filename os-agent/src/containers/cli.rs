@@ -92,7 +92,7 @@ pub fn run(host: &dyn Host, cmd: ContainersCommand) -> Result<ExitCode> {
             let mut sources: Vec<&dyn Source> = vec![&agent, &files];
             // etcd's layers as the agent last applied them, if the host is
             // in a fleet (otherwise the agent dropped them).
-            let etcd = ["etcd-group", "etcd-host"].map(|layer| SavedSource {
+            let etcd = crate::fleet::containers::LAYERS.map(|layer| SavedSource {
                 layer,
                 saved: &saved,
             });

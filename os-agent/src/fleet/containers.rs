@@ -20,6 +20,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::Notify;
 
+/// The merge layers etcd gives: the group's keys, then the host's own.
+pub const LAYERS: [&str; 2] = ["etcd-group", "etcd-host"];
+
 /// One layer as last read from etcd.
 #[derive(Debug, Clone)]
 pub enum Layer {
@@ -66,11 +69,11 @@ impl Shared {
             .clone();
         vec![
             Box::new(EtcdSource {
-                layer: "etcd-group",
+                layer: LAYERS[0],
                 state: d.group,
             }),
             Box::new(EtcdSource {
-                layer: "etcd-host",
+                layer: LAYERS[1],
                 state: d.host,
             }),
         ]
