@@ -110,6 +110,31 @@ fn names(layer: &Layer) -> Option<Vec<String>> {
     }
 }
 
+type Names = (Option<Vec<String>>, Option<Vec<String>>);
+
+/// The container names of the group's and the host's layer, if read.
+fn layer_names(d: &EtcdDesired) -> Names {
+    (names(&d.group), names(&d.host))
+}
+
+fn names_of(group: &[&str], host: &[&str]) -> Names {
+    let owned = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect());
+    (owned(group), owned(host))
+}
+
+/// Waits until the shared layers satisfy `done`; each change may take 10 s.
+async fn wait_until(shared: &Shared, done: impl Fn(&EtcdDesired) -> bool) {
+    loop {
+        let d = shared.desired.lock().unwrap().clone();
+        if done(&d) {
+            return;
+        }
+        tokio::time::timeout(Duration::from_secs(10), shared.changed.notified())
+            .await
+            .unwrap_or_else(|_| panic!("no change from {d:?}"));
+    }
+}
+
 /// Against a real etcd: the first read, a put and a delete under each
 /// prefix wake the loop with the new layers; keys of other hosts and groups
 /// are not this host's.
@@ -139,31 +164,7 @@ fn the_watch_follows_both_prefixes() {
         }
         let shared = Shared::default();
         let watch = tokio::spawn(watch_desired(fleet, shared.clone()));
-        // Waits until the shared layers satisfy `done`.
-        let until = |done: &dyn Fn(&EtcdDesired) -> bool| {
-            let shared = shared.clone();
-            let d = shared.desired.lock().unwrap().clone();
-            let ok = done(&d);
-            async move {
-                if !ok {
-                    tokio::time::timeout(Duration::from_secs(10), shared.changed.notified())
-                        .await
-                        .unwrap_or_else(|_| panic!("no change from {d:?}"));
-                }
-                ok
-            }
-        };
-        let names_are = |g: &'static [&'static str], h: &'static [&'static str]| {
-            move |d: &EtcdDesired| {
-                let want = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect());
-                names(&d.group) == want(g) && names(&d.host) == want(h)
-            }
-        };
-        let wait = |g: &'static [&'static str], h: &'static [&'static str]| {
-            let check = names_are(g, h);
-            async move { while !until(&check).await {} }
-        };
-        wait(&["a"], &[]).await;
+        wait_until(&shared, |d| layer_names(d) == names_of(&["a"], &[])).await;
         c.put(
             "/ballast/containers/hosts/m1/b",
             r#"{"image": "b:1"}"#,
@@ -171,11 +172,11 @@ fn the_watch_follows_both_prefixes() {
         )
         .await
         .unwrap();
-        wait(&["a"], &["b"]).await;
+        wait_until(&shared, |d| layer_names(d) == names_of(&["a"], &["b"])).await;
         c.delete("/ballast/containers/groups/web/a", None)
             .await
             .unwrap();
-        wait(&[], &["b"]).await;
+        wait_until(&shared, |d| layer_names(d) == names_of(&[], &["b"])).await;
         c.put("/ballast/containers/hosts/m1/c", "{", None)
             .await
             .unwrap();
@@ -183,7 +184,7 @@ fn the_watch_follows_both_prefixes() {
             Layer::Read(Err(e)) => e[0].to_string().contains("/ballast/containers/hosts/m1/c"),
             _ => false,
         };
-        while !until(&bad_key).await {}
+        wait_until(&shared, bad_key).await;
         watch.abort();
     });
 }
