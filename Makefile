@@ -7,38 +7,72 @@ CARGO ?= cargo
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || date +%s)
 export SOURCE_DATE_EPOCH
 
-# Host packages: image building, QEMU + OVMF for the tests and `make run`,
-# systemd-boot-efi for the UKI unit tests, cryptsetup-bin for the verity tests,
-# cloud-image-utils (cloud-localds, pulls genisoimage) for the provisioning tests,
-# netcat-openbsd to forward the guest's update channel connections to the host.
-# protobuf-compiler builds the etcd client; etcd-server, etcd-client (etcdctl) and
-# openssl (test certificates) for the fleet tests; docker-registry (a real OCI
-# registry) and skopeo (pushes test images to it) for the container puller's
-# tests and bench; busybox-static (the payload of the QEMU containers test's
-# image).
-HOST_PACKAGES := mmdebstrap erofs-utils cryptsetup-bin dosfstools mtools binutils \
-	e2fsprogs fdisk qemu-utils qemu-system-x86 ovmf systemd-boot-efi openssh-client \
-	zstd ca-certificates cloud-image-utils netcat-openbsd \
-	protobuf-compiler etcd-server etcd-client openssl docker-registry skopeo \
-	busybox-static
+# Host packages, in two sets: what building an image needs (`make image`),
+# and what the tests need on top (`make test`, `make bench`).
+# Building: mmdebstrap bootstraps the root, erofs-utils/cryptsetup-bin make the
+# slot and its verity tree, dosfstools/mtools the ESP, binutils (objcopy) and
+# systemd-boot-efi the UKI, e2fsprogs/fdisk the data partition and the table,
+# qemu-utils (qemu-img) the qcow2, zstd the payload; protobuf-compiler builds
+# the etcd client.
+BUILD_PACKAGES := mmdebstrap erofs-utils cryptsetup-bin dosfstools mtools binutils \
+	e2fsprogs fdisk qemu-utils systemd-boot-efi zstd ca-certificates protobuf-compiler
+# Testing: QEMU + OVMF boot the image, openssh-client logs in,
+# cloud-image-utils (cloud-localds) makes NoCloud seeds, netcat-openbsd forwards
+# the guest's channel connections; etcd-server, etcd-client (etcdctl) and
+# openssl (certificates) for the fleet tests; docker-registry (a real OCI
+# registry), skopeo (pushes test images to it) and busybox-static (the QEMU
+# containers test's payload) for the containers tests.
+TEST_PACKAGES := qemu-system-x86 ovmf openssh-client cloud-image-utils netcat-openbsd \
+	etcd-server etcd-client openssl docker-registry skopeo busybox-static
+
+# Installs the packages named in $(1) that are missing. qemu-system-x86 and
+# qemu-utils come from one source package and must be of one version: a
+# machine that ships a newer qemu-utils (bookworm-backports) without a
+# matching qemu-system-x86 gets qemu-utils of qemu-system-x86's version with
+# it (qemu-img of either version serves the build). Anything apt still refuses
+# is printed with the command to run.
+define install-packages
+	@set -euo pipefail; \
+	missing=$$(for p in $(1); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; \
+	done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	echo "installing host packages:" $$missing; \
+	if [ "$$(id -u)" != 0 ]; then echo "run as root to install: apt-get install" $$missing >&2; exit 1; fi; \
+	apt-get update -q >/dev/null; \
+	extra=; \
+	if echo "$$missing" | grep -qx qemu-system-x86; then \
+		want=$$(apt-cache policy qemu-system-x86 | sed -n 's/^  Candidate: //p'); \
+		have=$$(dpkg-query -W -f='$${Version}' qemu-utils 2>/dev/null || true); \
+		if [ -z "$$want" ] || [ "$$want" = "(none)" ]; then \
+			echo "no qemu-system-x86 in the configured apt sources: add Debian 12 (bookworm) main" >&2; exit 1; \
+		fi; \
+		if [ -n "$$have" ] && [ "$$have" != "$$want" ]; then \
+			echo "qemu-utils $$have is installed, qemu-system-x86 $$want needs its own version: installing qemu-utils $$want with it"; \
+			extra="qemu-utils=$$want qemu-block-extra- "; \
+		fi; \
+	fi; \
+	cmd="apt-get install -y -q --no-install-recommends --allow-downgrades $$missing $$extra"; \
+	if ! DEBIAN_FRONTEND=noninteractive $$cmd; then \
+		echo "could not install host packages; apt said:" >&2; \
+		apt-get install -s --no-install-recommends --allow-downgrades $$missing $$extra 2>&1 | grep -E '^ |^E:|Breaks|Depends' >&2 || true; \
+		echo "resolve the conflict above, then run: $$cmd" >&2; exit 1; \
+	fi
+endef
 
 IMAGE_SPEC ?= configs/image.yaml
 OUT ?= out
 TEST_OUT ?= out/test
 IMAGE_BUILD := target/release/image-build
 
-.PHONY: deps build image test-image test unit-test qemu-test run lint bench clean
+.PHONY: deps test-deps build image test-image test unit-test qemu-test run lint bench clean
 
 deps:
-	@missing=$$(for p in $(HOST_PACKAGES); do \
-		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; \
-	done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing host packages:" $$missing; \
-		if [ "$$(id -u)" != 0 ]; then echo "run as root to install packages" >&2; exit 1; fi; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
-	fi
+	$(call install-packages,$(BUILD_PACKAGES))
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
+
+test-deps: deps
+	$(call install-packages,$(TEST_PACKAGES))
 
 build: deps
 	$(CARGO) build --release --locked -p os-agent -p image-build
@@ -54,17 +88,17 @@ test-image: build
 		$(IMAGE_BUILD) build --config qemu-tests/test-image-$$v.yaml --output $(TEST_OUT)-$$v || exit 1; \
 	done
 
-unit-test: deps
+unit-test: test-deps
 	$(CARGO) test --locked --workspace --exclude qemu-tests
 
-qemu-test: test-image
+qemu-test: test-deps test-image
 	BALLAST_TEST_IMAGE_DIR=$(abspath $(TEST_OUT)) $(CARGO) test --locked -p qemu-tests -- --test-threads=1
 
 test: unit-test qemu-test
 
 # Benchmarks print their figures and ratios; they assert nothing. The
 # containers bench boots the test image for its desired → running half.
-bench: deps test-image
+bench: test-deps test-image
 	@command -v curl >/dev/null || apt-get install -y -q curl
 	$(CARGO) build --release --locked -p ballast-bench
 	target/release/update-throughput 256 4
@@ -82,7 +116,7 @@ lint:
 ACCEL ?= tcg
 comma := ,
 USER_DATA ?=
-run:
+run: test-deps
 	@test -f $(OUT)/build.json || { echo "no image in $(OUT): run make image first" >&2; exit 1; }
 	@qcow=$$(sed -n 's/.*"qcow2": "\(.*\)".*/\1/p' $(OUT)/build.json); \
 	cp /usr/share/OVMF/OVMF_VARS_4M.fd $(OUT)/run-vars.fd; \
