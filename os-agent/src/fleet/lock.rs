@@ -299,6 +299,7 @@ impl Fleet {
     pub async fn release(&self, outcome: &Released) -> Result<()> {
         let prove = match outcome {
             Released::Blessed { version } => Some(version.as_str()),
+            Released::NeverBooted { .. } => None,
             // The report (and the pause it may cause) goes first, so no
             // other host takes the freed slot to a version that just paused
             // its group.

@@ -93,7 +93,16 @@ pub trait Host {
 }
 
 /// Writes `contents` to `path` through a temporary file in the same directory,
-/// so readers see either the old file or the whole new one.
+/// so readers see either the old file or the whole new one, and both are on
+/// the disk when it returns.
+///
+/// The file is synced a second time under its final name: on vfat (the ESP)
+/// a rename writes a new directory entry whose size and first cluster reach
+/// the disk only with the inode's next write-back, so after fsync, rename and
+/// an fsync of the directory a power cut left the new name with size 0
+/// (docs/update.md, "What is durable when"). The second fsync writes the inode
+/// into its new entry; the directory's fsync then makes the old name's
+/// removal durable too.
 pub(crate) fn write_atomic_at(path: &Path, contents: &[u8]) -> io::Result<()> {
     use std::io::Write;
     let dir = path.parent().ok_or_else(|| {
@@ -107,6 +116,7 @@ pub(crate) fn write_atomic_at(path: &Path, contents: &[u8]) -> io::Result<()> {
     tmp.write_all(contents)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
+    File::open(path)?.sync_all()?;
     File::open(dir)?.sync_all()
 }
 

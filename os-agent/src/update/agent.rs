@@ -69,6 +69,8 @@ pub fn tick(host: &dyn Host, fleet: &dyn RebootLock, check_due: bool) -> Result<
         }
         _ => {}
     }
+    // An update that never booted is applied again now, not an interval later.
+    let check_due = check_due || matches!(assessment, Assessment::NeverBooted { .. });
     if settings.channel_url.is_none() || !check_due {
         return Ok(t);
     }

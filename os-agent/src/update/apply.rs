@@ -257,6 +257,64 @@ pub fn write_hash_area(host: &dyn Host, t: &Target, tree: &Tree) -> Result<()> {
         .with_context(|| format!("cannot write the verity tree to {}", path.display()))
 }
 
+/// Checks a slot written earlier against the root hash it was staged with:
+/// reads the salt and block count from its hash area's superblock, hashes
+/// every data block again, compares the root hash, and rewrites the hash
+/// area if the one on the disk differs from the tree just built (a cut while
+/// it was written). Used when a power cut took the slot's boot entry: the
+/// entry is put back only over a slot that verifies.
+pub fn reverify_slot(host: &dyn Host, t: &Target, root_hash_hex: &str) -> Result<()> {
+    let vpath = t.verity.dev_path();
+    let mut vdev = host
+        .open(&vpath)
+        .with_context(|| format!("cannot open {}", vpath.display()))?;
+    let mut first = vec![0u8; verity::BLOCK];
+    vdev.read_exact(&mut first)
+        .with_context(|| format!("cannot read {}", vpath.display()))?;
+    let sb = verity::read_superblock(&first)
+        .with_context(|| format!("{} holds no verity tree", vpath.display()))?;
+    let mut builder = TreeBuilder::new(verity::Params {
+        salt: sb.salt,
+        uuid: sb.uuid,
+    })
+    .context("cannot start the verity tree")?;
+    let rpath = t.root.dev_path();
+    let root = host
+        .open(&rpath)
+        .with_context(|| format!("cannot open {}", rpath.display()))?;
+    let want = sb.data_blocks * verity::BLOCK as u64;
+    let copied = std::io::copy(&mut root.take(want), &mut builder)
+        .with_context(|| format!("cannot read {}", rpath.display()))?;
+    if copied != want {
+        anyhow::bail!(
+            "{} ends after {copied} bytes, its verity tree covers {want}",
+            rpath.display()
+        );
+    }
+    let tree = builder
+        .finish()
+        .with_context(|| format!("cannot build the verity tree of {}", rpath.display()))?;
+    if tree.root_hash_hex() != root_hash_hex {
+        return Err(Rejection::RootHash {
+            got: tree.root_hash_hex(),
+            want: root_hash_hex.to_string(),
+        }
+        .into());
+    }
+    let mut on_disk = vec![0u8; tree.hash_area.len()];
+    vdev.seek(SeekFrom::Start(0))
+        .and_then(|_| vdev.read_exact(&mut on_disk))
+        .with_context(|| format!("cannot read the verity tree on {}", vpath.display()))?;
+    if on_disk != tree.hash_area {
+        tracing::warn!(
+            "the verity tree on {} is not the one its slot needs: writing it again",
+            vpath.display()
+        );
+        write_hash_area(host, t, &tree)?;
+    }
+    Ok(())
+}
+
 /// Names the target's partitions after the root hash it now holds, so the
 /// UKI's `systemd.verity_root_data=PARTUUID=...` finds them.
 pub fn set_partuuids(host: &dyn Host, t: &Target, root_hash_hex: &str) -> Result<()> {

@@ -81,6 +81,16 @@ pub enum Assessment {
     /// Rebooted, but into an older version: the staged one used up its
     /// tries and systemd-boot fell back.
     RolledBack { version: String },
+    /// Rebooted into an older version without systemd-boot having tried
+    /// the staged one: its entry did not survive (a power cut), or the boot
+    /// loader chose another entry. Not a verdict on the release.
+    NotTried {
+        version: String,
+        evidence: esp::EntryEvidence,
+    },
+    /// The staged version never booted and could not be staged again: it is
+    /// dropped without being marked failed, and the next check applies it anew.
+    NeverBooted { version: String, why: String },
     /// Rebooted into something else (newer, or the operator's doing).
     Superseded,
 }
@@ -109,8 +119,21 @@ pub fn assess(host: &dyn Host, st: &UpdateState, b: &Booted) -> Result<Assessmen
         match version::compare(&b.status.image_version, &staged.version) {
             Ordering::Equal if booted_entry_blessed(host)? => Assessment::Succeeded,
             Ordering::Equal => Assessment::Pending,
-            Ordering::Less => Assessment::RolledBack {
-                version: staged.version.clone(),
+            // Only the entry's counter proves systemd-boot tried the staged
+            // version; without it this is not a failure of the release.
+            Ordering::Less => match esp::evidence(
+                host,
+                &b.status.image_name,
+                &staged.version,
+                staged.uki_sha256.as_deref(),
+            )? {
+                esp::EntryEvidence::Tried { .. } => Assessment::RolledBack {
+                    version: staged.version.clone(),
+                },
+                evidence => Assessment::NotTried {
+                    version: staged.version.clone(),
+                    evidence,
+                },
             },
             Ordering::Greater => Assessment::Superseded,
         },
@@ -143,7 +166,16 @@ pub fn reconcile(
              the next attempt starts from the beginning"
         )))?;
     }
-    let a = assess(host, st, b)?;
+    let mut a = assess(host, st, b)?;
+    if let Assessment::NotTried { version, evidence } = &a {
+        a = match restage(host, st, b, evidence) {
+            Ok(()) => assess(host, st, b)?,
+            Err(e) => Assessment::NeverBooted {
+                version: version.clone(),
+                why: format!("{e:#}"),
+            },
+        };
+    }
     match &a {
         Assessment::Nothing | Assessment::AwaitingReboot => {}
         Assessment::Pending => {
@@ -160,6 +192,7 @@ pub fn reconcile(
             st.staged = None;
             st.last_result = Some(format!("updated to {v}"));
             settle(st)?;
+            remove_staged_uki(host)?;
             fleet
                 .release(&Released::Blessed { version: v })
                 .context("cannot release the fleet reboot lock")?;
@@ -183,6 +216,7 @@ pub fn reconcile(
             });
             st.staged = None;
             settle(st)?;
+            remove_staged_uki(host)?;
             fleet
                 .release(&Released::RolledBack {
                     version: version.clone(),
@@ -190,6 +224,23 @@ pub fn reconcile(
                 })
                 .context("cannot release the fleet reboot lock")?;
         }
+        Assessment::NeverBooted { version, why } => {
+            tracing::error!(
+                "the staged {version} never booted and cannot be staged again: {why}; \
+                 it is not marked failed, the next check applies it again"
+            );
+            st.last_result = Some(format!("{version} never booted: {why}"));
+            st.staged = None;
+            settle(st)?;
+            remove_staged_uki(host)?;
+            fleet
+                .release(&Released::NeverBooted {
+                    version: version.clone(),
+                })
+                .context("cannot release the fleet reboot lock")?;
+        }
+        // Settled into AwaitingReboot by `restage`, or failed into NeverBooted.
+        Assessment::NotTried { .. } => {}
         Assessment::Superseded => {
             tracing::info!(
                 "booted {} instead of the staged {}: dropping the staged update",
@@ -201,12 +252,97 @@ pub fn reconcile(
             );
             st.staged = None;
             settle(st)?;
+            remove_staged_uki(host)?;
         }
     }
     if *st != before {
         store::save(host, st)?;
     }
     Ok(a)
+}
+
+/// How many boots may pass over an intact, untried staged entry before the
+/// agent stops rebooting for it (the boot loader keeps choosing another).
+const UNTRIED_BOOTS: u32 = 2;
+
+/// Stages again an update whose boot did not happen: over a slot that still
+/// verifies against the staged root hash, the entry is written back from the
+/// copy on /var if the power cut took it, and the update waits for its
+/// reboot as if staged in this boot.
+fn restage(
+    host: &dyn Host,
+    st: &mut UpdateState,
+    b: &Booted,
+    evidence: &esp::EntryEvidence,
+) -> Result<()> {
+    let staged = st
+        .staged
+        .clone()
+        .context("nothing is staged (state.json changed under the agent)")?;
+    let mut restaged = staged.clone();
+    match evidence {
+        esp::EntryEvidence::Broken { why } => {
+            tracing::warn!(
+                "the boot entry of the staged {} did not survive ({why}): \
+                 checking slot {} and writing the entry again",
+                staged.version,
+                staged.slot
+            );
+            let want = staged
+                .uki_sha256
+                .as_deref()
+                .context("the staged UKI's sha256 was not recorded")?;
+            let uki = host
+                .read(Path::new(store::STAGED_UKI))
+                .with_context(|| format!("cannot read {}", store::STAGED_UKI))?;
+            let got = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&uki));
+            if got != want {
+                bail!(
+                    "{} has sha256 {got}, the staged UKI {want}",
+                    store::STAGED_UKI
+                );
+            }
+            if b.status.slot == staged.slot {
+                bail!("slot {} is the booted one", staged.slot);
+            }
+            let target = apply::target(host, b.status.slot)?;
+            apply::reverify_slot(host, &target, &staged.root_hash)?;
+            apply::set_partuuids(host, &target, &staged.root_hash)?;
+            esp::remove_version(host, &b.status.image_name, &staged.version)?;
+            restaged.uki_file = esp::install(host, &b.status.image_name, &staged.version, &uki)?;
+        }
+        esp::EntryEvidence::Untried { file } => {
+            if staged.untried_boots + 1 >= UNTRIED_BOOTS {
+                bail!(
+                    "systemd-boot chose another entry over {file} in {} boots",
+                    staged.untried_boots + 1
+                );
+            }
+            tracing::warn!(
+                "the boot loader did not try the staged {} ({file} is whole and untried): \
+                 it waits for a reboot again",
+                staged.version
+            );
+            restaged.untried_boots += 1;
+        }
+        esp::EntryEvidence::Tried { .. } => bail!("the staged entry was tried"),
+    }
+    restaged.boot_id = b.boot_id.clone();
+    tracing::info!(
+        "staged {} in slot {} again as {}; it boots next",
+        restaged.version,
+        restaged.slot,
+        restaged.uki_file
+    );
+    st.staged = Some(restaged);
+    st.apply(Event::Restaged)?;
+    Ok(())
+}
+
+/// Removes the copy of a staged UKI once nothing is staged.
+fn remove_staged_uki(host: &dyn Host) -> Result<()> {
+    host.remove_file(Path::new(store::STAGED_UKI))
+        .with_context(|| format!("cannot remove {}", store::STAGED_UKI))
 }
 
 /// The result of weighing the channel's manifest.
@@ -437,8 +573,11 @@ pub fn apply_release_from(
     // 5. The slot answers to its new root hash.
     apply::set_partuuids(host, &target, &m.root_hash)?;
 
-    // 6. Only a verified slot gets a boot entry.
+    // 6. Only a verified slot gets a boot entry. A copy stays on /var until
+    // the update settles, to put the entry back if a power cut takes it.
     let uki = apply::fetch_uki(channel, m)?;
+    host.write_atomic(Path::new(store::STAGED_UKI), &uki)
+        .with_context(|| format!("cannot write {}", store::STAGED_UKI))?;
     let uki_file = esp::install(host, &m.name, &m.version, &uki)?;
 
     // 7.
@@ -447,6 +586,8 @@ pub fn apply_release_from(
         root_hash: m.root_hash.clone(),
         slot: target.slot,
         uki_file,
+        uki_sha256: Some(m.uki.sha256.clone()),
+        untried_boots: 0,
         boot_id: b.boot_id.clone(),
         staged_at: now_unix(),
     };

@@ -2,6 +2,7 @@
 //! belong to which version, and the boot-counting names systemd-boot reads
 //! (`<name>-<version>+LEFT[-DONE].efi`).
 
+use super::io::HashingReader;
 use crate::host::Host;
 use crate::status::boot::{self, strip_boot_counter, UKI_DIR};
 use anyhow::{bail, Context, Result};
@@ -53,10 +54,85 @@ pub fn booted_file(host: &dyn Host) -> Result<String> {
         .with_context(|| format!("the booted entry {entry} is not in {UKI_DIR}"))
 }
 
+/// Makes every change to the ESP so far durable: an fsync of the entry
+/// directory, then a `syncfs` of the whole filesystem (vfat keeps the FAT
+/// and the entries' sizes apart from the directory; docs/update.md says what
+/// a power cut showed was needed).
 fn sync_dir(host: &dyn Host) -> Result<()> {
-    host.open(Path::new(UKI_DIR))
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot sync {UKI_DIR}"))
+    let dir = host
+        .open(Path::new(UKI_DIR))
+        .with_context(|| format!("cannot open {UKI_DIR}"))?;
+    dir.sync_all()
+        .with_context(|| format!("cannot sync {UKI_DIR}"))?;
+    rustix::fs::syncfs(&dir).with_context(|| format!("cannot sync the filesystem of {UKI_DIR}"))
+}
+
+/// Size and SHA-256 of an entry file as the disk holds it: its cached pages
+/// are dropped first (they are clean after a sync), so the read comes from
+/// the device, not from what the kernel still remembers having written.
+pub fn sha256_on_disk(host: &dyn Host, file: &str) -> Result<(u64, String)> {
+    let path = uki_path(file);
+    let f = host
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed)
+        .with_context(|| format!("cannot drop the cached pages of {}", path.display()))?;
+    let mut r = HashingReader::new(f);
+    let size = std::io::copy(&mut r, &mut std::io::sink())
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok((size, r.finish().0))
+}
+
+/// What the ESP shows of the entry of one version, seen from a boot of
+/// another: the evidence that tells "never tried" from "tried and failed".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryEvidence {
+    /// No file, an empty one, or one whose bytes are not the staged UKI: the
+    /// install did not reach the disk whole (a power cut), so systemd-boot
+    /// could not have booted it.
+    Broken { why: String },
+    /// The file is whole and its counter untouched (`+LEFT` with nothing
+    /// done): systemd-boot never started it.
+    Untried { file: String },
+    /// systemd-boot counted at least one try (`+LEFT-DONE` with DONE > 0),
+    /// or the entry was blessed (no counter).
+    Tried { file: String },
+}
+
+/// Looks at the entry of `version` of image `name`; `sha256` is the staged
+/// UKI's, when known.
+pub fn evidence(
+    host: &dyn Host,
+    name: &str,
+    version: &str,
+    sha256: Option<&str>,
+) -> Result<EntryEvidence> {
+    let files: Vec<String> = list(host)?
+        .into_iter()
+        .filter(|f| version_of(name, f).as_deref() == Some(version))
+        .collect();
+    let Some(file) = files.first().cloned() else {
+        return Ok(EntryEvidence::Broken {
+            why: format!("no entry of {version} in {UKI_DIR}"),
+        });
+    };
+    let (size, sha) = sha256_on_disk(host, &file)?;
+    if size == 0 {
+        return Ok(EntryEvidence::Broken {
+            why: format!("{file} is empty"),
+        });
+    }
+    if let Some(want) = sha256 {
+        if sha != want {
+            return Ok(EntryEvidence::Broken {
+                why: format!("{file} has sha256 {sha}, the staged UKI {want}"),
+            });
+        }
+    }
+    Ok(match counter(&file) {
+        Some((_, 0)) => EntryEvidence::Untried { file },
+        _ => EntryEvidence::Tried { file },
+    })
 }
 
 /// Removes every UKI except `keep` (and leftover temporary files): they may
@@ -98,13 +174,25 @@ pub fn remove_version(host: &dyn Host, name: &str, version: &str) -> Result<Vec<
 }
 
 /// Writes a verified UKI under its boot-counting name: temporary file, fsync,
-/// rename, fsync of the directory. Only after this is the new slot bootable.
+/// rename, fsync under the new name, fsync of the directory, `syncfs`; then
+/// reads it back from the disk and compares. Only after this is the new slot
+/// bootable, and it stays so through a power cut.
 pub fn install(host: &dyn Host, name: &str, version: &str, uki: &[u8]) -> Result<String> {
     let file = format!("{name}-{version}+{TRIES}.efi");
     let path = uki_path(&file);
     host.write_atomic(&path, uki)
         .with_context(|| format!("cannot write {}", path.display()))?;
     sync_dir(host)?;
+    let want = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(uki));
+    let (size, got) = sha256_on_disk(host, &file)?;
+    if size != uki.len() as u64 || got != want {
+        bail!(
+            "{} reads back as {size} bytes with sha256 {got} after it was synced, \
+             not the {} bytes with sha256 {want} written",
+            path.display(),
+            uki.len()
+        );
+    }
     Ok(file)
 }
 

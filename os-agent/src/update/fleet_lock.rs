@@ -16,6 +16,9 @@ pub enum Released {
     Blessed { version: String },
     /// The host fell back from `version`.
     RolledBack { version: String, reason: String },
+    /// `version` never booted (its install did not survive a power cut):
+    /// no verdict on the release, the slot is free for the next try.
+    NeverBooted { version: String },
 }
 
 pub trait RebootLock {

@@ -50,6 +50,10 @@ pub enum Event {
     Reboot,
     /// The staged version booted and waits for its assessment.
     BootedNew,
+    /// A reboot did not start the staged version (its entry was put back
+    /// after a power cut, or the boot loader chose another): it waits for
+    /// a reboot again.
+    Restaged,
     /// The staged version was blessed, or the host fell back from it, or
     /// an operation was abandoned: back to rest.
     Settled,
@@ -87,6 +91,7 @@ impl State {
             (S::Verifying, E::Verified) => S::Staged,
             (S::Staged, E::Reboot) => S::Rebooting,
             (S::Staged | S::Rebooting, E::BootedNew) => S::Assessing,
+            (S::Staged | S::Rebooting, E::Restaged) => S::Staged,
             (S::Staged | S::Rebooting | S::Assessing | S::Failed { .. }, E::Settled) => S::Idle,
             // A failed reboot request leaves the update staged.
             (S::Rebooting, E::Fail(reason)) => S::Failed {
@@ -176,6 +181,7 @@ mod tests {
             Event::Verified,
             Event::Reboot,
             Event::BootedNew,
+            Event::Restaged,
             Event::Settled,
             Event::Fail("x".into()),
         ];
@@ -186,15 +192,15 @@ mod tests {
         let n: Option<State> = None;
         #[rustfmt::skip]
         let table: Vec<Vec<Option<State>>> = vec![
-            // Check, NothingToDo, AlreadyStaged, Found, Progress, Downloaded, Verified, Reboot, BootedNew, Settled, Fail
-            vec![c.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone()], // Idle
-            vec![n.clone(), i.clone(), Some(State::Staged), Some(dl(0)), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), f.clone()], // Checking
-            vec![n.clone(), n.clone(), n.clone(), n.clone(), Some(dl(5)), Some(State::Verifying), n.clone(), n.clone(), n.clone(), n.clone(), f.clone()], // Downloading
-            vec![n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), Some(State::Staged), n.clone(), n.clone(), n.clone(), f.clone()], // Verifying
-            vec![c.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), Some(State::Rebooting), Some(State::Assessing), i.clone(), n.clone()], // Staged
-            vec![n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), Some(State::Assessing), i.clone(), f.clone()], // Rebooting
-            vec![n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), i.clone(), n.clone()], // Assessing
-            vec![c.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), i.clone(), n.clone()], // Failed
+            // Check, NothingToDo, AlreadyStaged, Found, Progress, Downloaded, Verified, Reboot, BootedNew, Restaged, Settled, Fail
+            vec![c.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone()], // Idle
+            vec![n.clone(), i.clone(), Some(State::Staged), Some(dl(0)), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), f.clone()], // Checking
+            vec![n.clone(), n.clone(), n.clone(), n.clone(), Some(dl(5)), Some(State::Verifying), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), f.clone()], // Downloading
+            vec![n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), Some(State::Staged), n.clone(), n.clone(), n.clone(), n.clone(), f.clone()], // Verifying
+            vec![c.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), Some(State::Rebooting), Some(State::Assessing), Some(State::Staged), i.clone(), n.clone()], // Staged
+            vec![n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), Some(State::Assessing), Some(State::Staged), i.clone(), f.clone()], // Rebooting
+            vec![n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), i.clone(), n.clone()], // Assessing
+            vec![c.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), i.clone(), n.clone()], // Failed
         ];
         for (s, row) in states.iter().zip(&table) {
             for (e, want) in events.iter().zip(row) {

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 pub const STATE_DIR: &str = "/var/lib/ballast/update";
 pub const STATE_FILE: &str = "/var/lib/ballast/update/state.json";
+/// A copy of the staged UKI on /var, verified before it was written: what
+/// puts the entry back if a power cut takes it from the ESP.
+pub const STAGED_UKI: &str = "/var/lib/ballast/update/staged.efi";
 
 /// An update written to the inactive slot and made bootable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +25,15 @@ pub struct Staged {
     pub slot: Slot,
     /// The UKI's file name on the ESP (with its boot counter).
     pub uki_file: String,
+    /// The staged UKI's SHA-256 (from the signed manifest): what the entry
+    /// must hold for the install to count as done. Absent in state written
+    /// before it was recorded.
+    #[serde(default)]
+    pub uki_sha256: Option<String>,
+    /// Boots since staging in which systemd-boot chose another entry over
+    /// this intact, untried one.
+    #[serde(default)]
+    pub untried_boots: u32,
     /// The boot it was staged in: a different boot id means the host rebooted since.
     pub boot_id: String,
     pub staged_at: u64,

@@ -946,3 +946,135 @@ fn fleet_lock_with_a_real_etcd() {
     stop.send(()).unwrap();
     driver.join().unwrap().unwrap();
 }
+
+/// The power cuts of docs/update.md, "What is durable when", as the next boot
+/// finds them: an entry that is missing or empty, or whole but untried, is no
+/// verdict on the release.
+#[test]
+fn a_staged_entry_lost_to_a_power_cut_is_put_back_not_marked_failed() {
+    let entry = "ballast-1.3.0+3.efi";
+    type Cut = fn(&World);
+    let cases: [(&str, Cut); 3] = [
+        ("emptied", |w| {
+            std::fs::write(w.root().join("efi/EFI/Linux/ballast-1.3.0+3.efi"), b"").unwrap()
+        }),
+        ("removed", |w| {
+            std::fs::remove_file(w.root().join("efi/EFI/Linux/ballast-1.3.0+3.efi")).unwrap()
+        }),
+        ("half written", |w| {
+            std::fs::write(
+                w.root().join("efi/EFI/Linux/ballast-1.3.0+3.efi"),
+                b"uki of",
+            )
+            .unwrap()
+        }),
+    ];
+    for (what, cut) in cases {
+        let w = world();
+        let r = Release::new("1.3.0", 32);
+        let m = w.manifest(&r);
+        w.publish(&m);
+        w.apply(Mode::Now).unwrap();
+        cut(&w);
+        w.reboot_into(&hex::encode(HASH_A), "1.2.3", BOOTED_UKI, "boot-2");
+        let b = engine::booted(&w.host).unwrap();
+        let mut st = w.state();
+        let a = engine::reconcile(&w.host, &mut st, &b, &NoopLock).unwrap();
+        assert_eq!(a, Assessment::AwaitingReboot, "{what}");
+        let st = w.state();
+        assert!(st.failed_versions.is_empty(), "{what}: {st:?}");
+        assert_eq!(st.state, State::Staged, "{what}");
+        let staged = st.staged.unwrap();
+        assert_eq!(
+            (staged.uki_file.as_str(), staged.boot_id.as_str()),
+            (entry, "boot-2")
+        );
+        assert_eq!(w.esp(), vec![BOOTED_UKI, entry], "{what}");
+        assert_eq!(
+            std::fs::read(w.root().join("efi/EFI/Linux").join(entry)).unwrap(),
+            r.uki,
+            "{what}"
+        );
+        w.assert_running_slot_untouched();
+    }
+}
+
+#[test]
+fn a_lost_entry_over_a_slot_that_no_longer_verifies_is_applied_again() {
+    let w = world();
+    let r = Release::new("1.3.0", 32);
+    let m = w.manifest(&r);
+    w.publish(&m);
+    w.apply(Mode::Now).unwrap();
+    std::fs::write(w.root().join("efi/EFI/Linux/ballast-1.3.0+3.efi"), b"").unwrap();
+    let mut slot = w.dev("vda4");
+    slot[5000] ^= 1;
+    std::fs::write(w.root().join("dev/vda4"), slot).unwrap();
+    w.reboot_into(&hex::encode(HASH_A), "1.2.3", BOOTED_UKI, "boot-2");
+    let b = engine::booted(&w.host).unwrap();
+    let mut st = w.state();
+    let a = engine::reconcile(&w.host, &mut st, &b, &NoopLock).unwrap();
+    let Assessment::NeverBooted { version, why } = a else {
+        panic!("{a:?}")
+    };
+    assert_eq!(version, "1.3.0");
+    assert!(why.contains("root hash"), "{why}");
+    let st = w.state();
+    assert!(st.failed_versions.is_empty(), "{st:?}");
+    assert_eq!((st.state, st.staged), (State::Idle, None));
+    assert!(!w.root().join("var/lib/ballast/update/staged.efi").exists());
+    // The next check writes it anew.
+    assert!(matches!(w.apply(Mode::Poll).unwrap(), Outcome::Staged(_)));
+    assert_eq!(&w.dev("vda4")[..r.root.len()], &r.root[..]);
+}
+
+#[test]
+fn an_untried_entry_gets_one_more_reboot_then_is_dropped_unfailed() {
+    let w = world();
+    let m = w.manifest(&Release::new("1.3.0", 32));
+    w.publish(&m);
+    w.apply(Mode::Now).unwrap();
+    // The boot loader chose the old entry: the new one is whole and untried.
+    w.reboot_into(&hex::encode(HASH_A), "1.2.3", BOOTED_UKI, "boot-2");
+    let b = engine::booted(&w.host).unwrap();
+    let mut st = w.state();
+    let a = engine::reconcile(&w.host, &mut st, &b, &NoopLock).unwrap();
+    assert_eq!(a, Assessment::AwaitingReboot);
+    assert_eq!(w.state().staged.unwrap().untried_boots, 1);
+    // Again: it stops rebooting for it, and fails nothing.
+    w.reboot_into(&hex::encode(HASH_A), "1.2.3", BOOTED_UKI, "boot-3");
+    let b = engine::booted(&w.host).unwrap();
+    let mut st = w.state();
+    let a = engine::reconcile(&w.host, &mut st, &b, &NoopLock).unwrap();
+    assert!(
+        matches!(&a, Assessment::NeverBooted { why, .. } if why.contains("chose another entry")),
+        "{a:?}"
+    );
+    let st = w.state();
+    assert!(st.failed_versions.is_empty(), "{st:?}");
+    assert_eq!(st.state, State::Idle);
+}
+
+#[test]
+fn install_reads_the_entry_back_from_the_disk() {
+    let w = world();
+    let file = super::esp::install(&w.host, "ballast", "2.0", b"a whole uki").unwrap();
+    assert_eq!(file, "ballast-2.0+3.efi");
+    assert_eq!(
+        super::esp::sha256_on_disk(&w.host, &file).unwrap(),
+        (11, sha(b"a whole uki"))
+    );
+    assert_eq!(
+        super::esp::evidence(&w.host, "ballast", "2.0", Some(&sha(b"a whole uki"))).unwrap(),
+        super::esp::EntryEvidence::Untried { file: file.clone() }
+    );
+    assert!(matches!(
+        super::esp::evidence(&w.host, "ballast", "2.0", Some(&sha(b"another"))).unwrap(),
+        super::esp::EntryEvidence::Broken { why } if why.contains("sha256")
+    ));
+    w.rename_uki(&file, "ballast-2.0+2-1.efi");
+    assert!(matches!(
+        super::esp::evidence(&w.host, "ballast", "2.0", Some(&sha(b"a whole uki"))).unwrap(),
+        super::esp::EntryEvidence::Tried { .. }
+    ));
+}
