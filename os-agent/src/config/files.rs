@@ -19,6 +19,12 @@ pub const DROPIN_DIRS: [&str; 3] = [
 /// sorted by file name, where a file in a later directory masks one of the
 /// same name in an earlier directory (as systemd does for its own drop-ins).
 pub fn config_files(host: &dyn Host) -> Result<Vec<PathBuf>> {
+    config_files_with(host, None)
+}
+
+/// As [`config_files`], with `extra` (a drop-in not written yet) in the place
+/// it would take once written.
+pub fn config_files_with(host: &dyn Host, extra: Option<&Path>) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let main = Path::new(MAIN);
     if host
@@ -35,6 +41,11 @@ pub fn config_files(host: &dyn Host) -> Result<Vec<PathBuf>> {
         for name in names.into_iter().filter(|n| n.ends_with(".toml")) {
             let path = Path::new(dir).join(&name);
             dropins.insert(name, path);
+        }
+        if let Some(p) = extra.filter(|p| p.parent() == Some(Path::new(dir))) {
+            if let Some(name) = p.file_name() {
+                dropins.insert(name.to_string_lossy().into_owned(), p.to_path_buf());
+            }
         }
     }
     files.extend(dropins.into_values());

@@ -221,15 +221,33 @@ fn validate(
 
 /// Loads, merges and validates the configuration of `host`.
 pub fn load(host: &dyn Host) -> Result<Loaded> {
-    let files = files::config_files(host)?;
+    load_files(host, files::config_files(host)?, None)
+}
+
+/// The configuration `host` would run with once `text` is written to the
+/// drop-in `path`: the same parsing, merging and checks as [`load`], before
+/// anything is written (provisioning's `ballast:` section goes through here).
+pub fn load_with(host: &dyn Host, path: &Path, text: &str) -> Result<Loaded> {
+    let files = files::config_files_with(host, Some(path))?;
+    load_files(host, files, Some((path, text)))
+}
+
+fn load_files(
+    host: &dyn Host,
+    files: Vec<PathBuf>,
+    pending: Option<(&Path, &str)>,
+) -> Result<Loaded> {
     let mut merged = PartialHealth::default();
     let mut merged_update = update::PartialUpdate::default();
     let mut merged_fleet = fleet_config::PartialFleet::default();
     let mut unknown = Vec::new();
     for path in &files {
-        let text = host
-            .read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = match pending {
+            Some((p, text)) if p == path.as_path() => text.to_string(),
+            _ => host
+                .read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        };
         let partial = parse_file(path, &text, &mut unknown)?;
         merge(&mut merged, partial.health);
         update::merge(&mut merged_update, partial.update);

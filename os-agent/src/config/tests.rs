@@ -264,7 +264,7 @@ fn bad_update_settings_are_named() {
         ("[update]\ninterval_secs = 10\n", "update.interval_secs: 10 is less than 60"),
         ("[update]\nchannel = \"../x\"\n", "update.channel"),
         ("[update]\nstrategy = \"sometimes\"\n", "update.strategy: \"sometimes\""),
-        ("[update]\nstrategy = \"window\"\n", "update.window.days is required"),
+        ("[update]\nstrategy = \"window\"\n", "update.window.start is required"),
         (
             "[update]\nstrategy = \"window\"\n[update.window]\ndays = [\"mon\"]\nstart = \"2:00\"\nlength_minutes = 60\ntimezone = \"Europe/Paris\"\n",
             "update.window.timezone",

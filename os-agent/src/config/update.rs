@@ -108,9 +108,10 @@ pub(super) fn merge(into: &mut PartialUpdate, from: PartialUpdate) {
 }
 
 fn validate_window(w: PartialWindow) -> Result<Window> {
+    // Without days the window opens every day.
     let days = w
         .days
-        .context("update.window.days is required with strategy = \"window\"")?;
+        .unwrap_or_else(|| window::DAY_NAMES.iter().map(|d| d.to_string()).collect());
     if days.is_empty() {
         bail!("update.window.days is empty: the window would never open");
     }
@@ -171,13 +172,22 @@ pub(super) fn validate(p: PartialUpdate) -> Result<UpdateSettings> {
     if let Some(secs) = p.jitter_secs {
         s.jitter = Duration::from_secs(secs);
     }
-    let window_set = p.window.days.is_some() || p.window.start.is_some();
-    s.strategy = match p.strategy.as_deref().unwrap_or("immediate") {
-        "immediate" => Strategy::Immediate,
-        "window" => Strategy::Window(validate_window(p.window)?),
-        "fleet-lock" if window_set => Strategy::FleetLock(Some(validate_window(p.window)?)),
-        "fleet-lock" => Strategy::FleetLock(None),
-        other => bail!(
+    let w = &p.window;
+    let window_set =
+        w.days.is_some() || w.start.is_some() || w.length_minutes.is_some() || w.timezone.is_some();
+    let strategy = p.strategy.as_deref().unwrap_or("immediate");
+    // A window is checked whenever one is written, also where the strategy
+    // ignores it, so a mistake shows before the strategy changes.
+    let window = if window_set || strategy == "window" {
+        Some(validate_window(p.window)?)
+    } else {
+        None
+    };
+    s.strategy = match (strategy, window) {
+        ("immediate", _) => Strategy::Immediate,
+        ("window", Some(w)) => Strategy::Window(w),
+        ("fleet-lock", w) => Strategy::FleetLock(w),
+        (other, _) => bail!(
             "update.strategy: {other:?} is not one of \"immediate\", \"window\", \"fleet-lock\""
         ),
     };

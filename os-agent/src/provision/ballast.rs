@@ -26,6 +26,7 @@ pub struct Ballast {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Update {
+    pub channel_url: Option<String>,
     pub channel: Option<String>,
     pub strategy: Option<Strategy>,
     pub window: Option<Window>,
@@ -99,7 +100,7 @@ pub(crate) fn check_keys_of(v: &Value, warnings: &mut Vec<String>) {
         check_keys(
             u,
             "ballast.update",
-            &["channel", "strategy", "window"],
+            &["channel_url", "channel", "strategy", "window"],
             &[],
             warnings,
         );
@@ -176,19 +177,6 @@ fn valid_url(s: &str) -> bool {
     matches!(rest, Some(r) if !r.is_empty() && !r.starts_with('/') && !r.contains(char::is_whitespace))
 }
 
-fn valid_hhmm(s: &str) -> bool {
-    let Some((h, m)) = s.split_once(':') else {
-        return false;
-    };
-    h.len() == 2
-        && m.len() == 2
-        && matches!(h.parse::<u8>(), Ok(0..=23))
-        && matches!(m.parse::<u8>(), Ok(0..=59))
-}
-
-const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
-const MAX_WINDOW_MINUTES: u32 = 7 * 24 * 60;
-
 fn pem(s: &str) -> bool {
     s.contains("-----BEGIN ") && s.contains("-----END ")
 }
@@ -198,14 +186,15 @@ pub struct Validated {
     pub steps: Vec<Step>,
 }
 
-/// Validates the section. `check_tz` says whether a zone exists (`None`:
-/// cannot tell here). Errors go to `errors`; the steps are only meaningful
-/// when there were none.
+/// Validates the section and maps it to the agent's configuration schema
+/// (PEM text → files, `length` → `length_minutes`). `check_agent` runs the
+/// agent's own configuration checks over the drop-in this would write, so
+/// provisioning refuses what the agent would. Errors go to `errors`; the
+/// steps are only meaningful when there were none.
 pub fn validate(
     b: &Ballast,
-    check_tz: &dyn Fn(&str) -> Option<bool>,
+    check_agent: &dyn Fn(&str) -> anyhow::Result<()>,
     errors: &mut Vec<String>,
-    warnings: &mut Vec<String>,
 ) -> Validated {
     let mut steps = Vec::new();
     let mut agent = toml::Table::new();
@@ -226,10 +215,19 @@ pub fn validate(
 
     if let Some(u) = &b.update {
         let mut t = toml::Table::new();
-        if let Some(c) = &u.channel {
-            if !valid_url(c) {
+        if let Some(url) = &u.channel_url {
+            if !valid_url(url) {
                 errors.push(format!(
-                    "ballast.update.channel: {c:?} is not an http(s) URL"
+                    "ballast.update.channel_url: {url:?} is not an http(s) URL"
+                ));
+            }
+            t.insert("channel_url".into(), url.clone().into());
+        }
+        if let Some(c) = &u.channel {
+            if valid_url(c) {
+                errors.push(format!(
+                    "ballast.update.channel: {c:?} is a URL; the channel's name goes here \
+                     (like stable) and the URL of the channel directory in ballast.update.channel_url"
                 ));
             }
             t.insert("channel".into(), c.clone().into());
@@ -240,50 +238,21 @@ pub fn validate(
                 errors.push("ballast.update.window: required when strategy is window".to_string());
             }
         }
+        // Days, start and time zone go through as written: the agent's
+        // window parser (update/window.rs) checks them in `check_agent`.
         if let Some(w) = &u.window {
             let mut wt = toml::Table::new();
-            let mut days = Vec::new();
-            for (i, d) in w.days.iter().flatten().enumerate() {
-                let l = d.to_ascii_lowercase();
-                if let Some(short) = DAYS.iter().find(|s| l == **s || day_name(s) == l) {
-                    days.push(toml::Value::from(*short));
-                } else {
-                    errors.push(format!(
-                        "ballast.update.window.days[{i}]: {d:?} is not a day (mon, tue, wed, thu, fri, sat, sun)"
-                    ));
-                }
+            if let Some(days) = &w.days {
+                let days = days.iter().map(|d| toml::Value::from(d.as_str()));
+                wt.insert("days".into(), toml::Value::Array(days.collect()));
             }
-            if w.days.is_some() {
-                wt.insert("days".into(), toml::Value::Array(days));
+            if let Some(start) = &w.start {
+                wt.insert("start".into(), start.clone().into());
             }
-            match &w.start {
-                Some(s) if valid_hhmm(s) => {
-                    wt.insert("start".into(), s.clone().into());
-                }
-                Some(s) => errors.push(format!(
-                    "ballast.update.window.start: {s:?} is not a time of day as \"HH:MM\""
-                )),
-                None => errors.push("ballast.update.window.start: missing".to_string()),
-            }
-            match w.length {
-                Some(Minutes(m)) if (1..=MAX_WINDOW_MINUTES).contains(&m) => {
-                    wt.insert("length_minutes".into(), i64::from(m).into());
-                }
-                Some(Minutes(m)) => errors.push(format!(
-                    "ballast.update.window.length: {m} minutes is not between 1 minute and 7 days"
-                )),
-                None => errors.push("ballast.update.window.length: missing".to_string()),
+            if let Some(Minutes(m)) = w.length {
+                wt.insert("length_minutes".into(), i64::from(m).into());
             }
             if let Some(tz) = &w.timezone {
-                match check_tz(tz) {
-                    Some(true) => {}
-                    Some(false) => errors.push(format!(
-                        "ballast.update.window.timezone: unknown time zone {tz:?}"
-                    )),
-                    None => warnings.push(format!(
-                        "ballast.update.window.timezone: cannot check {tz:?} here (no /usr/share/zoneinfo)"
-                    )),
-                }
                 wt.insert("timezone".into(), tz.clone().into());
             }
             t.insert("window".into(), toml::Value::Table(wt));
@@ -393,40 +362,38 @@ pub fn validate(
 
     if !agent.is_empty() {
         match toml::to_string(&agent) {
-            Ok(body) => steps.push(Step::new(
-                "ballast",
-                Action::WriteFile(FileWrite {
-                    path: PathBuf::from(AGENT_DROPIN),
-                    content: format!(
-                        "# Written by os-agent provision from the ballast: section of user data.\n\
-                         # Rewritten when a new instance is provisioned; override in a later drop-in.\n{body}"
-                    )
-                    .into_bytes(),
-                    // It may hold the etcd password.
-                    mode: if secret { 0o600 } else { 0o644 },
-                    owner: None,
-                    append: false,
-                }),
-            )),
+            Ok(body) => {
+                let text = format!(
+                    "# Written by os-agent provision from the ballast: section of user data.\n\
+                     # Rewritten when a new instance is provisioned; override in a later drop-in.\n{body}"
+                );
+                // Only what the agent itself accepts: its own parser and
+                // checks, over the host's other config files, decide.
+                if errors.is_empty() {
+                    if let Err(e) = check_agent(&text) {
+                        errors.push(format!(
+                            "ballast: the agent would refuse this configuration: {e:#}"
+                        ));
+                    }
+                }
+                steps.push(Step::new(
+                    "ballast",
+                    Action::WriteFile(FileWrite {
+                        path: PathBuf::from(AGENT_DROPIN),
+                        content: text.into_bytes(),
+                        // It may hold the etcd password.
+                        mode: if secret { 0o600 } else { 0o644 },
+                        owner: None,
+                        append: false,
+                    }),
+                ))
+            }
             Err(e) => errors.push(format!("ballast: cannot be written as TOML: {e}")),
         }
     }
 
     steps.extend(unit_steps(b.units.as_deref().unwrap_or_default(), errors));
     Validated { steps }
-}
-
-fn day_name(short: &str) -> String {
-    match short {
-        "mon" => "monday",
-        "tue" => "tuesday",
-        "wed" => "wednesday",
-        "thu" => "thursday",
-        "fri" => "friday",
-        "sat" => "saturday",
-        _ => "sunday",
-    }
-    .to_string()
 }
 
 fn unit_steps(units: &[Unit], errors: &mut Vec<String>) -> Vec<Step> {

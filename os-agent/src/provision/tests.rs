@@ -187,9 +187,9 @@ fn documents() {
         ),
         (
             "ballast section and units",
-            "#cloud-config\nballast:\n  group: web\n  update:\n    channel: https://updates.example.com/stable\n    strategy: window\n    window: {days: [mon, Tuesday], start: \"02:00\", length: 1h30m, timezone: UTC}\n  units:\n    - name: hello.service\n      content: |\n        [Service]\n        ExecStart=/bin/true\n      dropins: [{name: 10-env.conf, content: \"[Service]\\n\"}]\n      enabled: true\n    - name: sshd.service\n      dropins: [{name: 50-x.conf, content: \"\"}]\n      command: restart\n".into(),
+            "#cloud-config\nballast:\n  group: web\n  update:\n    channel_url: https://updates.example.com/ballast\n    channel: stable\n    strategy: window\n    window: {days: [mon, Tuesday], start: \"02:00\", length: 1h30m, timezone: UTC}\n  units:\n    - name: hello.service\n      content: |\n        [Service]\n        ExecStart=/bin/true\n      dropins: [{name: 10-env.conf, content: \"[Service]\\n\"}]\n      enabled: true\n    - name: sshd.service\n      dropins: [{name: 50-x.conf, content: \"\"}]\n      command: restart\n".into(),
             Steps(&[
-                "ballast: write /etc/ballast/agent.d/50-user-data.toml (332 bytes, mode 0644, owner root:root)",
+                "ballast: write /etc/ballast/agent.d/50-user-data.toml (360 bytes, mode 0644, owner root:root)",
                 "ballast.units[0]: write /etc/systemd/system/hello.service (30 bytes, mode 0644, owner root:root)",
                 "ballast.units[0].dropins[0]: write /etc/systemd/system/hello.service.d/10-env.conf (10 bytes, mode 0644, owner root:root)",
                 "ballast.units[1].dropins[0]: write /etc/systemd/system/sshd.service.d/50-x.conf (0 bytes, mode 0644, owner root:root)",
@@ -262,9 +262,10 @@ fn documents() {
         ("bad unit name", "#cloud-config\nballast:\n  units: [{name: hello, content: x}]\n".into(), Err("ballast.units[0].name: \"hello\" is not a unit name")),
         ("bad dropin name", "#cloud-config\nballast:\n  units: [{name: a.service, dropins: [{name: x, content: y}]}]\n".into(), Err("is not a drop-in name")),
         ("bad strategy", "#cloud-config\nballast:\n  update: {strategy: sometimes}\n".into(), Err("ballast.update.strategy: unknown variant `sometimes`")),
-        ("window needs start", "#cloud-config\nballast:\n  update: {strategy: window, window: {length: 60}}\n".into(), Err("ballast.update.window.start: missing")),
-        ("bad window day", "#cloud-config\nballast:\n  update: {window: {days: [funday], start: \"01:00\", length: 1h}}\n".into(), Err("days[0]: \"funday\" is not a day")),
-        ("bad channel", "#cloud-config\nballast:\n  update: {channel: ftp://x}\n".into(), Err("is not an http(s) URL")),
+        ("window needs start", "#cloud-config\nballast:\n  update: {strategy: window, window: {length: 60}}\n".into(), Err("update.window.start is required")),
+        ("bad window day", "#cloud-config\nballast:\n  update: {window: {days: [funday], start: \"01:00\", length: 1h}}\n".into(), Err("update.window.days: \"funday\" is not a day")),
+        ("bad channel", "#cloud-config\nballast:\n  update: {channel: ftp://x}\n".into(), Err("update.channel: \"ftp://x\" is not a channel name")),
+        ("bad channel URL", "#cloud-config\nballast:\n  update: {channel_url: ftp://x}\n".into(), Err("ballast.update.channel_url: \"ftp://x\" is not an http(s) URL")),
         ("container without image", "#cloud-config\nballast:\n  containers: [{name: web}]\n".into(), Err("ballast.containers[0].image: missing")),
         ("container volume outside /var", "#cloud-config\nballast:\n  containers: [{name: web, image: r.example/web, volumes: [\"/etc:/etc\"]}]\n".into(), Err("ballast.containers[0]: container web: volumes[0]: \"/etc:/etc\": host path \"/etc\" must be a clean absolute path under /var/")),
         ("container unknown key", "#cloud-config\nballast:\n  containers: [{name: web, image: r.example/web, memroy: 1G}]\n".into(), Err("ballast.containers[0]: unknown field `memroy`")),
@@ -297,6 +298,37 @@ fn all_errors_are_reported_at_once() {
     for want in ["hostname:", "timezone:", "write_files[0].path"] {
         assert!(e.contains(want), "{want} missing from {e}");
     }
+}
+
+/// The `ballast:` section is checked by the agent's own configuration code:
+/// what the agent would refuse at its next start is refused here, before
+/// anything is written, naming the key.
+#[test]
+fn a_ballast_section_the_agent_would_refuse_is_refused() {
+    let cases = [
+        (
+            "update: {channel: \"https://updates.example.com/stable\"}",
+            "ballast.update.channel: \"https://updates.example.com/stable\" is a URL",
+        ),
+        (
+            "update: {channel: \"../up\"}",
+            "update.channel: \"../up\" is not a channel name",
+        ),
+        (
+            "update: {strategy: window, window: {start: \"02:00\", length: 60, timezone: Europe/Berlin}}",
+            "update.window.timezone",
+        ),
+    ];
+    for (section, want) in cases {
+        let doc = format!("#cloud-config\nballast:\n  {section}\n");
+        let e = steps_of(&doc).unwrap_err();
+        assert!(e.contains(want), "{section}: want {want:?} in {e}");
+    }
+    // A window without days opens every day, in both readers.
+    steps_of(
+        "#cloud-config\nballast:\n  update: {channel_url: \"http://10.0.2.2:8080\", strategy: window, window: {start: \"02:00\", length: 60, timezone: \"+01:00\"}}\n",
+    )
+    .unwrap();
 }
 
 #[test]
@@ -407,7 +439,7 @@ fn rendered_network_file() {
 #[test]
 fn agent_dropin_contents() {
     let p = plan_of(
-        "#cloud-config\nballast:\n  group: web\n  update: {channel: \"https://u.example/c\", strategy: fleet-lock, window: {start: \"03:30\", length: 90, days: [sat]}}\n  etcd: {endpoints: [\"https://e:2379\"], prefix: /ballast, ca: \"-----BEGIN C-----\\n-----END C-----\\n\"}\n  containers:\n    - {name: web, image: \"docker.io/nginx:1\", ports: [\"80:80\"], env: {A: \"1\"}}\n",
+        "#cloud-config\nballast:\n  group: web\n  update: {channel_url: \"https://u.example/c\", channel: beta, strategy: fleet-lock, window: {start: \"03:30\", length: 90, days: [sat]}}\n  etcd: {endpoints: [\"https://e:2379\"], prefix: /ballast, ca: \"-----BEGIN C-----\\n-----END C-----\\n\"}\n  containers:\n    - {name: web, image: \"docker.io/nginx:1\", ports: [\"80:80\"], env: {A: \"1\"}}\n",
     )
     .unwrap();
     let w = p
@@ -422,6 +454,11 @@ fn agent_dropin_contents() {
     let t: toml::Table = text.parse().unwrap();
     assert_eq!(t["group"].as_str(), Some("web"));
     assert_eq!(t["update"]["strategy"].as_str(), Some("fleet-lock"));
+    assert_eq!(
+        t["update"]["channel_url"].as_str(),
+        Some("https://u.example/c")
+    );
+    assert_eq!(t["update"]["channel"].as_str(), Some("beta"));
     assert_eq!(
         t["update"]["window"]["length_minutes"].as_integer(),
         Some(90)

@@ -715,8 +715,11 @@ pub fn validate(parsed: &Parsed, facts: &Facts, host: &dyn Host) -> Result<Plan,
     }
 
     if let Some(b) = &c.ballast {
-        let check_tz = |tz: &str| zone_exists(host, tz).unwrap_or(Some(false));
-        let out = ballast::validate(b, &check_tz, &mut v.errors, &mut v.warnings);
+        let check_agent = |text: &str| {
+            crate::config::load_with(host, std::path::Path::new(ballast::AGENT_DROPIN), text)
+                .map(drop)
+        };
+        let out = ballast::validate(b, &check_agent, &mut v.errors);
         v.steps.extend(out.steps);
     }
 
