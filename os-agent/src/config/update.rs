@@ -130,13 +130,13 @@ fn validate_window(w: PartialWindow) -> Result<Window> {
     if length_minutes == 0 || length_minutes > 7 * 24 * 60 {
         bail!("update.window.length_minutes: {length_minutes} is not between 1 and 10080");
     }
-    let utc_offset_secs = window::parse_timezone(w.timezone.as_deref().unwrap_or("UTC"))
+    let zone = window::parse_timezone(w.timezone.as_deref().unwrap_or("UTC"))
         .context("update.window.timezone")?;
     Ok(Window {
         days,
         start_minute,
         length_minutes,
-        utc_offset_secs,
+        zone,
     })
 }
 

@@ -506,7 +506,7 @@ fn window_and_fleet_lock_strategies() {
         days: vec![0],
         start_minute: 120,
         length_minutes: 60,
-        utc_offset_secs: 0,
+        zone: crate::update::window::Zone::utc(),
     };
     let s = UpdateSettings {
         strategy: Strategy::Window(window.clone()),

@@ -1,15 +1,19 @@
 //! Maintenance windows for the `window` reboot strategy: days of the week, a
-//! start time and a length, in UTC or at a fixed offset from it.
+//! start time and a length, in a time zone.
 //!
-//! Time zones are fixed offsets only (`UTC`, `+02:00`, `-05:30`): the image
-//! carries no tz database the agent could trust to match the operator's, and
-//! a fixed offset cannot be misread. A window that should follow daylight
-//! saving time has to be moved by the operator twice a year.
+//! A zone is `UTC`, a fixed offset (`+02:00`, `-05:30`) or an IANA name
+//! (`Europe/Berlin`) from the host's zoneinfo (the image's tzdata), with its
+//! daylight saving time: a window at 02:00 Europe/Berlin opens at 02:00 local
+//! time in winter and in summer. On the day a start time does not exist (the
+//! clocks jump over it) the window opens as much later as the clocks jumped
+//! (02:30 → 03:30), as RFC 5545 and systemd calendar events do; where it
+//! exists twice, at the first. A window lasts its length in elapsed time.
 
 use anyhow::{bail, Context, Result};
+use jiff::civil::{Date, Time};
+use jiff::tz::{Offset, TimeZone};
+use jiff::{Timestamp, ToSpan};
 
-const DAY: i64 = 86_400;
-const WEEK: i64 = 7 * DAY;
 pub const DAY_NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
 /// A weekly maintenance window.
@@ -20,8 +24,23 @@ pub struct Window {
     /// Minutes after local midnight.
     pub start_minute: u32,
     pub length_minutes: u32,
-    /// Offset of local time from UTC, in seconds.
-    pub utc_offset_secs: i32,
+    pub zone: Zone,
+}
+
+/// A time zone and the name it was written with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zone {
+    pub name: String,
+    pub tz: TimeZone,
+}
+
+impl Zone {
+    pub fn utc() -> Zone {
+        Zone {
+            name: "UTC".into(),
+            tz: TimeZone::UTC,
+        }
+    }
 }
 
 /// Parses `HH:MM`.
@@ -37,22 +56,41 @@ pub fn parse_hhmm(s: &str) -> Result<u32> {
     Ok(h * 60 + m)
 }
 
-/// Parses `UTC` (or `Z`) or a fixed offset `+HH:MM` / `-HH:MM`.
-pub fn parse_timezone(s: &str) -> Result<i32> {
+/// Parses `UTC` (or `Z`), a fixed offset `+HH:MM` / `-HH:MM`, or an IANA
+/// zone name found in the host's zoneinfo.
+pub fn parse_timezone(s: &str) -> Result<Zone> {
     if s.eq_ignore_ascii_case("utc") || s == "Z" {
-        return Ok(0);
+        return Ok(Zone::utc());
     }
-    let (sign, rest) = match s.as_bytes().first() {
-        Some(b'+') => (1, &s[1..]),
-        Some(b'-') => (-1, &s[1..]),
-        _ => bail!("timezone {s:?}: only \"UTC\" or a fixed offset like \"+02:00\" is supported"),
+    let sign = match s.as_bytes().first() {
+        Some(b'+') => Some(1),
+        Some(b'-') => Some(-1),
+        _ => None,
     };
-    let minutes =
-        parse_hhmm(rest).with_context(|| format!("timezone {s:?}: the offset is not HH:MM"))?;
-    if minutes > 14 * 60 {
-        bail!("timezone {s:?}: offsets go up to 14:00");
-    }
-    Ok(sign * minutes as i32 * 60)
+    let tz = match sign {
+        Some(sign) => {
+            let minutes = parse_hhmm(&s[1..])
+                .with_context(|| format!("timezone {s:?}: the offset is not HH:MM"))?;
+            if minutes > 14 * 60 {
+                bail!("timezone {s:?}: offsets go up to 14:00");
+            }
+            let secs = sign * minutes as i32 * 60;
+            TimeZone::fixed(
+                Offset::from_seconds(secs)
+                    .with_context(|| format!("timezone {s:?}: not an offset"))?,
+            )
+        }
+        None => TimeZone::get(s).map_err(|e| {
+            anyhow::anyhow!(
+                "timezone {s:?}: not UTC, a fixed offset like \"+02:00\" or a zone of the \
+                 host's zoneinfo like \"Europe/Berlin\" ({e})"
+            )
+        })?,
+    };
+    Ok(Zone {
+        name: s.to_string(),
+        tz,
+    })
 }
 
 /// Parses `mon`..`sun` (also full English names, any case).
@@ -73,29 +111,48 @@ pub fn parse_day(s: &str) -> Result<u8> {
 }
 
 impl Window {
-    /// Local seconds since Monday 00:00 of the week holding `now`.
-    fn week_position(&self, now: u64) -> i64 {
-        let local = now as i64 + i64::from(self.utc_offset_secs);
-        // 1970-01-01 was a Thursday: shift so that 0 is a Monday.
-        (local + 3 * DAY).rem_euclid(WEEK)
+    /// The local date of `now` in the window's zone.
+    fn local_date(&self, now: u64) -> Option<Date> {
+        let ts = Timestamp::from_second(i64::try_from(now).ok()?).ok()?;
+        Some(ts.to_zoned(self.zone.tz.clone()).date())
     }
 
-    /// Openings in the week, as seconds after Monday 00:00 local time.
-    fn openings(&self) -> impl Iterator<Item = i64> + '_ {
-        self.days
-            .iter()
-            .map(|&d| i64::from(d) * DAY + i64::from(self.start_minute) * 60)
+    /// The instant (Unix seconds) the window opens on `date`, if it opens
+    /// that day.
+    fn opening_on(&self, date: Date) -> Option<i64> {
+        let wd = date.weekday().to_monday_zero_offset();
+        if !self.days.contains(&u8::try_from(wd).ok()?) {
+            return None;
+        }
+        let (h, m) = (self.start_minute / 60, self.start_minute % 60);
+        let time = Time::new(i8::try_from(h).ok()?, i8::try_from(m).ok()?, 0, 0).ok()?;
+        let open = self
+            .zone
+            .tz
+            .to_ambiguous_zoned(date.to_datetime(time))
+            .compatible()
+            .ok()?;
+        Some(open.timestamp().as_second())
+    }
+
+    /// Openings from `from_days` to `to_days` days around `now`'s local date.
+    fn openings(&self, now: u64, days: std::ops::RangeInclusive<i64>) -> Vec<i64> {
+        let Some(today) = self.local_date(now) else {
+            return Vec::new();
+        };
+        days.filter_map(|d| today.checked_add(d.days()).ok())
+            .filter_map(|date| self.opening_on(date))
+            .collect()
     }
 
     /// Whether `now` (Unix seconds) is inside a window. A window may run past
     /// midnight and past Sunday into Monday.
     pub fn contains(&self, now: u64) -> bool {
-        let pos = self.week_position(now);
+        let now = now as i64;
         let len = i64::from(self.length_minutes) * 60;
-        self.openings().any(|open| {
-            let since = (pos - open).rem_euclid(WEEK);
-            since < len
-        })
+        self.openings(now as u64, -8..=0)
+            .into_iter()
+            .any(|open| open <= now && now < open + len)
     }
 
     /// The next time (Unix seconds) a window opens after `now`; `now` itself
@@ -104,29 +161,21 @@ impl Window {
         if self.contains(now) {
             return now;
         }
-        let pos = self.week_position(now);
-        let wait = self
-            .openings()
-            .map(|open| (open - pos).rem_euclid(WEEK))
+        self.openings(now, 0..=8)
+            .into_iter()
+            .filter(|&open| open > now as i64)
             .min()
-            .unwrap_or(WEEK);
-        now + wait as u64
+            .and_then(|open| u64::try_from(open).ok())
+            // No day listed opens within eight days (none listed): a week on.
+            .unwrap_or(now + 7 * 86_400)
     }
 
-    /// `mon,thu 02:00 +60min UTC+02:00`, for logs and status.
+    /// `mon,thu 02:00 for 60 min (Europe/Berlin)`, for logs and status.
     pub fn describe(&self) -> String {
         let days: Vec<&str> = self.days.iter().map(|&d| DAY_NAMES[d as usize]).collect();
-        let off = self.utc_offset_secs;
-        let tz = if off == 0 {
-            "UTC".to_string()
-        } else {
-            let a = off.unsigned_abs() / 60;
-            format!(
-                "UTC{}{:02}:{:02}",
-                if off < 0 { '-' } else { '+' },
-                a / 60,
-                a % 60
-            )
+        let tz = match self.zone.name.as_bytes().first() {
+            Some(b'+' | b'-') => format!("UTC{}", self.zone.name),
+            _ => self.zone.name.clone(),
         };
         format!(
             "{} {:02}:{:02} for {} min ({tz})",
@@ -150,7 +199,7 @@ mod tests {
             days: days.to_vec(),
             start_minute: parse_hhmm(start).unwrap(),
             length_minutes: len,
-            utc_offset_secs: parse_timezone(tz).unwrap(),
+            zone: parse_timezone(tz).unwrap(),
         }
     }
 
@@ -223,7 +272,49 @@ mod tests {
                 MONDAY + 3 * h + 60,
             ),
         ];
-        for (what, w, now, inside, next) in cases {
+        // Europe/Berlin: UTC+1 in winter, UTC+2 in summer. 2024-03-31 02:00
+        // local does not exist (clocks go 02:00 → 03:00 = 01:00 UTC); on
+        // 2024-10-27 02:00-03:00 local comes twice (00:00 and 01:00 UTC).
+        let berlin_spring = 1_711_846_800; // 2024-03-31 01:00 UTC, Sunday
+        let berlin_autumn = 1_729_987_200; // 2024-10-27 00:00 UTC, Sunday
+        let cases_dst: Vec<(&str, Window, u64, bool, u64)> = vec![
+            (
+                "winter: 02:00 local is 01:00 UTC",
+                window(&[0], "02:00", 60, "Europe/Berlin"),
+                MONDAY + h,
+                true,
+                MONDAY + h,
+            ),
+            (
+                "summer: 02:00 local is 00:00 UTC",
+                window(&[0, 1, 2, 3, 4, 5, 6], "02:00", 60, "Europe/Berlin"),
+                1_719_792_000, // 2024-07-01 00:00 UTC
+                true,
+                1_719_792_000,
+            ),
+            (
+                "summer: before 02:00 local",
+                window(&[0, 1, 2, 3, 4, 5, 6], "02:00", 60, "Europe/Berlin"),
+                1_719_792_000 - 60,
+                false,
+                1_719_792_000,
+            ),
+            (
+                "a start in the spring gap opens as much later as the clocks jumped",
+                window(&[6], "02:30", 60, "Europe/Berlin"),
+                berlin_spring - 60,
+                false,
+                berlin_spring + 30 * 60,
+            ),
+            (
+                "a start that comes twice opens at the first",
+                window(&[6], "02:30", 30, "Europe/Berlin"),
+                berlin_autumn + 30 * 60,
+                true,
+                berlin_autumn + 30 * 60,
+            ),
+        ];
+        for (what, w, now, inside, next) in cases.into_iter().chain(cases_dst) {
             assert_eq!(w.contains(now), inside, "{what}");
             assert_eq!(w.next_opening(now), next, "{what}");
         }
@@ -235,10 +326,17 @@ mod tests {
         assert_eq!(parse_day("sunday").unwrap(), 6);
         assert!(parse_day("mo").is_err());
         assert!(parse_day("monkey").is_err());
-        assert_eq!(parse_timezone("UTC").unwrap(), 0);
-        assert_eq!(parse_timezone("-05:30").unwrap(), -(5 * 3600 + 1800));
-        let e = parse_timezone("Europe/Berlin").unwrap_err().to_string();
-        assert!(e.contains("fixed offset"), "{e}");
+        let offset = |tz: &str| {
+            let z = parse_timezone(tz).unwrap();
+            z.tz.to_offset(Timestamp::UNIX_EPOCH).seconds()
+        };
+        assert_eq!(offset("UTC"), 0);
+        assert_eq!(offset("-05:30"), -(5 * 3600 + 1800));
+        assert_eq!(offset("Europe/Berlin"), 3600);
+        for bad in ["Europe/Nowhere", "+25:00", "", "../etc/passwd", "Berlin"] {
+            let e = format!("{:#}", parse_timezone(bad).unwrap_err());
+            assert!(e.contains("timezone"), "{bad}: {e}");
+        }
         assert!(parse_hhmm("24:00").is_err());
         assert!(parse_hhmm("7").is_err());
         assert_eq!(
