@@ -10,7 +10,9 @@ pub mod update;
 
 pub use update::{Strategy, UpdateSettings};
 
+use crate::containers::registries::{self, RegistrySettings};
 use crate::fleet::config::{self as fleet_config, FleetSettings};
+use std::collections::BTreeMap;
 
 use crate::host::Host;
 use anyhow::{bail, Context, Result};
@@ -29,6 +31,9 @@ pub struct Settings {
     pub update: UpdateSettings,
     /// `None`: no etcd endpoints, the host is not part of a fleet.
     pub fleet: Option<FleetSettings>,
+    /// Registries by `host[:port]`; each entry comes whole from the last
+    /// file that has it (docs/containers.md).
+    pub registries: BTreeMap<String, RegistrySettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +59,7 @@ impl Default for Settings {
             },
             update: UpdateSettings::default(),
             fleet: None,
+            registries: BTreeMap::new(),
         }
     }
 }
@@ -69,6 +75,9 @@ struct Partial {
     group: Option<String>,
     #[serde(default)]
     etcd: fleet_config::PartialFleet,
+    /// Checked by [`registries::parse`] when the file is read.
+    #[serde(default, skip)]
+    registries: BTreeMap<String, RegistrySettings>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,8 +90,8 @@ struct PartialHealth {
 
 /// Every key the agent understands, as dotted paths.
 const KNOWN_KEYS: &[&str] = &[
-    // Read and checked by the containers code (containers/desired.rs,
-    // containers/registries.rs), not here: see OWN_CHECKS.
+    // The containers list is read and checked by containers/desired.rs;
+    // registries by containers/registries.rs, called from here.
     "containers",
     "registries",
     "health",
@@ -149,10 +158,17 @@ const OWN_CHECKS: &[&str] = &["registries"];
 
 /// Parses one file; errors name the file (and toml's message the line).
 fn parse_file(path: &Path, text: &str, unknown: &mut Vec<UnknownKey>) -> Result<Partial> {
-    let table: toml::Table =
+    let mut table: toml::Table =
         toml::from_str(text).with_context(|| format!("invalid TOML in {}", path.display()))?;
     unknown_keys(&table, "", path, unknown);
-    Partial::deserialize(table).with_context(|| format!("invalid settings in {}", path.display()))
+    let registries = match table.remove("registries") {
+        Some(v) => registries::parse(v, &path.display().to_string())?,
+        None => BTreeMap::new(),
+    };
+    let mut partial = Partial::deserialize(table)
+        .with_context(|| format!("invalid settings in {}", path.display()))?;
+    partial.registries = registries;
+    Ok(partial)
 }
 
 fn merge(into: &mut PartialHealth, from: PartialHealth) {
@@ -180,10 +196,12 @@ fn validate(
     merged: PartialHealth,
     update: update::PartialUpdate,
     fleet: fleet_config::PartialFleet,
+    registries: BTreeMap<String, RegistrySettings>,
 ) -> Result<Settings> {
     let mut s = Settings {
         update: update::validate(update)?,
         fleet: fleet_config::validate(fleet)?,
+        registries,
         ..Settings::default()
     };
     if let Some(units) = merged.required_units {
@@ -240,6 +258,7 @@ fn load_files(
     let mut merged = PartialHealth::default();
     let mut merged_update = update::PartialUpdate::default();
     let mut merged_fleet = fleet_config::PartialFleet::default();
+    let mut merged_registries = BTreeMap::new();
     let mut unknown = Vec::new();
     for path in &files {
         let text = match pending {
@@ -249,16 +268,18 @@ fn load_files(
                 .with_context(|| format!("cannot read {}", path.display()))?,
         };
         let partial = parse_file(path, &text, &mut unknown)?;
+        merged_registries.extend(partial.registries);
         merge(&mut merged, partial.health);
         update::merge(&mut merged_update, partial.update);
         let mut fleet = partial.etcd;
         fleet.group = partial.group;
         fleet_config::merge(&mut merged_fleet, fleet);
     }
-    let settings = validate(merged, merged_update, merged_fleet).with_context(|| {
-        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-        format!("invalid agent configuration (from {})", names.join(", "))
-    })?;
+    let settings =
+        validate(merged, merged_update, merged_fleet, merged_registries).with_context(|| {
+            let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+            format!("invalid agent configuration (from {})", names.join(", "))
+        })?;
     Ok(Loaded {
         settings,
         files,

@@ -200,7 +200,7 @@ pub fn prepare(
     let loaded = desired::load_all(&sources, &saved);
     let mut problems = loaded.problems;
     let store = Store::open(&paths.store)?;
-    let registries = super::registries::load(host)?;
+    let registries = crate::config::load(host)?.settings.registries;
     let puller = super::registries::configure(Puller::new(&store), &registries);
     let mut want = BTreeMap::new();
     let mut rendered = BTreeMap::new();

@@ -7,11 +7,11 @@
 //! password = "secret"
 //! ```
 //!
-//! Each registry's entry comes whole from the last config file that has it.
+//! Each registry's entry comes whole from the last config file that has it;
+//! `config::load` reads the files and calls [`parse`] on each, so a bad entry
+//! is an error of the agent's configuration like any other.
 
 use super::registry::{Credentials, Puller};
-use crate::config::files::config_files;
-use crate::host::Host;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -39,22 +39,6 @@ pub fn parse(value: toml::Value, origin: &str) -> Result<BTreeMap<String, Regist
         }
     }
     Ok(table)
-}
-
-/// The registries of the agent configuration, merged over its files.
-pub fn load(host: &dyn Host) -> Result<BTreeMap<String, RegistrySettings>> {
-    let mut out = BTreeMap::new();
-    for path in config_files(host)? {
-        let text = host
-            .read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let mut table: toml::Table =
-            toml::from_str(&text).with_context(|| format!("invalid TOML in {}", path.display()))?;
-        if let Some(v) = table.remove("registries") {
-            out.extend(parse(v, &path.display().to_string())?);
-        }
-    }
-    Ok(out)
 }
 
 /// Applies the settings to a puller.
@@ -85,7 +69,7 @@ pub fn configure<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::DirHost;
+    use crate::host::{DirHost, Host};
     use std::path::Path;
 
     #[test]
@@ -132,7 +116,8 @@ mod tests {
             "/etc/ballast/agent.d/60-reg.toml",
             "[registries.\"a\"]\nusername = \"u\"\npassword = \"p\"\n",
         );
-        let got = load(&host).expect("load");
+        let loaded = crate::config::load(&host).expect("config");
+        let got = &loaded.settings.registries;
         assert_eq!(
             got["a"],
             RegistrySettings {
@@ -143,7 +128,6 @@ mod tests {
         );
         assert!(got["b"].insecure);
         // No unknown-key warnings for registry names.
-        let loaded = crate::config::load(&host).expect("config");
         assert!(loaded.unknown_keys.is_empty(), "{:?}", loaded.unknown_keys);
     }
 }

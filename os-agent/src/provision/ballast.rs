@@ -21,6 +21,9 @@ pub struct Ballast {
     pub group: Option<String>,
     pub etcd: Option<Etcd>,
     pub containers: Option<Vec<Value>>,
+    /// `host[:port]` → settings, as `[registries."host:port"]` of the agent
+    /// configuration (docs/containers.md).
+    pub registries: Option<Value>,
     pub units: Option<Vec<Unit>>,
 }
 
@@ -94,7 +97,14 @@ pub enum UnitCommand {
 }
 
 pub(crate) fn check_keys_of(v: &Value, warnings: &mut Vec<String>) {
-    let keys = ["update", "group", "etcd", "containers", "units"];
+    let keys = [
+        "update",
+        "group",
+        "etcd",
+        "containers",
+        "registries",
+        "units",
+    ];
     check_keys(v, "ballast", &keys, &[], warnings);
     if let Some(u) = v.get("update") {
         check_keys(
@@ -321,6 +331,20 @@ pub fn validate(
             t.insert("prefix".into(), p.clone().into());
         }
         agent.insert("etcd".into(), toml::Value::Table(t));
+    }
+
+    if let Some(r) = &b.registries {
+        // Checked with the rest of the drop-in by the agent's configuration
+        // code (containers/registries.rs).
+        match (r, yaml_to_toml(r, "ballast.registries")) {
+            (Value::Mapping(_), Ok(t)) => {
+                agent.insert("registries".into(), t);
+            }
+            (_, Err(why)) => errors.push(why),
+            (_, Ok(_)) => errors.push(
+                "ballast.registries: must be a mapping of host[:port] to settings".to_string(),
+            ),
+        }
     }
 
     if let Some(cs) = &b.containers {

@@ -324,6 +324,14 @@ fn a_ballast_section_the_agent_would_refuse_is_refused() {
         let e = steps_of(&doc).unwrap_err();
         assert!(e.contains(want), "{section}: want {want:?} in {e}");
     }
+    // Registries go to the drop-in and are checked as the agent checks them.
+    let e = steps_of("#cloud-config\nballast:\n  registries: {\"reg.lan:5000\": {username: u}}\n")
+        .unwrap_err();
+    assert!(e.contains("username and password go together"), "{e}");
+    let e = steps_of("#cloud-config\nballast:\n  registries: [a]\n").unwrap_err();
+    assert!(e.contains("ballast.registries: must be a mapping"), "{e}");
+    steps_of("#cloud-config\nballast:\n  registries: {\"reg.lan:5000\": {insecure: true}}\n")
+        .unwrap();
     // A window without days opens every day; zones by their IANA name.
     steps_of(
         "#cloud-config\nballast:\n  update: {strategy: window, window: {start: \"02:00\", length: 1h, timezone: Europe/Berlin}}\n",
