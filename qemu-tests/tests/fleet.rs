@@ -1,7 +1,12 @@
-//! A fleet on the real image: three VMs against a real etcd on the host
-//! (reached through QEMU user networking), one reboot slot for their group.
-//! A release published to their channel must reach all three, one reboot at
-//! a time, which the test reads back from etcd's own history of the lock.
+//! A fleet on the real image, set up as an operator would: one user-data
+//! document (etcd endpoints, group, the `fleet-lock` strategy, the channel
+//! URL, a registry and a container) handed to three VMs over fw_cfg, a real
+//! etcd and a real OCI registry on the host (reached through QEMU user
+//! networking), one reboot slot for their group. The hosts join etcd and run
+//! the container; a release published to their channel must reach all three,
+//! one reboot at a time, which the test reads back from etcd's own history of
+//! the lock, and each host's record must show the new version and the running
+//! container.
 //!
 //! Three TCG guests share two cores here, so everything takes about three
 //! times as long as in the single-VM tests.
@@ -12,8 +17,10 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use os_agent::fleet::server::LocalEtcd;
+use qemu_tests::containers::{WebImage, GUEST_REGISTRY};
 use qemu_tests::{
-    poll, update_build, ChannelServer, TestImage, Vm, VmOptions, GUEST_CHANNEL_URL, TEST_KEY,
+    poll, root_fixture_key, update_build, ChannelServer, FwCfg, TestImage, UserData, Vm, VmOptions,
+    GUEST_CHANNEL_URL, TEST_KEY,
 };
 use serde_json::Value;
 
@@ -96,17 +103,8 @@ fn three_hosts_update_one_reboot_at_a_time() {
     let ch = ChannelServer::start().expect("channel server");
     let v1 = TestImage::get().info.version.clone();
 
-    let etcd_forward = format!("tcp:{GUEST_ETCD}-cmd:nc 127.0.0.1 {}", etcd.client_port);
-    let vms = Vm::boot_several(
-        3,
-        VmOptions {
-            memory_mib: Some(1024),
-            cpus: Some(1),
-            guest_forwards: vec![ch.guest_forward(), etcd_forward],
-            ..VmOptions::default()
-        },
-        BOOT_TIMEOUT,
-    );
+    let work = tempfile::tempdir().expect("tempdir");
+    let image = WebImage::push(work.path()).expect("pushing the test image");
     etcdctl(
         &etcd,
         &[
@@ -115,22 +113,60 @@ fn three_hosts_update_one_reboot_at_a_time() {
             r#"{"max_holders": 1, "failure_threshold": 1}"#,
         ],
     );
-    let config = format!(
-        "group = \"{GROUP}\"\n[update]\nchannel_url = \"{GUEST_CHANNEL_URL}\"\ninterval_secs = 60\njitter_secs = 0\nstrategy = \"fleet-lock\"\n[etcd]\nendpoints = [\"http://{GUEST_ETCD}\"]\nlease_ttl_secs = 30\n"
+    // What an operator writes (docs/user-data.md, docs/etcd.md): the daemon
+    // checks every minute so the test need not wait an hour.
+    let user_data = format!(
+        r#"#cloud-config
+{root}ballast:
+  group: {GROUP}
+  update:
+    channel_url: "{GUEST_CHANNEL_URL}"
+    channel: stable
+    interval_secs: 60
+    jitter_secs: 0
+    strategy: fleet-lock
+  etcd:
+    endpoints: ["http://{GUEST_ETCD}"]
+    prefix: {PREFIX}
+    lease_ttl_secs: 30
+  registries:
+    "{GUEST_REGISTRY}": {{insecure: true}}
+  containers:
+    - name: web
+      image: "{reference}"
+      network: host
+      command: [/bin/busybox, httpd, -f, -p, "8080", -h, /www]
+      memory: 64M
+"#,
+        root = root_fixture_key(),
+        reference = image.reference,
     );
-    for vm in &vms {
-        vm.ssh_ok(&format!(
-            "cat > /etc/ballast/agent.d/50-fleet.toml <<'EOF'\n{config}EOF\nsystemctl restart os-agent"
-        ));
-    }
+    let fw = FwCfg::new(&UserData::new(user_data, "iid-fleet-journey"));
+    let etcd_forward = format!("tcp:{GUEST_ETCD}-cmd:nc 127.0.0.1 {}", etcd.client_port);
+    let vms = Vm::boot_several(
+        3,
+        VmOptions {
+            memory_mib: Some(1024),
+            cpus: Some(1),
+            guest_forwards: vec![ch.guest_forward(), etcd_forward, image.guest_forward()],
+            extra_args: fw.qemu_args(),
+            own_user_data: true,
+            ..VmOptions::default()
+        },
+        BOOT_TIMEOUT,
+    );
     let mut seen = Vec::new();
     if !poll(BOOT_TIMEOUT, || {
         seen = hosts(&etcd);
-        seen.len() == 3 && seen.iter().all(|h| h["booted_version"] == v1.as_str())
+        seen.len() == 3
+            && seen
+                .iter()
+                .all(|h| h["booted_version"] == v1.as_str() && h["containers"]["running"] == 1)
     }) {
-        let journal = vms[0].ssh_ok("journalctl -b -u os-agent --no-pager | tail -30");
+        let journal = vms[0]
+            .ssh_ok("osctl provision status; journalctl -b -u os-agent --no-pager | tail -30");
         vms[0].fail(format!(
-            "the three hosts did not register on {v1}: {seen:#?}\nos-agent:\n{journal}"
+            "the three hosts did not register on {v1} with their container running: {seen:#?}\n{journal}"
         ));
     }
 
@@ -138,7 +174,10 @@ fn three_hosts_update_one_reboot_at_a_time() {
         .unwrap_or_else(|e| vms[0].fail(format!("{e:#}")));
     if !poll(ROLLOUT_TIMEOUT, || {
         seen = hosts(&etcd);
-        seen.len() == 3 && seen.iter().all(|h| h["booted_version"] == "0.2.0")
+        seen.len() == 3
+            && seen
+                .iter()
+                .all(|h| h["booted_version"] == "0.2.0" && h["containers"]["running"] == 1)
     }) {
         let status = vms[0].ssh_ok("osctl fleet status; osctl update status; true");
         vms[0].fail(format!(

@@ -31,6 +31,8 @@ pub struct Ballast {
 pub struct Update {
     pub channel_url: Option<String>,
     pub channel: Option<String>,
+    pub interval_secs: Option<u64>,
+    pub jitter_secs: Option<u64>,
     pub strategy: Option<Strategy>,
     pub window: Option<Window>,
 }
@@ -70,6 +72,7 @@ pub struct Etcd {
     pub username: Option<String>,
     pub password: Option<String>,
     pub prefix: Option<String>,
+    pub lease_ttl_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -110,7 +113,14 @@ pub(crate) fn check_keys_of(v: &Value, warnings: &mut Vec<String>) {
         check_keys(
             u,
             "ballast.update",
-            &["channel_url", "channel", "strategy", "window"],
+            &[
+                "channel_url",
+                "channel",
+                "interval_secs",
+                "jitter_secs",
+                "strategy",
+                "window",
+            ],
             &[],
             warnings,
         );
@@ -128,6 +138,7 @@ pub(crate) fn check_keys_of(v: &Value, warnings: &mut Vec<String>) {
             "username",
             "password",
             "prefix",
+            "lease_ttl_secs",
         ];
         check_keys(e, "ballast.etcd", &keys, &[], warnings);
     }
@@ -242,6 +253,14 @@ pub fn validate(
             }
             t.insert("channel".into(), c.clone().into());
         }
+        for (key, v) in [
+            ("interval_secs", u.interval_secs),
+            ("jitter_secs", u.jitter_secs),
+        ] {
+            if let Some(v) = v {
+                t.insert(key.into(), secs(v));
+            }
+        }
         if let Some(s) = u.strategy {
             t.insert("strategy".into(), s.as_str().into());
             if s == Strategy::Window && u.window.is_none() {
@@ -329,6 +348,9 @@ pub fn validate(
                 errors.push(format!("ballast.etcd.prefix: {p:?} must start with /"));
             }
             t.insert("prefix".into(), p.clone().into());
+        }
+        if let Some(ttl) = e.lease_ttl_secs {
+            t.insert("lease_ttl_secs".into(), secs(ttl));
         }
         agent.insert("etcd".into(), toml::Value::Table(t));
     }
@@ -508,6 +530,11 @@ fn unit_steps(units: &[Unit], errors: &mut Vec<String>) -> Vec<Step> {
 }
 
 /// A YAML value as TOML; TOML has no null.
+/// Seconds as TOML has them (i64); beyond that the agent's check refuses them.
+fn secs(v: u64) -> toml::Value {
+    toml::Value::Integer(i64::try_from(v).unwrap_or(i64::MAX))
+}
+
 fn yaml_to_toml(v: &Value, path: &str) -> Result<toml::Value, String> {
     Ok(match v {
         Value::Null => return Err(format!("{path}: null has no TOML form; leave the key out")),

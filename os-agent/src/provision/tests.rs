@@ -324,6 +324,14 @@ fn a_ballast_section_the_agent_would_refuse_is_refused() {
         let e = steps_of(&doc).unwrap_err();
         assert!(e.contains(want), "{section}: want {want:?} in {e}");
     }
+    // The agent's own limits apply to the keys user data passes on.
+    let e = steps_of("#cloud-config\nballast:\n  update: {interval_secs: 5}\n").unwrap_err();
+    assert!(e.contains("update.interval_secs: 5 is less than 60"), "{e}");
+    let e = steps_of(
+        "#cloud-config\nballast:\n  etcd: {endpoints: [\"http://e:2379\"], lease_ttl_secs: 1}\n",
+    )
+    .unwrap_err();
+    assert!(e.contains("lease_ttl_secs"), "{e}");
     // Registries go to the drop-in and are checked as the agent checks them.
     let e = steps_of("#cloud-config\nballast:\n  registries: {\"reg.lan:5000\": {username: u}}\n")
         .unwrap_err();
