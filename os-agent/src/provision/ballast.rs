@@ -359,7 +359,8 @@ pub fn validate(
         // Checked with the rest of the drop-in by the agent's configuration
         // code (containers/registries.rs).
         match (r, yaml_to_toml(r, "ballast.registries")) {
-            (Value::Mapping(_), Ok(t)) => {
+            (Value::Mapping(m), Ok(t)) => {
+                secret |= m.values().any(|e| e.get("password").is_some());
                 agent.insert("registries".into(), t);
             }
             (_, Err(why)) => errors.push(why),

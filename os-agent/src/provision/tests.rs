@@ -340,6 +340,12 @@ fn a_ballast_section_the_agent_would_refuse_is_refused() {
     assert!(e.contains("ballast.registries: must be a mapping"), "{e}");
     steps_of("#cloud-config\nballast:\n  registries: {\"reg.lan:5000\": {insecure: true}}\n")
         .unwrap();
+    // A registry password makes the drop-in the root's alone.
+    let s = steps_of(
+        "#cloud-config\nballast:\n  registries: {\"reg.lan:5000\": {username: u, password: p}}\n",
+    )
+    .unwrap();
+    assert!(s[0].contains("mode 0600"), "{s:?}");
     // A window without days opens every day; zones by their IANA name.
     steps_of(
         "#cloud-config\nballast:\n  update: {strategy: window, window: {start: \"02:00\", length: 1h, timezone: Europe/Berlin}}\n",
