@@ -1,6 +1,7 @@
 //! os-agent: the Ballast host agent. The binaries (`os-agent`, `osctl`) are
 //! thin; everything they do is here, behind the [`host::Host`] trait.
 
+pub mod boot;
 pub mod cmdline;
 pub mod config;
 pub mod containers;

@@ -89,15 +89,6 @@ pub fn run(host: &dyn Host, settings: &HealthSettings, poll: Duration) -> Report
 #[cfg(test)]
 mod tests;
 
-/// systemd-boot sets this EFI variable when it boots an entry whose tries it
-/// counts (a `+N` name); it names the entry file.
-pub fn boot_count_var() -> std::path::PathBuf {
-    Path::new(crate::status::boot::EFIVARS).join(format!(
-        "LoaderBootCountPath-{}",
-        crate::status::boot::LOADER_GUID
-    ))
-}
-
 /// What a failed health check does to the boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OnFailure {
@@ -113,30 +104,18 @@ pub enum OnFailure {
 /// After a failed check: reboot if this boot is on trial, so a bad update
 /// rolls back by itself instead of waiting for someone to power-cycle it.
 pub fn after_failure(host: &dyn Host) -> anyhow::Result<OnFailure> {
-    use crate::update::esp;
+    use crate::boot::entries;
     use anyhow::Context;
-    let var = boot_count_var();
-    let raw = match host.read(&var) {
-        Ok(raw) => raw,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(OnFailure::Stay(
-                "the boot entry is not on trial (blessed, or boot counting is off)".into(),
-            ))
-        }
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", var.display())),
+    let Some(file) = crate::boot::boot_count_entry(host)? else {
+        return Ok(OnFailure::Stay(
+            "the boot entry is not on trial (blessed, or boot counting is off)".into(),
+        ));
     };
-    let path = crate::status::boot::decode_efi_string(&raw)
-        .with_context(|| format!("cannot decode {}", var.display()))?;
-    let file = path
-        .rsplit(['\\', '/'])
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    let tries_left = esp::counter(&file).map(|(left, _)| left).unwrap_or(0);
+    let tries_left = entries::counter(&file).map(|(left, _)| left).unwrap_or(0);
     if tries_left == 0 {
         // systemd-boot falls back only to an entry that still has tries.
-        let fallback = esp::list(host)?.into_iter().any(|f| {
-            !f.eq_ignore_ascii_case(&file) && esp::counter(&f).is_none_or(|(left, _)| left > 0)
+        let fallback = entries::list(host)?.into_iter().any(|f| {
+            !f.eq_ignore_ascii_case(&file) && entries::counter(&f).is_none_or(|(left, _)| left > 0)
         });
         if !fallback {
             return Ok(OnFailure::Stay(format!(

@@ -168,7 +168,10 @@ fn a_failed_check_reboots_only_a_counted_boot_with_somewhere_to_go() {
     let host = crate::host::DirHost::new(dir.path()).unwrap();
     assert!(matches!(after_failure(&host).unwrap(), OnFailure::Stay(_)));
     assert!(host.commands().is_empty());
-    let var = dir.path().join(boot_count_var().strip_prefix("/").unwrap());
+    let var = dir.path().join(format!(
+        "sys/firmware/efi/efivars/LoaderBootCountPath-{}",
+        crate::boot::LOADER_GUID
+    ));
     std::fs::create_dir_all(var.parent().unwrap()).unwrap();
     let efi = |s: &str| {
         let mut v = vec![6u8, 0, 0, 0];

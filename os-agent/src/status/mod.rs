@@ -1,8 +1,6 @@
 //! What the host is running: slot, image, root hash, kernel, boot entry. The
 //! daemon publishes it in /run/ballast/status.json; osctl shows it.
 
-pub mod boot;
-
 use crate::cmdline;
 use crate::disk::{self, grow::DATA_LABEL, slot::Slot};
 use crate::host::Host;
@@ -63,9 +61,9 @@ pub fn gather(host: &dyn Host) -> Result<HostStatus> {
     let data = disk::locate_by_partlabel(host, DATA_LABEL)?;
     let slot = disk::slot::booted_slot(host, &data.disk, &root)?;
     let data_size = disk::size_bytes(host, &data.name)?;
-    let boot_entry = boot::selected_entry(host)?;
+    let boot_entry = crate::boot::selected_entry(host)?;
     let uki_path = match &boot_entry {
-        Some(e) => boot::uki_path(host, e)?.map(|p| p.display().to_string()),
+        Some(e) => crate::boot::entries::find_entry_file(host, e)?.map(|p| p.display().to_string()),
         None => None,
     };
     let gathered_at_unix = std::time::SystemTime::now()

@@ -3,10 +3,10 @@
 //! it and the daemon from writing a slot at the same time.
 
 use super::engine::{self, Assessment, Mode, Outcome, RebootDecision};
-use super::esp;
 use super::fleet_lock::NoopLock;
 use super::state::State;
 use super::store::{self, now_unix, Rollback, UpdateState};
+use crate::boot::entries;
 use crate::config::{self, Strategy};
 use crate::host::Host;
 use anyhow::{bail, Context, Result};
@@ -226,13 +226,13 @@ pub fn rollback(host: &dyn Host) -> Result<()> {
                 .unwrap_or("?")
         );
     }
-    let booted_file = esp::booted_file(host)?;
+    let booted_file = entries::booted_file(host)?;
     let name = &b.status.image_name;
-    let others: Vec<String> = esp::list(host)?
+    let others: Vec<String> = entries::list(host)?
         .into_iter()
         .filter(|f| {
-            esp::version_of(name, f).is_some_and(|v| v != b.status.image_version)
-                && esp::counter(f).is_none_or(|(left, _)| left > 0)
+            entries::version_of(name, f).is_some_and(|v| v != b.status.image_version)
+                && entries::counter(f).is_none_or(|(left, _)| left > 0)
         })
         .collect();
     let Some(target) = others.first() else {
@@ -240,11 +240,11 @@ pub fn rollback(host: &dyn Host) -> Result<()> {
             "no other boot entry of {name} to roll back to (an interrupted update may have removed it)"
         );
     };
-    let new = esp::exhaust(host, &booted_file)?;
+    let new = entries::exhaust(host, &booted_file)?;
     st.mark_failed(&b.status.image_version);
     st.last_rollback = Some(Rollback {
         version: b.status.image_version.clone(),
-        to_version: esp::version_of(name, target).unwrap_or_default(),
+        to_version: entries::version_of(name, target).unwrap_or_default(),
         at: now_unix(),
         reason: "rolled back by the operator (osctl rollback)".into(),
     });

@@ -20,10 +20,10 @@
 
 use super::apply::{self, Rejection};
 use super::channel::{self, Channel};
-use super::esp;
 use super::fleet_lock::{RebootLock, Released};
 use super::state::{Event, State};
 use super::store::{self, now_unix, Rollback, Staged, UpdateState};
+use crate::boot::entries;
 use crate::config::{Strategy, UpdateSettings};
 use crate::host::Host;
 use crate::status::{self, HostStatus};
@@ -86,7 +86,7 @@ pub enum Assessment {
     /// loader chose another entry. Not a verdict on the release.
     NotTried {
         version: String,
-        evidence: esp::EntryEvidence,
+        evidence: entries::EntryEvidence,
     },
     /// The staged version never booted and could not be staged again: it is
     /// dropped without being marked failed, and the next check applies it anew.
@@ -99,8 +99,8 @@ pub enum Assessment {
 /// Without boot counting (no systemd-boot, or an entry never counted) there
 /// is nothing to wait for.
 fn booted_entry_blessed(host: &dyn Host) -> Result<bool> {
-    match esp::booted_file(host) {
-        Ok(file) => Ok(esp::counter(&file).is_none()),
+    match entries::booted_file(host) {
+        Ok(file) => Ok(entries::counter(&file).is_none()),
         Err(e) => {
             tracing::warn!("cannot tell whether this boot was blessed, assuming it was: {e:#}");
             Ok(true)
@@ -121,13 +121,13 @@ pub fn assess(host: &dyn Host, st: &UpdateState, b: &Booted) -> Result<Assessmen
             Ordering::Equal => Assessment::Pending,
             // Only the entry's counter proves systemd-boot tried the staged
             // version; without it this is not a failure of the release.
-            Ordering::Less => match esp::evidence(
+            Ordering::Less => match entries::evidence(
                 host,
                 &b.status.image_name,
                 &staged.version,
                 staged.uki_sha256.as_deref(),
             )? {
-                esp::EntryEvidence::Tried { .. } => Assessment::RolledBack {
+                entries::EntryEvidence::Tried { .. } => Assessment::RolledBack {
                     version: staged.version.clone(),
                 },
                 evidence => Assessment::NotTried {
@@ -199,7 +199,7 @@ pub fn reconcile(
         }
         Assessment::RolledBack { version } => {
             let name = &b.status.image_name;
-            let removed = esp::remove_version(host, name, version)?;
+            let removed = entries::remove_version(host, name, version)?;
             tracing::error!(
                 "version {version} failed its boot assessment: the host fell back to {} (slot {}); \
                  it is never tried again; removed {removed:?}",
@@ -273,7 +273,7 @@ fn restage(
     host: &dyn Host,
     st: &mut UpdateState,
     b: &Booted,
-    evidence: &esp::EntryEvidence,
+    evidence: &entries::EntryEvidence,
 ) -> Result<()> {
     let staged = st
         .staged
@@ -281,7 +281,7 @@ fn restage(
         .context("nothing is staged (state.json changed under the agent)")?;
     let mut restaged = staged.clone();
     match evidence {
-        esp::EntryEvidence::Broken { why } => {
+        entries::EntryEvidence::Broken { why } => {
             tracing::warn!(
                 "the boot entry of the staged {} did not survive ({why}): \
                  checking slot {} and writing the entry again",
@@ -308,10 +308,11 @@ fn restage(
             let target = apply::target(host, b.status.slot)?;
             apply::reverify_slot(host, &target, &staged.root_hash)?;
             apply::set_partuuids(host, &target, &staged.root_hash)?;
-            esp::remove_version(host, &b.status.image_name, &staged.version)?;
-            restaged.uki_file = esp::install(host, &b.status.image_name, &staged.version, &uki)?;
+            entries::remove_version(host, &b.status.image_name, &staged.version)?;
+            restaged.uki_file =
+                entries::install(host, &b.status.image_name, &staged.version, &uki)?;
         }
-        esp::EntryEvidence::Untried { file } => {
+        entries::EntryEvidence::Untried { file } => {
             if staged.untried_boots + 1 >= UNTRIED_BOOTS {
                 bail!(
                     "systemd-boot chose another entry over {file} in {} boots",
@@ -325,7 +326,7 @@ fn restage(
             );
             restaged.untried_boots += 1;
         }
-        esp::EntryEvidence::Tried { .. } => bail!("the staged entry was tried"),
+        entries::EntryEvidence::Tried { .. } => bail!("the staged entry was tried"),
     }
     restaged.boot_id = b.boot_id.clone();
     tracing::info!(
@@ -527,7 +528,7 @@ pub fn apply_release_from(
     }
     let target = apply::target(host, b.status.slot)?;
     apply::check_fits(m, &target)?;
-    let keep = esp::booted_file(host).context("cannot tell which UKI is running")?;
+    let keep = entries::booted_file(host).context("cannot tell which UKI is running")?;
     tracing::info!(
         "applying {} {} (sequence {}) to slot {} ({})",
         m.name,
@@ -541,7 +542,7 @@ pub fn apply_release_from(
     store::save(host, st)?;
 
     // 2. Nothing bootable may point at the slot we are about to overwrite.
-    let removed = esp::remove_all_except(host, &keep)?;
+    let removed = entries::remove_all_except(host, &keep)?;
     if !removed.is_empty() {
         tracing::info!("removed boot entries {removed:?} (kept the booted {keep})");
     }
@@ -578,7 +579,7 @@ pub fn apply_release_from(
     let uki = apply::fetch_uki(channel, m)?;
     host.write_atomic(Path::new(store::STAGED_UKI), &uki)
         .with_context(|| format!("cannot write {}", store::STAGED_UKI))?;
-    let uki_file = esp::install(host, &m.name, &m.version, &uki)?;
+    let uki_file = entries::install(host, &m.name, &m.version, &uki)?;
 
     // 7.
     let staged = Staged {

@@ -12,7 +12,6 @@ pub mod channel;
 pub mod cli;
 pub mod device;
 pub mod engine;
-pub mod esp;
 pub mod fleet_lock;
 pub mod io;
 pub mod offload;

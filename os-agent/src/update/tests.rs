@@ -6,10 +6,10 @@ use super::engine::{self, Assessment, Mode, Outcome, RebootDecision};
 use super::fleet_lock::NoopLock;
 use super::state::State;
 use super::store::{self, UpdateState};
+use crate::boot::LOADER_GUID;
 use crate::config::{Strategy, UpdateSettings};
 use crate::disk::fixture::{write, HASH_A};
 use crate::host::DirHost;
-use crate::status::boot::LOADER_GUID;
 use crate::status::tests::booted_host;
 use ballast_common::keys::SecretKey;
 use ballast_common::manifest::{self, Manifest, Payload, Rollout, RootPayload, VerityParams};
@@ -1058,23 +1058,25 @@ fn an_untried_entry_gets_one_more_reboot_then_is_dropped_unfailed() {
 #[test]
 fn install_reads_the_entry_back_from_the_disk() {
     let w = world();
-    let file = super::esp::install(&w.host, "ballast", "2.0", b"a whole uki").unwrap();
+    let file = crate::boot::entries::install(&w.host, "ballast", "2.0", b"a whole uki").unwrap();
     assert_eq!(file, "ballast-2.0+3.efi");
     assert_eq!(
-        super::esp::sha256_on_disk(&w.host, &file).unwrap(),
+        crate::boot::entries::sha256_on_disk(&w.host, &file).unwrap(),
         (11, sha(b"a whole uki"))
     );
     assert_eq!(
-        super::esp::evidence(&w.host, "ballast", "2.0", Some(&sha(b"a whole uki"))).unwrap(),
-        super::esp::EntryEvidence::Untried { file: file.clone() }
+        crate::boot::entries::evidence(&w.host, "ballast", "2.0", Some(&sha(b"a whole uki")))
+            .unwrap(),
+        crate::boot::entries::EntryEvidence::Untried { file: file.clone() }
     );
     assert!(matches!(
-        super::esp::evidence(&w.host, "ballast", "2.0", Some(&sha(b"another"))).unwrap(),
-        super::esp::EntryEvidence::Broken { why } if why.contains("sha256")
+        crate::boot::entries::evidence(&w.host, "ballast", "2.0", Some(&sha(b"another"))).unwrap(),
+        crate::boot::entries::EntryEvidence::Broken { why } if why.contains("sha256")
     ));
     w.rename_uki(&file, "ballast-2.0+2-1.efi");
     assert!(matches!(
-        super::esp::evidence(&w.host, "ballast", "2.0", Some(&sha(b"a whole uki"))).unwrap(),
-        super::esp::EntryEvidence::Tried { .. }
+        crate::boot::entries::evidence(&w.host, "ballast", "2.0", Some(&sha(b"a whole uki")))
+            .unwrap(),
+        crate::boot::entries::EntryEvidence::Tried { .. }
     ));
 }

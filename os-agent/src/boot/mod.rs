@@ -1,15 +1,18 @@
-//! The boot loader entry (UKI) systemd-boot says it started.
+//! Boot entries, in one place: what systemd-boot says through its EFI
+//! variables (which entry it booted, which one it is counting), and in
+//! [`entries`] the UKI files on the ESP, their boot-counting names, and every
+//! write the agent makes to them.
+
+pub mod entries;
 
 use crate::host::Host;
 use anyhow::{bail, Context, Result};
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// systemd-boot's vendor GUID for its EFI variables.
 pub const LOADER_GUID: &str = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
 pub const EFIVARS: &str = "/sys/firmware/efi/efivars";
-/// Where type #2 entries (UKIs) live on the ESP, mounted at /efi.
-pub const UKI_DIR: &str = "/efi/EFI/Linux";
 
 /// Decodes an efivarfs file holding a UTF-16LE string: 4 bytes of attributes,
 /// then the string, usually NUL-terminated.
@@ -38,42 +41,23 @@ pub fn selected_entry(host: &dyn Host) -> Result<Option<String>> {
     }
 }
 
-/// Removes a boot-counting suffix: `name-1.0+2-1.efi` → `name-1.0.efi`.
-pub fn strip_boot_counter(entry: &str) -> String {
-    let (stem, ext) = match entry.strip_suffix(".efi") {
-        Some(s) => (s, ".efi"),
-        None => (entry, ""),
+/// The file systemd-boot names in `LoaderBootCountPath` when it booted an
+/// entry whose tries it counts (a `+N` name), without its directory.
+pub fn boot_count_entry(host: &dyn Host) -> Result<Option<String>> {
+    let path = PathBuf::from(format!("{EFIVARS}/LoaderBootCountPath-{LOADER_GUID}"));
+    let raw = match host.read(&path) {
+        Ok(raw) => raw,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    if let Some((base, counter)) = stem.rsplit_once('+') {
-        let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
-        let is_counter = match counter.split_once('-') {
-            Some((left, done)) => digits(left) && digits(done),
-            None => digits(counter),
-        };
-        if is_counter {
-            return format!("{base}{ext}");
-        }
-    }
-    entry.to_string()
-}
-
-/// The UKI file of an entry on the ESP: under its own name, or, once
-/// systemd-bless-boot renamed it, under the name without the counter.
-pub fn uki_path(host: &dyn Host, entry: &str) -> Result<Option<PathBuf>> {
-    for name in [entry.to_string(), strip_boot_counter(entry)] {
-        let path = Path::new(UKI_DIR).join(name);
-        if host
-            .exists(&path)
-            .with_context(|| format!("cannot check {}", path.display()))?
-        {
-            return Ok(Some(path));
-        }
-    }
-    Ok(None)
+    let text =
+        decode_efi_string(&raw).with_context(|| format!("cannot decode {}", path.display()))?;
+    Ok(text.rsplit(['\\', '/']).next().map(str::to_string))
 }
 
 #[cfg(test)]
 mod tests {
+    use super::entries::{find_entry_file, strip_boot_counter};
     use super::*;
     use crate::disk::fixture::write;
     use crate::host::DirHost;
@@ -115,15 +99,15 @@ mod tests {
         let entry = selected_entry(&host).unwrap().unwrap();
         assert_eq!(entry, "ballast-1.0+2-1.efi");
 
-        assert_eq!(uki_path(&host, &entry).unwrap(), None);
+        assert_eq!(find_entry_file(&host, &entry).unwrap(), None);
         write(dir.path(), "efi/EFI/Linux/ballast-1.0.efi", "");
         assert_eq!(
-            uki_path(&host, &entry).unwrap(),
+            find_entry_file(&host, &entry).unwrap(),
             Some(PathBuf::from("/efi/EFI/Linux/ballast-1.0.efi"))
         );
         write(dir.path(), "efi/EFI/Linux/ballast-1.0+2-1.efi", "");
         assert_eq!(
-            uki_path(&host, &entry).unwrap(),
+            find_entry_file(&host, &entry).unwrap(),
             Some(PathBuf::from("/efi/EFI/Linux/ballast-1.0+2-1.efi"))
         );
 

@@ -2,11 +2,47 @@
 //! belong to which version, and the boot-counting names systemd-boot reads
 //! (`<name>-<version>+LEFT[-DONE].efi`).
 
-use super::io::HashingReader;
 use crate::host::Host;
-use crate::status::boot::{self, strip_boot_counter, UKI_DIR};
+use crate::update::io::HashingReader;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
+
+/// Where type #2 entries (UKIs) live on the ESP, mounted at /efi.
+pub const UKI_DIR: &str = "/efi/EFI/Linux";
+
+/// Removes a boot-counting suffix: `name-1.0+2-1.efi` → `name-1.0.efi`.
+pub fn strip_boot_counter(entry: &str) -> String {
+    let (stem, ext) = match entry.strip_suffix(".efi") {
+        Some(s) => (s, ".efi"),
+        None => (entry, ""),
+    };
+    if let Some((base, counter)) = stem.rsplit_once('+') {
+        let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
+        let is_counter = match counter.split_once('-') {
+            Some((left, done)) => digits(left) && digits(done),
+            None => digits(counter),
+        };
+        if is_counter {
+            return format!("{base}{ext}");
+        }
+    }
+    entry.to_string()
+}
+
+/// The UKI file of an entry on the ESP: under its own name, or, once
+/// systemd-bless-boot renamed it, under the name without the counter.
+pub fn find_entry_file(host: &dyn Host, entry: &str) -> Result<Option<PathBuf>> {
+    for name in [entry.to_string(), strip_boot_counter(entry)] {
+        let path = Path::new(UKI_DIR).join(name);
+        if host
+            .exists(&path)
+            .with_context(|| format!("cannot check {}", path.display()))?
+        {
+            return Ok(Some(path));
+        }
+    }
+    Ok(None)
+}
 
 /// Tries a new entry gets: systemd-boot falls back after this many failed boots.
 pub const TRIES: u32 = 3;
@@ -44,7 +80,7 @@ pub fn list(host: &dyn Host) -> Result<Vec<String>> {
 /// The file of the entry systemd-boot booted, under its current name
 /// (systemd-boot renames it to count the try, bless-boot to bless it).
 pub fn booted_file(host: &dyn Host) -> Result<String> {
-    let entry = boot::selected_entry(host)?.context(
+    let entry = super::selected_entry(host)?.context(
         "systemd-boot did not say which entry it booted (no LoaderEntrySelected EFI variable)",
     )?;
     let want = strip_boot_counter(&entry.to_ascii_lowercase());
