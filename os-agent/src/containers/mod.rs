@@ -8,11 +8,13 @@
 //! - [`unit`](mod@unit), [`reconcile`], [`systemd`], [`agent`]: running them;
 //!   [`network`]: the container's side of a private network.
 //! - [`cli`]: `osctl containers`.
-//! - [`local_registry`]: a real registry for tests and benchmarks.
+//! - `local_registry`: a real registry for tests and benchmarks (with the
+//!   `testing` feature only).
 
 pub mod agent;
 pub mod cli;
 pub mod desired;
+#[cfg(any(test, feature = "testing"))]
 pub mod local_registry;
 pub mod network;
 pub mod oci;

@@ -12,8 +12,10 @@
 //! - [`view`]: a watched view of the group's lock, to wait for a free slot
 //!   without polling;
 //! - [`admin`]: the operator's view and actions, [`cli`]: `osctl fleet`;
-//! - [`sim`]: a simulated host, for the tests and the fleet bench;
-//! - [`server`]: a throwaway local etcd for the tests and the bench.
+//! - `sim`: a simulated host, for the tests and the fleet bench;
+//! - `server`: a throwaway local etcd for the tests and the bench.
+//!
+//! (Those two only with the `testing` feature: not in the agent users run.)
 //!
 //! Everything here is async on the caller's tokio runtime; nothing builds its own.
 
@@ -25,7 +27,9 @@ pub mod containers;
 pub mod lock;
 pub mod model;
 pub mod register;
+#[cfg(any(test, feature = "testing"))]
 pub mod server;
+#[cfg(any(test, feature = "testing"))]
 pub mod sim;
 pub mod view;
 
