@@ -12,7 +12,6 @@ pub mod health;
 pub mod host;
 pub mod logging;
 pub mod mountinfo;
-pub mod osctl;
 pub mod provision;
 pub mod status;
 pub mod update;

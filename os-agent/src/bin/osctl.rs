@@ -1,11 +1,12 @@
 //! osctl: look at a Ballast host.
 
-use anyhow::{Context, Result};
+//! Each capability's subcommands live in its own `cli.rs`; this file only
+//! dispatches.
+
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use os_agent::host::RealHost;
-use os_agent::provision::{self, record};
-use os_agent::{logging, osctl};
-use std::path::PathBuf;
+use os_agent::logging;
 use std::process::ExitCode;
 
 /// Look at a Ballast host.
@@ -50,69 +51,13 @@ enum Command {
     /// User data (cloud-config) provisioning.
     Provision {
         #[command(subcommand)]
-        command: ProvisionCommand,
+        command: os_agent::provision::cli::ProvisionCommand,
     },
-}
-
-#[derive(Subcommand)]
-enum ProvisionCommand {
-    /// Show the last provisioning attempt and what was applied for this
-    /// host's instance, step by step.
-    Status {
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Check a user-data file offline: print what would be applied and every
-    /// warning; exit non-zero on an error.
-    Validate {
-        /// The #cloud-config file.
-        file: PathBuf,
-        /// A network-config (version 2) file, as on a NoCloud seed.
-        #[arg(long)]
-        network_config: Option<PathBuf>,
-    },
-}
-
-fn provision(cmd: ProvisionCommand) -> Result<ExitCode> {
-    match cmd {
-        ProvisionCommand::Status { json } => {
-            let s = record::status(&RealHost)?;
-            if json {
-                let text = serde_json::to_string_pretty(&s)
-                    .context("cannot serialize the provisioning status")?;
-                println!("{text}");
-            } else {
-                print!("{}", record::render(&s));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        ProvisionCommand::Validate {
-            file,
-            network_config,
-        } => {
-            let read = |p: &PathBuf| {
-                std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
-            };
-            let user_data = read(&file)?;
-            let net = network_config.as_ref().map(read).transpose()?;
-            match provision::validate_offline(&RealHost, &user_data, net.as_deref()) {
-                Ok(plan) => {
-                    print!("{}", plan.render());
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    eprintln!("error: {}: {e:#}", file.display());
-                    Ok(ExitCode::FAILURE)
-                }
-            }
-        }
-    }
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Provision { command } => return provision(command),
+        Command::Provision { command } => return os_agent::provision::cli::run(&RealHost, command),
         Command::Containers { command } => {
             return os_agent::containers::cli::run(&RealHost, command)
         }
@@ -120,16 +65,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Fleet { etcd, command } => os_agent::fleet::cli::run(&RealHost, &etcd, command)?,
         Command::Rollback => os_agent::update::cli::rollback(&RealHost)?,
         Command::Reboot => os_agent::update::cli::reboot(&RealHost)?,
-        Command::Status { json } => {
-            let v = osctl::view(&RealHost)?;
-            if json {
-                let text =
-                    serde_json::to_string_pretty(&v).context("cannot serialize the status")?;
-                println!("{text}");
-            } else {
-                print!("{}", osctl::render(&v));
-            }
-        }
+        Command::Status { json } => os_agent::status::cli::run(&RealHost, json)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -9,6 +9,7 @@
 
 pub mod apply;
 pub mod ballast;
+pub mod cli;
 pub mod cloudconfig;
 pub mod network;
 pub mod plan;

@@ -1,6 +1,8 @@
 //! What the host is running: slot, image, root hash, kernel, boot entry. The
 //! daemon publishes it in /run/ballast/status.json; osctl shows it.
 
+pub mod cli;
+
 use crate::cmdline;
 use crate::disk::{self, grow::DATA_LABEL, slot::Slot};
 use crate::host::Host;

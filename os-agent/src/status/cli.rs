@@ -2,7 +2,7 @@
 
 use crate::host::Host;
 use crate::status::{self, HostStatus};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::Path;
 
@@ -80,6 +80,18 @@ fn view_status(host: &dyn Host) -> Result<StatusView> {
 
 fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30))
+}
+
+/// `osctl status [--json]`.
+pub fn run(host: &dyn Host, json: bool) -> Result<()> {
+    let v = view(host)?;
+    if json {
+        let text = serde_json::to_string_pretty(&v).context("cannot serialize the status")?;
+        println!("{text}");
+    } else {
+        print!("{}", render(&v));
+    }
+    Ok(())
 }
 
 /// The human-readable form.
