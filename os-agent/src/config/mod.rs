@@ -25,7 +25,7 @@ pub const DEFAULT_STATUS_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_STATUS_TIMEOUT_SECS: u64 = 3600;
 
 /// The validated configuration the agent runs with.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub health: HealthSettings,
     pub update: UpdateSettings,
@@ -34,6 +34,18 @@ pub struct Settings {
     /// Registries by `host[:port]`; each entry comes whole from the last
     /// file that has it (docs/containers.md).
     pub registries: BTreeMap<String, RegistrySettings>,
+    /// The `containers` list of the last file that sets it, as written: the
+    /// containers code checks it as one layer of the desired state
+    /// (containers/desired.rs), so a bad container fails that layer and not
+    /// the agent's whole configuration.
+    pub containers: Option<ConfiguredContainers>,
+}
+
+/// A `containers` list and the file it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfiguredContainers {
+    pub file: PathBuf,
+    pub value: toml::Value,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +72,7 @@ impl Default for Settings {
             update: UpdateSettings::default(),
             fleet: None,
             registries: BTreeMap::new(),
+            containers: None,
         }
     }
 }
@@ -78,6 +91,8 @@ struct Partial {
     /// Checked by [`registries::parse`] when the file is read.
     #[serde(default, skip)]
     registries: BTreeMap<String, RegistrySettings>,
+    #[serde(default, skip)]
+    containers: Option<toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,8 +105,9 @@ struct PartialHealth {
 
 /// Every key the agent understands, as dotted paths.
 const KNOWN_KEYS: &[&str] = &[
-    // The containers list is read and checked by containers/desired.rs;
-    // registries by containers/registries.rs, called from here.
+    // The containers list is handed on whole and checked by
+    // containers/desired.rs; registries by containers/registries.rs, called
+    // from here.
     "containers",
     "registries",
     "health",
@@ -165,9 +181,11 @@ fn parse_file(path: &Path, text: &str, unknown: &mut Vec<UnknownKey>) -> Result<
         Some(v) => registries::parse(v, &path.display().to_string())?,
         None => BTreeMap::new(),
     };
+    let containers = table.remove("containers");
     let mut partial = Partial::deserialize(table)
         .with_context(|| format!("invalid settings in {}", path.display()))?;
     partial.registries = registries;
+    partial.containers = containers;
     Ok(partial)
 }
 
@@ -259,6 +277,7 @@ fn load_files(
     let mut merged_update = update::PartialUpdate::default();
     let mut merged_fleet = fleet_config::PartialFleet::default();
     let mut merged_registries = BTreeMap::new();
+    let mut containers = None;
     let mut unknown = Vec::new();
     for path in &files {
         let text = match pending {
@@ -269,17 +288,24 @@ fn load_files(
         };
         let partial = parse_file(path, &text, &mut unknown)?;
         merged_registries.extend(partial.registries);
+        if let Some(value) = partial.containers {
+            containers = Some(ConfiguredContainers {
+                file: path.clone(),
+                value,
+            });
+        }
         merge(&mut merged, partial.health);
         update::merge(&mut merged_update, partial.update);
         let mut fleet = partial.etcd;
         fleet.group = partial.group;
         fleet_config::merge(&mut merged_fleet, fleet);
     }
-    let settings =
-        validate(merged, merged_update, merged_fleet, merged_registries).with_context(|| {
+    let mut settings = validate(merged, merged_update, merged_fleet, merged_registries)
+        .with_context(|| {
             let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
             format!("invalid agent configuration (from {})", names.join(", "))
         })?;
+    settings.containers = containers;
     Ok(Loaded {
         settings,
         files,

@@ -8,11 +8,10 @@
 //! fleet code and plug in the same way.
 
 use super::spec::{Container, RawContainer, SpecError};
-use crate::config::files::config_files;
 use crate::host::Host;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Operator files, one or more containers each, highest precedence.
 pub const FILES_DIR: &str = "/etc/ballast/containers.d";
@@ -138,30 +137,19 @@ impl Source for AgentConfigSource<'_> {
     }
 
     fn load(&self) -> Result<Vec<Container>, SourceError> {
-        let files = config_files(self.host).map_err(|e| {
-            SourceError::Parse(format!("cannot find the agent config files: {e:#}"))
-        })?;
-        let mut last: Option<(PathBuf, toml::Value)> = None;
-        for path in files {
-            let text = self
-                .host
-                .read_to_string(&path)
-                .map_err(|e| SourceError::Io(format!("cannot read {}", path.display()), e))?;
-            let mut table: toml::Table = toml::from_str(&text)
-                .map_err(|e| SourceError::Parse(format!("{}: {e}", path.display())))?;
-            if let Some(v) = table.remove("containers") {
-                last = Some((path, v));
-            }
-        }
-        let Some((path, value)) = last else {
+        let loaded =
+            crate::config::load(self.host).map_err(|e| SourceError::Parse(format!("{e:#}")))?;
+        let Some(c) = loaded.settings.containers else {
             return Ok(Vec::new());
         };
-        let raw: Vec<RawContainer> = value
+        let origin = c.file.display().to_string();
+        let raw: Vec<RawContainer> = c
+            .value
             .try_into()
-            .map_err(|e| SourceError::Parse(format!("{}: containers: {e}", path.display())))?;
+            .map_err(|e| SourceError::Parse(format!("{origin}: containers: {e}")))?;
         let mut out = Vec::new();
         let mut errors = Vec::new();
-        validate_list(&raw, &path.display().to_string(), &mut out, &mut errors);
+        validate_list(&raw, &origin, &mut out, &mut errors);
         if errors.is_empty() {
             Ok(out)
         } else {
