@@ -7,11 +7,12 @@
 #![allow(clippy::unwrap_used)]
 
 use anyhow::Result;
+use os_agent::config::fleet::Tls;
 use os_agent::fleet::lock::Acquire;
 use os_agent::fleet::server::{LocalEtcd, ServerTls};
 use os_agent::fleet::sim::{HolderWatch, SimEnd, SimHost, SimParams};
 use os_agent::fleet::view::GroupWatch;
-use os_agent::fleet::{admin, config::Tls, connect, Fleet, FleetSettings, Keys};
+use os_agent::fleet::{admin, connect, Fleet, FleetSettings, Keys};
 use os_agent::update::fleet_lock::Released;
 use std::path::Path;
 use std::process::Command;

@@ -6,12 +6,13 @@
 //! the key and the file, so a newer config does not break an older agent.
 
 pub mod files;
+pub mod fleet;
 pub mod update;
 
 pub use update::{Strategy, UpdateSettings};
 
+use self::fleet::{self as fleet_config, FleetSettings};
 use crate::containers::registries::{self, RegistrySettings};
-use crate::fleet::config::{self as fleet_config, FleetSettings};
 use std::collections::BTreeMap;
 
 use crate::host::Host;

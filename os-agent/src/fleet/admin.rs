@@ -3,8 +3,8 @@
 //! set-max and unlock. Policy changes are compare-and-swap, so two operators
 //! (or an operator and a self-pausing group) never overwrite each other.
 
-use super::config::check_group;
 use super::model::{self, BadValue, FailureReport, Holder, HostRecord, Keys, Policy};
+use crate::config::fleet::check_group;
 use anyhow::{bail, Context, Result};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use serde::Serialize;

@@ -3,8 +3,8 @@
 //! and prefix of the agent config unless given on the command line.
 
 use super::admin::{self, GroupView, Overview};
-use super::config::{FleetSettings, Tls, DEFAULT_PREFIX};
 use super::model::Keys;
+use crate::config::fleet::{FleetSettings, Tls, DEFAULT_PREFIX};
 use crate::host::Host;
 use anyhow::{bail, Context, Result};
 use ballast_common::version;

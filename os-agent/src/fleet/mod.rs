@@ -2,7 +2,7 @@
 //! lock of the `fleet-lock` strategy (a counting semaphore per group), group
 //! policy and self-pausing rollouts, and what `osctl fleet` reads and writes.
 //!
-//! - [`config`]: the `[etcd]` section and `group` of the agent config;
+//! - the `[etcd]` section and `group` of the agent config are `crate::config::fleet`;
 //! - [`agent`]: the daemon's side: the host's record, the policy watch;
 //! - [`containers`](mod@containers): the desired containers kept in etcd;
 //! - [`model`]: key layout and the JSON values, parsed as untrusted input;
@@ -22,7 +22,7 @@
 pub mod admin;
 pub mod agent;
 pub mod cli;
-pub mod config;
+
 pub mod containers;
 pub mod lock;
 pub mod model;
@@ -40,7 +40,7 @@ use etcd_client::{
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use config::FleetSettings;
+pub use crate::config::fleet::FleetSettings;
 pub use model::Keys;
 
 /// How long one etcd request may take before it counts as a failure.

@@ -1,5 +1,5 @@
 use super::*;
-use crate::fleet::config::FleetSettings;
+use crate::config::fleet::FleetSettings;
 use crate::fleet::server::LocalEtcd;
 
 const PREFIX: &str = "/ballast/containers/hosts/m1/";
