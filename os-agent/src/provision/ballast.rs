@@ -33,26 +33,9 @@ pub struct Update {
     pub channel: Option<String>,
     pub interval_secs: Option<u64>,
     pub jitter_secs: Option<u64>,
-    pub strategy: Option<Strategy>,
+    /// Checked by the agent's config code (`config::Strategy`).
+    pub strategy: Option<String>,
     pub window: Option<Window>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Strategy {
-    Immediate,
-    Window,
-    FleetLock,
-}
-
-impl Strategy {
-    fn as_str(self) -> &'static str {
-        match self {
-            Strategy::Immediate => "immediate",
-            Strategy::Window => "window",
-            Strategy::FleetLock => "fleet-lock",
-        }
-    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -261,11 +244,8 @@ pub fn validate(
                 t.insert(key.into(), secs(v));
             }
         }
-        if let Some(s) = u.strategy {
-            t.insert("strategy".into(), s.as_str().into());
-            if s == Strategy::Window && u.window.is_none() {
-                errors.push("ballast.update.window: required when strategy is window".to_string());
-            }
+        if let Some(s) = &u.strategy {
+            t.insert("strategy".into(), s.clone().into());
         }
         // Days, start and time zone go through as written: the agent's
         // window parser (update/window.rs) checks them in `check_agent`.

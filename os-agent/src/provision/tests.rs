@@ -261,7 +261,7 @@ fn documents() {
         ("timezone traversal", "#cloud-config\ntimezone: ../../etc/passwd\n".into(), Err("is not a time zone")),
         ("bad unit name", "#cloud-config\nballast:\n  units: [{name: hello, content: x}]\n".into(), Err("ballast.units[0].name: \"hello\" is not a unit name")),
         ("bad dropin name", "#cloud-config\nballast:\n  units: [{name: a.service, dropins: [{name: x, content: y}]}]\n".into(), Err("is not a drop-in name")),
-        ("bad strategy", "#cloud-config\nballast:\n  update: {strategy: sometimes}\n".into(), Err("ballast.update.strategy: unknown variant `sometimes`")),
+        ("bad strategy", "#cloud-config\nballast:\n  update: {strategy: sometimes}\n".into(), Err("update.strategy: \"sometimes\" is not one of \"immediate\", \"window\", \"fleet-lock\"")),
         ("window needs start", "#cloud-config\nballast:\n  update: {strategy: window, window: {length: 60}}\n".into(), Err("update.window.start is required")),
         ("bad window day", "#cloud-config\nballast:\n  update: {window: {days: [funday], start: \"01:00\", length: 1h}}\n".into(), Err("update.window.days: \"funday\" is not a day")),
         ("bad channel", "#cloud-config\nballast:\n  update: {channel: ftp://x}\n".into(), Err("update.channel: \"ftp://x\" is not a channel name")),
