@@ -123,9 +123,27 @@ impl ChannelServer {
         Ok(())
     }
 
+    /// Holds every answer for `path` (a file of the channel directory) until
+    /// the returned guard is dropped, so a test can cut the power while the
+    /// agent waits for it.
+    pub fn hold(&self, path: &Path) -> Result<Hold> {
+        let marker = hold_marker(path);
+        std::fs::write(&marker, b"").with_context(|| format!("creating {}", marker.display()))?;
+        Ok(Hold { marker })
+    }
+
+    /// The path in the channel directory of the UKI of the current manifest.
+    pub fn uki_payload(&self) -> Result<PathBuf> {
+        self.payload("uki")
+    }
+
     /// The path in the channel directory of the root payload of the current
     /// manifest (for tampering with it).
     pub fn root_payload(&self) -> Result<PathBuf> {
+        self.payload("root")
+    }
+
+    fn payload(&self, which: &str) -> Result<PathBuf> {
         let path = self.dir().join("channels/stable.json");
         let env: serde_json::Value = serde_json::from_slice(
             &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
@@ -134,9 +152,9 @@ impl ChannelServer {
             .as_str()
             .context("envelope has no manifest")?;
         let m: serde_json::Value = serde_json::from_str(text)?;
-        let url = m["root"]["url"]
+        let url = m[which]["url"]
             .as_str()
-            .context("manifest has no root.url")?;
+            .with_context(|| format!("manifest has no {which}.url"))?;
         Ok(self.dir().join(url))
     }
 }
@@ -154,6 +172,31 @@ impl Drop for ChannelServer {
     }
 }
 
+/// While this lives, the channel server holds its answers for one file.
+pub struct Hold {
+    marker: PathBuf,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.marker) {
+            eprintln!(
+                "channel server: cannot remove {}: {e}",
+                self.marker.display()
+            );
+        }
+    }
+}
+
+fn hold_marker(file: &Path) -> PathBuf {
+    let mut name = file.file_name().unwrap_or_default().to_os_string();
+    name.push(".hold");
+    file.with_file_name(name)
+}
+
+/// How long an answer is held at most (a test that forgot its hold still ends).
+const MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(900);
+
 /// Answers one GET with the file, or 404.
 fn serve(root: &Path, mut c: TcpStream) {
     let mut req = Vec::new();
@@ -167,6 +210,10 @@ fn serve(root: &Path, mut c: TcpStream) {
     let text = String::from_utf8_lossy(&req);
     let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
     let file = root.join(path.trim_start_matches('/'));
+    let held = std::time::Instant::now();
+    while hold_marker(&file).exists() && held.elapsed() < MAX_HOLD {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let opened = if path.contains("..") {
         None
     } else {

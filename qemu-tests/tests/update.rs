@@ -350,6 +350,7 @@ fn expect_verified_boot_and_var_intact(vm: &Vm, version: &str) {
     let build = match version {
         "0.2.0" => update_build("v2"),
         "0.3.0" => update_build("v3"),
+        "0.4.0" => update_build("v4"),
         _ => TestImage::get().dir.clone(),
     };
     let info = TestImage::load(&build).unwrap_or_else(|e| vm.fail(format!("{e:#}")));
@@ -419,15 +420,49 @@ fn power_cuts_during_an_update_leave_a_verified_boot() {
         ));
     }
 
-    // 2. The next attempt starts over; the power goes right after the agent
-    // says `staged`. Staged means bootable: the next boot tries 0.2.0.
+    // 2. The next attempt starts over; the power goes after slot B and its
+    // verity tree are written and the partition table names them, while the
+    // agent waits for the UKI (the test's channel holds it back).
+    configure_this_boot(&vm);
+    let uki = ch
+        .uki_payload()
+        .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
+    let hold = ch.hold(&uki).unwrap_or_else(|e| vm.fail(format!("{e:#}")));
+    let log = start_detached(&vm, "osctl update apply");
+    if !poll(APPLY_TIMEOUT, || {
+        st = json(&vm, "osctl update status --json");
+        st["state"]["name"] == "verifying"
+    }) {
+        vm.fail(format!(
+            "never saw the slot verified: {st:#}\n{}",
+            vm.ssh_ok(&format!("cat {log}; true"))
+        ));
+    }
+    // The hash area and the GPT take well under this after `verifying`.
+    std::thread::sleep(Duration::from_secs(5));
+    vm.power_off_hard();
+    drop(hold);
+    vm.power_on();
+    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
+    expect_running(&vm, "a", &v1);
+    expect_verified_boot_and_var_intact(&vm, &v1);
+    expect_nothing_failed(&vm);
+    let entries = esp(&vm);
+    if entries.iter().any(|e| e.contains("0.2.0")) {
+        vm.fail(format!(
+            "a slot without its UKI has a boot entry: {entries:?}"
+        ));
+    }
+
+    // 3. Again; the power goes right after the agent says `staged`. Staged
+    // means bootable: the next boot tries 0.2.0.
     cut_after_staged(&mut vm, Duration::ZERO);
     expect_running(&vm, "b", "0.2.0");
     wait_blessed(&vm, "0.2.0");
     expect_verified_boot_and_var_intact(&vm, "0.2.0");
     expect_nothing_failed(&vm);
 
-    // 3. From slot B back to A, the power goes 5 s after `staged`: the
+    // 4. From slot B back to A, the power goes 5 s after `staged`: the
     // delay in which vfat lost the entry's size before it was synced under
     // its final name.
     ch.publish(&update_build("v3"), TEST_KEY.as_ref())
@@ -437,6 +472,40 @@ fn power_cuts_during_an_update_leave_a_verified_boot() {
     wait_blessed(&vm, "0.3.0");
     expect_verified_boot_and_var_intact(&vm, "0.3.0");
     expect_nothing_failed(&vm);
+
+    // 5. The power goes while the host reboots into 0.4.0 (`osctl update
+    // apply` reboots; SSH going away is the reboot under way) ...
+    ch.publish(&update_build("v4"), TEST_KEY.as_ref())
+        .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
+    configure_this_boot(&vm);
+    let log = start_detached(&vm, "osctl update apply");
+    if !poll(APPLY_TIMEOUT, || !vm.ssh("true").status.success()) {
+        vm.fail(format!(
+            "osctl update apply did not reboot:\n{}",
+            vm.ssh_ok(&format!("cat {log}; true"))
+        ));
+    }
+    vm.power_off_hard();
+    vm.power_on();
+    // 6. ... and again as soon as its first boot answers, before boot
+    // assessment blessed it. Its next try is blessed.
+    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
+    vm.power_off_hard();
+    vm.power_on();
+    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
+    expect_running(&vm, "b", "0.4.0");
+    wait_blessed(&vm, "0.4.0");
+    expect_verified_boot_and_var_intact(&vm, "0.4.0");
+    expect_nothing_failed(&vm);
+
+    // 7. `osctl rollback` renames the booted entry to `+0-1`; the power goes
+    // right after it returns. The next boot starts 0.3.0.
+    vm.ssh_ok("osctl rollback");
+    vm.power_off_hard();
+    vm.power_on();
+    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
+    expect_running(&vm, "a", "0.3.0");
+    expect_verified_boot_and_var_intact(&vm, "0.3.0");
 }
 
 /// `osctl update apply --no-reboot` in this boot; the power goes `after` it
