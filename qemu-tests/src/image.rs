@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use anyhow::{bail, Context, Result};
 use ballast_common::build_info::{BuildInfo, PartitionInfo};
 
-use crate::boot_entry::strip_boot_counter;
+use os_agent::boot::entries::strip_boot_counter;
 
 const DIR_ENV: &str = "BALLAST_TEST_IMAGE_DIR";
 const HOW_TO_BUILD: &str = "run `make test`, or build the test image first with \

@@ -19,7 +19,6 @@
 //! - `BALLAST_KEEP_VMS=1`: keep each VM's directory (overlay, console log).
 //! - `BALLAST_OVMF_CODE`, `BALLAST_OVMF_VARS`: other firmware files.
 
-mod boot_entry;
 mod channel;
 mod console;
 pub mod containers;
@@ -31,7 +30,6 @@ mod seed;
 mod ssh;
 mod vm;
 
-pub use boot_entry::{parse_boot_counter, strip_boot_counter, BootCounter};
 pub use channel::{image_build, update_build, ChannelServer, GUEST_CHANNEL_URL, TEST_KEY};
 pub use console::tail_lines;
 pub use image::TestImage;
