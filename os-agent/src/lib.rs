@@ -23,3 +23,21 @@ pub fn print_error_chain(e: &anyhow::Error) {
         eprintln!("  caused by: {cause}");
     }
 }
+
+/// What an `osctl ... status [--json]` prints: `value` as pretty JSON, or
+/// `render`'s text; `what` names it in the error.
+pub fn print_view<T: serde::Serialize>(
+    json: bool,
+    what: &str,
+    value: &T,
+    render: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        let text = serde_json::to_string_pretty(value)
+            .map_err(|e| anyhow::anyhow!("cannot serialize {what}: {e}"))?;
+        println!("{text}");
+    } else {
+        print!("{}", render(value));
+    }
+    Ok(())
+}

@@ -111,13 +111,7 @@ async fn run_async(s: &FleetSettings, cmd: FleetCommand) -> Result<()> {
     match cmd {
         FleetCommand::Status { json } => {
             let o = admin::overview(&client, &keys).await?;
-            if json {
-                let text = serde_json::to_string_pretty(&o)
-                    .context("cannot serialize the fleet status")?;
-                println!("{text}");
-            } else {
-                print!("{}", render(&o));
-            }
+            crate::print_view(json, "the fleet status", &o, render)?;
         }
         FleetCommand::Pause { group } => show(admin::pause(&client, &keys, &group).await?),
         FleetCommand::Resume { group } => show(admin::resume(&client, &keys, &group).await?),

@@ -31,13 +31,7 @@ pub fn run(host: &dyn Host, cmd: ProvisionCommand) -> Result<ExitCode> {
     match cmd {
         ProvisionCommand::Status { json } => {
             let s = record::status(host)?;
-            if json {
-                let text = serde_json::to_string_pretty(&s)
-                    .context("cannot serialize the provisioning status")?;
-                println!("{text}");
-            } else {
-                print!("{}", record::render(&s));
-            }
+            crate::print_view(json, "the provisioning status", &s, record::render)?;
             Ok(ExitCode::SUCCESS)
         }
         ProvisionCommand::Validate {

@@ -2,7 +2,7 @@
 
 use crate::host::Host;
 use crate::status::{self, HostStatus};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Serialize;
 use std::path::Path;
 
@@ -84,14 +84,7 @@ fn gib(bytes: u64) -> String {
 
 /// `osctl status [--json]`.
 pub fn run(host: &dyn Host, json: bool) -> Result<()> {
-    let v = view(host)?;
-    if json {
-        let text = serde_json::to_string_pretty(&v).context("cannot serialize the status")?;
-        println!("{text}");
-    } else {
-        print!("{}", render(&v));
-    }
-    Ok(())
+    crate::print_view(json, "the status", &view(host)?, render)
 }
 
 /// The human-readable form.

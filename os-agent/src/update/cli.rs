@@ -9,7 +9,7 @@ use super::store::{self, now_unix, Rollback, UpdateState};
 use crate::boot::entries;
 use crate::config::{self, Strategy};
 use crate::host::Host;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::io::{IsTerminal, Write};
 
 #[derive(Debug, clap::Subcommand)]
@@ -38,14 +38,7 @@ pub fn run(host: &dyn Host, cmd: UpdateCommand) -> Result<()> {
         UpdateCommand::Apply { no_reboot } => apply(host, no_reboot),
         UpdateCommand::Status { json } => {
             let st = store::load(host)?;
-            if json {
-                let text = serde_json::to_string_pretty(&st)
-                    .context("cannot serialize the update state")?;
-                println!("{text}");
-            } else {
-                print!("{}", render_status(&st));
-            }
-            Ok(())
+            crate::print_view(json, "the update state", &st, render_status)
         }
     }
 }

@@ -189,13 +189,8 @@ pub fn reconcile(
                 "update to {v} succeeded: booted slot {} and blessed",
                 b.status.slot
             );
-            st.staged = None;
             st.last_result = Some(format!("updated to {v}"));
-            settle(st)?;
-            remove_staged_uki(host)?;
-            fleet
-                .release(&Released::Blessed { version: v })
-                .context("cannot release the fleet reboot lock")?;
+            unstage(host, st, fleet, Some(Released::Blessed { version: v }))?;
         }
         Assessment::RolledBack { version } => {
             let name = &b.status.image_name;
@@ -214,15 +209,11 @@ pub fn reconcile(
                 at: now_unix(),
                 reason: reason.into(),
             });
-            st.staged = None;
-            settle(st)?;
-            remove_staged_uki(host)?;
-            fleet
-                .release(&Released::RolledBack {
-                    version: version.clone(),
-                    reason: format!("fell back to {}: {reason}", b.status.image_version),
-                })
-                .context("cannot release the fleet reboot lock")?;
+            let released = Released::RolledBack {
+                version: version.clone(),
+                reason: format!("fell back to {}: {reason}", b.status.image_version),
+            };
+            unstage(host, st, fleet, Some(released))?;
         }
         Assessment::NeverBooted { version, why } => {
             tracing::error!(
@@ -230,14 +221,10 @@ pub fn reconcile(
                  it is not marked failed, the next check applies it again"
             );
             st.last_result = Some(format!("{version} never booted: {why}"));
-            st.staged = None;
-            settle(st)?;
-            remove_staged_uki(host)?;
-            fleet
-                .release(&Released::NeverBooted {
-                    version: version.clone(),
-                })
-                .context("cannot release the fleet reboot lock")?;
+            let released = Released::NeverBooted {
+                version: version.clone(),
+            };
+            unstage(host, st, fleet, Some(released))?;
         }
         // Settled into AwaitingReboot by `restage`, or failed into NeverBooted.
         Assessment::NotTried { .. } => {}
@@ -250,9 +237,7 @@ pub fn reconcile(
                     .map(|s| s.version.as_str())
                     .unwrap_or("?")
             );
-            st.staged = None;
-            settle(st)?;
-            remove_staged_uki(host)?;
+            unstage(host, st, fleet, None)?;
         }
     }
     if *st != before {
@@ -340,10 +325,25 @@ fn restage(
     Ok(())
 }
 
-/// Removes the copy of a staged UKI once nothing is staged.
-fn remove_staged_uki(host: &dyn Host) -> Result<()> {
+/// The end of a staged update, however it went: nothing staged, back to
+/// rest, the kept copy of its UKI removed, and the fleet's reboot slot given
+/// back with what became of the version.
+fn unstage(
+    host: &dyn Host,
+    st: &mut UpdateState,
+    fleet: &dyn RebootLock,
+    released: Option<Released>,
+) -> Result<()> {
+    st.staged = None;
+    settle(st)?;
     host.remove_file(Path::new(store::STAGED_UKI))
-        .with_context(|| format!("cannot remove {}", store::STAGED_UKI))
+        .with_context(|| format!("cannot remove {}", store::STAGED_UKI))?;
+    if let Some(r) = released {
+        fleet
+            .release(&r)
+            .context("cannot release the fleet reboot lock")?;
+    }
+    Ok(())
 }
 
 /// The result of weighing the channel's manifest.
