@@ -481,7 +481,7 @@ fn broken_examples_fail_their_checker() {
         (
             "user-data-fragment",
             "ballast:\n  update: {strategy: window}\n",
-            "window: required",
+            "update.window.start is required with strategy = \"window\"",
         ),
         (
             "network-config",
