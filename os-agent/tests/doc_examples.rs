@@ -127,8 +127,54 @@ fn checker(kind: &str) -> Option<Checker> {
     Some(c)
 }
 
+/// The `etcdctl put KEY 'VALUE'` commands of a shell block (a `\` at the
+/// end of a line continues it), as (key, value).
+fn etcdctl_puts(text: &str) -> Vec<(String, String)> {
+    let joined = text.replace("\\\n", " ");
+    joined
+        .lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("etcdctl put ")?;
+            let (key, value) = rest.trim().split_once(char::is_whitespace)?;
+            let value = value.trim();
+            let value = value.strip_prefix('\'')?.strip_suffix('\'')?;
+            Some((key.to_string(), value.to_string()))
+        })
+        .collect()
+}
+
+/// The etcd value an `etcdctl put` of a doc writes, checked by the parser of
+/// its key's kind (docs/etcd.md's key table). Keys of other kinds (a proven
+/// version's machine id) hold plain text and pass.
+fn check_etcd_put(key: &str, value: &str) -> Result<()> {
+    let segments: Vec<&str> = key.trim_start_matches('/').split('/').collect();
+    match segments[..] {
+        [_, "containers", "groups" | "hosts", _, _] => {
+            let (prefix, _) = key.rsplit_once('/').context("a container key has a name")?;
+            os_agent::fleet::containers::parse_layer(
+                &format!("{prefix}/"),
+                &[(key.to_string(), value.as_bytes().to_vec())],
+            )
+            .map_err(|es| {
+                let es: Vec<String> = es.iter().map(ToString::to_string).collect();
+                anyhow::anyhow!("{}", es.join("; "))
+            })?;
+        }
+        [_, "groups", _, "policy"] => check_policy(value)?,
+        _ => {}
+    }
+    Ok(())
+}
+
 /// Checks one block; `Ok(false)` for a block of a language that needs no marker.
 fn check_block(b: &Block) -> Result<bool> {
+    if b.language == "sh" {
+        let puts = etcdctl_puts(&b.text);
+        for (key, value) in &puts {
+            check_etcd_put(key, value).with_context(|| format!("etcdctl put {key}"))?;
+        }
+        return Ok(!puts.is_empty());
+    }
     let Some(kind) = &b.kind else {
         if CHECKED_LANGUAGES.contains(&b.language.as_str()) {
             bail!(
@@ -523,6 +569,30 @@ fn broken_examples_fail_their_checker() {
             "{kind} {text:?}: want {want:?}, got {f:?}"
         );
     }
+}
+
+/// The etcd values written by `etcdctl put` in shell blocks are checked too.
+#[test]
+fn etcdctl_puts_in_shell_blocks_are_checked() {
+    let cases = [
+        (
+            "etcdctl put /ballast/containers/groups/web/nginx \\\n  '{\"image\": \"r/x:1\", \"memroy\": \"1M\"}'",
+            "memroy",
+        ),
+        (
+            "etcdctl put /ballast/groups/web/policy '{\"max_holders\": 0}'",
+            "max_holders",
+        ),
+    ];
+    for (cmd, want) in cases {
+        let f = failures_of(&format!("```sh\n{cmd}\n```\n"));
+        assert!(
+            f.len() == 1 && f[0].contains(want),
+            "{cmd}: want {want:?}, got {f:?}"
+        );
+    }
+    let ok = "```sh\netcdctl put /ballast/groups/web/policy '{\"paused\": true}'\netcdctl put /ballast/groups/web/proven/1.5.0 operator\n```\n";
+    assert!(failures_of(ok).is_empty(), "{:?}", failures_of(ok));
 }
 
 fn lang(kind: &str) -> &'static str {
