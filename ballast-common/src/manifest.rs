@@ -224,6 +224,9 @@ impl Manifest {
 /// What a host knows when it weighs a manifest.
 pub struct HostFacts<'a> {
     pub now: u64,
+    /// The channel the host asked for: a manifest signed for another is
+    /// refused (one key may sign several channels).
+    pub channel: &'a str,
     pub name: &'a str,
     pub architecture: &'a str,
     pub booted_version: &'a str,
@@ -237,6 +240,8 @@ pub struct HostFacts<'a> {
 /// Why a verified manifest is not for this host (now).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Skip {
+    #[error("manifest is for channel {got:?}, this host follows {want:?}")]
+    OtherChannel { got: String, want: String },
     #[error("manifest expired at {expires_at} (now {now}): the channel may be frozen")]
     Expired { expires_at: u64, now: u64 },
     #[error("sequence {got} is lower than {last}, already accepted: a rollback of the channel")]
@@ -256,6 +261,14 @@ pub enum Skip {
 /// Decides whether this host should take the release now. Checks come in
 /// order of severity, so the reason given is the most important one.
 pub fn check(m: &Manifest, h: &HostFacts) -> Result<(), Skip> {
+    // Before anything else: a manifest of another channel must not even
+    // move this channel's sequence.
+    if m.channel != h.channel {
+        return Err(Skip::OtherChannel {
+            got: m.channel.clone(),
+            want: h.channel.into(),
+        });
+    }
     if h.now >= m.expires_at {
         return Err(Skip::Expired {
             expires_at: m.expires_at,
@@ -358,6 +371,7 @@ mod tests {
     fn facts<'a>(failed: &'a [String]) -> HostFacts<'a> {
         HostFacts {
             now: 10_000,
+            channel: "stable",
             name: "ballast",
             architecture: "x86-64",
             booted_version: "0.1.0",
@@ -463,6 +477,19 @@ mod tests {
         let m = sample();
         assert_eq!(check(&m, &facts(&none)), Ok(()));
         let cases: Vec<(&str, Manifest, HostFacts, &str)> = vec![
+            (
+                // A manifest of another channel, signed by the same key,
+                // served under this channel's name; its sequence is higher
+                // and it has not expired: still refused.
+                "channel",
+                Manifest {
+                    channel: "beta".into(),
+                    sequence: 500,
+                    ..m.clone()
+                },
+                facts(&none),
+                "for channel \"beta\", this host follows \"stable\"",
+            ),
             (
                 "expired",
                 m.clone(),

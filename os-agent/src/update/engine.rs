@@ -387,10 +387,11 @@ pub fn check(
     failed.extend(failed_extra.map(str::to_string));
     let facts = HostFacts {
         now: now_unix(),
+        channel: &settings.channel,
         name: &b.status.image_name,
         architecture: architecture(),
         booted_version: &b.status.image_version,
-        last_sequence: st.last_sequence,
+        last_sequence: st.sequence_of(&settings.channel),
         failed_versions: &failed,
         machine_id: &b.machine_id,
     };
@@ -491,13 +492,13 @@ fn check_and_apply(
                 bail!("rejected {why}");
             }
             // Authentic and current, just not for us now: remember its sequence.
-            st.last_sequence = Some(st.last_sequence.unwrap_or(0).max(m.sequence));
+            st.accept_sequence(&m.channel, m.sequence);
             st.apply(Event::NothingToDo)?;
             return Ok(Outcome::NothingToDo(why));
         }
         Ok(()) => {}
     }
-    st.last_sequence = Some(st.last_sequence.unwrap_or(0).max(m.sequence));
+    st.accept_sequence(&m.channel, m.sequence);
     if let Some(s) = st.staged.clone() {
         if s.version == m.version && s.boot_id == b.boot_id {
             st.apply(Event::AlreadyStaged)?;

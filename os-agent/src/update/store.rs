@@ -7,6 +7,7 @@ use crate::disk::slot::Slot;
 use crate::host::Host;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -52,7 +53,15 @@ pub struct Rollback {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct UpdateState {
     pub state: State,
-    /// Highest manifest sequence accepted from the channel.
+    /// Highest manifest sequence accepted, per channel name: a host that
+    /// moves to another channel starts that channel's count afresh and keeps
+    /// this one's, so neither channel can roll the other back or freeze it.
+    #[serde(default)]
+    pub sequences: BTreeMap<String, u64>,
+    /// The single sequence state written before sequences were kept per
+    /// channel; read as the sequence of whichever channel is followed until
+    /// that channel has its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sequence: Option<u64>,
     /// Versions that failed on this host: never tried again.
     #[serde(default)]
@@ -86,6 +95,18 @@ impl UpdateState {
         }
         self.state = next;
         Ok(())
+    }
+
+    /// The highest sequence accepted from `channel`.
+    pub fn sequence_of(&self, channel: &str) -> Option<u64> {
+        self.sequences.get(channel).copied().or(self.last_sequence)
+    }
+
+    /// Records that `channel`'s manifest of `sequence` was accepted.
+    pub fn accept_sequence(&mut self, channel: &str, sequence: u64) {
+        let seq = self.sequence_of(channel).unwrap_or(0).max(sequence);
+        self.sequences.insert(channel.to_string(), seq);
+        self.last_sequence = None;
     }
 
     /// Adds a version to the never-again list (once).

@@ -407,7 +407,7 @@ fn applies_a_release_to_the_other_slot_and_makes_it_bootable_last() {
     let st = w.state();
     assert_eq!(st.state, State::Staged);
     assert_eq!(st.staged.as_ref().unwrap().version, "1.3.0");
-    assert_eq!(st.last_sequence, Some(m.sequence));
+    assert_eq!(st.sequence_of("stable"), Some(m.sequence));
 
     // Polled again in the same boot: already staged, nothing rewritten.
     let out = w.apply(Mode::Now).unwrap();
@@ -747,19 +747,56 @@ fn table_of_rejections() {
     }
 }
 
+/// One key signs several channels: a manifest signed for `beta` (and one
+/// for `nightly` with a huge sequence) served as `stable.json` is refused
+/// and moves no sequence, so the real `stable` release still applies.
+#[test]
+fn a_manifest_of_another_channel_is_refused_and_freezes_nothing() {
+    let w = world();
+    for (channel, sequence) in [("beta", 500), ("nightly", 9999)] {
+        let mut m = w.manifest(&Release::new("1.4.0", 16));
+        m.channel = channel.into();
+        m.sequence = sequence;
+        w.publish(&m);
+        let e = format!("{:#}", w.apply(Mode::Now).unwrap_err());
+        assert!(
+            e.contains(&format!(
+                "for channel \"{channel}\", this host follows \"stable\""
+            )),
+            "{e}"
+        );
+        let st = w.state();
+        assert!(st.sequences.is_empty() && st.staged.is_none(), "{st:?}");
+        w.assert_running_slot_untouched();
+    }
+    let m = w.manifest(&Release::new("1.3.0", 16));
+    w.publish(&m);
+    assert!(matches!(w.apply(Mode::Now).unwrap(), Outcome::Staged(_)));
+    assert_eq!(w.state().sequences.get("stable"), Some(&m.sequence));
+}
+
 #[test]
 fn lower_sequences_and_downgrades_are_refused() {
     let w = world();
     let m = w.manifest(&Release::new("1.3.0", 16));
     w.publish(&m);
-    let mut st = UpdateState {
-        last_sequence: Some(m.sequence + 5),
-        ..UpdateState::default()
-    };
+    // State as written before sequences were kept per channel.
+    let mut st: UpdateState =
+        serde_json::from_str(&format!("{{\"state\": {{\"name\": \"idle\"}}, \"last_sequence\": {}, \"staged\": null, \"last_check\": null, \"last_result\": null, \"last_error\": null, \"last_rollback\": null}}", m.sequence + 5)).unwrap();
     store::save(&w.host, &mut st).unwrap();
     let e = format!("{:#}", w.apply(Mode::Now).unwrap_err());
     assert!(e.contains(&format!("lower than {}", m.sequence + 5)), "{e}");
     w.assert_running_slot_untouched();
+
+    // Kept per channel sequences were kept per channel still counts.
+    let w = world();
+    let m = w.manifest(&Release::new("1.3.0", 16));
+    w.publish(&m);
+    let mut st = UpdateState::default();
+    st.accept_sequence("stable", m.sequence + 5);
+    store::save(&w.host, &mut st).unwrap();
+    let e = format!("{:#}", w.apply(Mode::Now).unwrap_err());
+    assert!(e.contains(&format!("lower than {}", m.sequence + 5)), "{e}");
 
     let w = world();
     let m = w.manifest(&Release::new("1.0.0", 16));
