@@ -150,6 +150,15 @@ fn containers_declared_in_etcd_run_and_follow_their_keys() {
         vm.fail(format!("MemoryMax of web is {limit:?}, want 64M"));
     }
     wait_record(&vm, &etcd, &machine_id, 3);
+    // A local user cannot reach the pulled images (nor any setuid binary in
+    // them): the store is root's alone.
+    let out = vm.ssh("runuser -u nobody -- ls /var/lib/ballast/images/");
+    if out.status.success() {
+        vm.fail(format!(
+            "nobody can list the image store: {}",
+            String::from_utf8_lossy(&out.stdout)
+        ));
+    }
 
     // The agent stops and starts: the units are not its children.
     let (web, api) = (invocation(&vm, "web"), invocation(&vm, "api"));

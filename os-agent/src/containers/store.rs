@@ -77,12 +77,20 @@ pub struct Collected {
 }
 
 impl Store {
+    /// Opens (creating) the store at `root`, and makes `root` root's alone
+    /// (0700): images keep their files' modes, setuid included, and a local
+    /// user who could reach a pulled image's setuid-root binary could run it
+    /// on the host (as containerd's CVE-2021-41103). systemd-nspawn runs as
+    /// root and needs nothing more.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
+        use std::os::unix::fs::PermissionsExt;
         let root = root.into();
         for d in ["blobs/sha256", "images", "tmp"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io_err(format!("cannot create {}", p.display())))?;
         }
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
+            .map_err(io_err(format!("cannot make {} private", root.display())))?;
         Ok(Store { root })
     }
 

@@ -136,3 +136,18 @@ fn images_refs_and_gc() {
         0
     );
 }
+
+/// The attack: a pulled image with a setuid-root binary, run by a local
+/// user from the store on the host. The store's root lets nobody but root
+/// through, also when an older agent made it 0755.
+#[test]
+fn local_users_cannot_reach_the_images() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("images");
+    fs::create_dir_all(&root).expect("mkdir");
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let store = Store::open(&root).expect("open");
+    let mode = fs::metadata(store.root()).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "store root is {mode:o}");
+}
