@@ -399,15 +399,72 @@ fn field_error(e: serde_path_to_error::Error<serde_yaml_ng::Error>) -> FieldErro
     }
 }
 
+/// How deep flow collections (`[`, `{`) may nest in a document, and how far
+/// a line may be indented: far beyond any cloud-config, and well below what
+/// makes the YAML parser's time grow out of bounds (a 160 KB document of
+/// nested `[` took 94 s).
+pub const MAX_FLOW_DEPTH: usize = 64;
+pub const MAX_INDENT: usize = 512;
+
+/// Refuses a document nested deeper than [`MAX_FLOW_DEPTH`] or indented
+/// further than [`MAX_INDENT`], before the YAML parser sees it. Quoted
+/// strings and comments are skipped; block scalars may look like anything
+/// and are counted as written, which only errs on the safe side.
+pub fn check_nesting(text: &str, what: &'static str) -> Result<(), DocError> {
+    let too_deep = |line: usize, why: String| DocError::Yaml {
+        what,
+        why: format!("line {line}: {why}"),
+    };
+    let mut depth = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        if indent > MAX_INDENT {
+            return Err(too_deep(
+                n + 1,
+                format!("indented {indent} columns, more than the {MAX_INDENT} allowed"),
+            ));
+        }
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        for c in line.chars() {
+            match (quote, c) {
+                (Some('\''), '\'') | (Some('"'), '"') if prev != '\\' => quote = None,
+                (Some(_), _) => {}
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '#') if prev.is_whitespace() => break,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > MAX_FLOW_DEPTH {
+                        return Err(too_deep(
+                            n + 1,
+                            format!("nested more than {MAX_FLOW_DEPTH} levels deep"),
+                        ));
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            prev = c;
+        }
+    }
+    Ok(())
+}
+
+/// Parses YAML text into a value, after [`check_nesting`].
+pub(crate) fn yaml_value(text: &str, what: &'static str) -> Result<Value, DocError> {
+    check_nesting(text, what)?;
+    serde_yaml_ng::from_str(text).map_err(|e| DocError::Yaml {
+        what,
+        why: e.to_string(),
+    })
+}
+
 /// Parses YAML text into `T`, with syntax errors and field errors told apart.
 pub(crate) fn parse_yaml<T: de::DeserializeOwned>(
     text: &str,
     what: &'static str,
 ) -> Result<(T, Value), DocError> {
-    let value: Value = serde_yaml_ng::from_str(text).map_err(|e| DocError::Yaml {
-        what,
-        why: e.to_string(),
-    })?;
+    let value = yaml_value(text, what)?;
     if !matches!(value, Value::Mapping(_) | Value::Null) {
         return Err(DocError::NotMapping(what));
     }

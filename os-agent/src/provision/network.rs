@@ -116,10 +116,7 @@ pub fn parse_document(text: &str) -> Result<(Option<NetworkConfig>, Value), DocE
     struct Outer {
         network: Option<NetworkConfig>,
     }
-    let value: Value = serde_yaml_ng::from_str(text).map_err(|e| DocError::Yaml {
-        what: "network-config",
-        why: e.to_string(),
-    })?;
+    let value = super::cloudconfig::yaml_value(text, "network-config")?;
     if value.get("network").is_some() {
         let (outer, v): (Outer, Value) = parse_yaml(text, "network-config")?;
         Ok((outer.network, v))

@@ -842,3 +842,37 @@ fn offline_facts_know_debian_groups() {
         p.warnings
     );
 }
+
+/// Documents built to make the YAML parser's time explode (nesting) are
+/// refused before it sees them, naming the line; the same depth spread over
+/// the document is fine.
+#[test]
+fn deeply_nested_documents_are_refused_before_parsing() {
+    let nested = |open: &str, n: usize| format!("#cloud-config\nx: {}\n", open.repeat(n));
+    for doc in [
+        nested("[", 40_000),
+        nested("{a: ", 40_000),
+        format!("#cloud-config\nx:\n{}y: 1\n", " ".repeat(600)),
+    ] {
+        let e = steps_of(&doc).unwrap_err();
+        assert!(
+            e.contains("line 2: nested more than 64 levels deep")
+                || e.contains("line 3: indented 600 columns"),
+            "{}: {e}",
+            &doc[..40]
+        );
+    }
+    // Brackets in quotes and comments do not count.
+    let quoted = format!(
+        "#cloud-config\nwrite_files: [{{path: /etc/x, content: \"{}\"}}] # {}\n",
+        "[".repeat(100),
+        "{".repeat(100)
+    );
+    steps_of(&quoted).unwrap();
+    // Many collections side by side are not nesting.
+    let flat = format!(
+        "#cloud-config\nruncmd: [{}]\n",
+        vec!["[\"true\"]"; 1000].join(", ")
+    );
+    assert_eq!(steps_of(&flat).unwrap().len(), 1000);
+}
