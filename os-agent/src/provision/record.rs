@@ -138,12 +138,11 @@ pub enum RecordError {
 pub fn instance_id(user_data: &[u8], meta_data: Option<&[u8]>) -> Result<String, RecordError> {
     if let Some(md) = meta_data {
         let text = String::from_utf8_lossy(md);
-        let v: serde_yaml_ng::Value =
-{
-                super::cloudconfig::check_nesting(&text, "meta-data")
-                    .map_err(|e| RecordError::MetaData(e.to_string()))?;
-                serde_yaml_ng::from_str(&text).map_err(|e| RecordError::MetaData(e.to_string()))?
-            };
+        let v: serde_yaml_ng::Value = {
+            super::cloudconfig::check_nesting(&text, "meta-data")
+                .map_err(|e| RecordError::MetaData(e.to_string()))?;
+            serde_yaml_ng::from_str(&text).map_err(|e| RecordError::MetaData(e.to_string()))?
+        };
         for key in ["instance-id", "instance_id"] {
             match v.get(key) {
                 Some(serde_yaml_ng::Value::String(s)) if !s.trim().is_empty() => {

@@ -148,6 +148,10 @@ fn local_users_cannot_reach_the_images() {
     fs::create_dir_all(&root).expect("mkdir");
     fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).expect("chmod");
     let store = Store::open(&root).expect("open");
-    let mode = fs::metadata(store.root()).expect("stat").permissions().mode() & 0o777;
+    let mode = fs::metadata(store.root())
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o700, "store root is {mode:o}");
 }
