@@ -91,7 +91,9 @@ impl State {
             (S::Verifying, E::Verified) => S::Staged,
             (S::Staged, E::Reboot) => S::Rebooting,
             (S::Staged | S::Rebooting, E::BootedNew) => S::Assessing,
-            (S::Staged | S::Rebooting, E::Restaged) => S::Staged,
+            // Also after a failure: a reboot request that failed, or a new
+            // check cut short, leaves the earlier update staged.
+            (S::Staged | S::Rebooting | S::Failed { .. }, E::Restaged) => S::Staged,
             (S::Staged | S::Rebooting | S::Assessing | S::Failed { .. }, E::Settled) => S::Idle,
             // A failed reboot request leaves the update staged.
             (S::Rebooting, E::Fail(reason)) => S::Failed {
@@ -200,7 +202,7 @@ mod tests {
             vec![c.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), Some(State::Rebooting), Some(State::Assessing), Some(State::Staged), i.clone(), n.clone()], // Staged
             vec![n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), Some(State::Assessing), Some(State::Staged), i.clone(), f.clone()], // Rebooting
             vec![n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), i.clone(), n.clone()], // Assessing
-            vec![c.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), i.clone(), n.clone()], // Failed
+            vec![c.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), n.clone(), Some(State::Staged), i.clone(), n.clone()], // Failed
         ];
         for (s, row) in states.iter().zip(&table) {
             for (e, want) in events.iter().zip(row) {

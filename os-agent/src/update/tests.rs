@@ -1036,6 +1036,33 @@ fn a_staged_entry_lost_to_a_power_cut_is_put_back_not_marked_failed() {
     }
 }
 
+/// A power cut during a later check (state `checking`, the earlier update
+/// still staged) that also took the staged entry: still put back.
+#[test]
+fn a_lost_entry_after_a_cut_short_check_is_put_back() {
+    let w = world();
+    let r = Release::new("1.3.0", 32);
+    let m = w.manifest(&r);
+    w.publish(&m);
+    w.apply(Mode::Now).unwrap();
+    let mut st = w.state();
+    st.state = State::Checking;
+    store::save(&w.host, &mut st).unwrap();
+    std::fs::write(w.root().join("efi/EFI/Linux/ballast-1.3.0+3.efi"), b"").unwrap();
+    w.reboot_into(&hex::encode(HASH_A), "1.2.3", BOOTED_UKI, "boot-2");
+    let b = engine::booted(&w.host).unwrap();
+    let mut st = w.state();
+    let a = engine::reconcile(&w.host, &mut st, &b, &NoopLock).unwrap();
+    assert_eq!(a, Assessment::AwaitingReboot);
+    let st = w.state();
+    assert_eq!(st.state, State::Staged);
+    assert!(st.failed_versions.is_empty());
+    assert_eq!(
+        std::fs::read(w.root().join("efi/EFI/Linux/ballast-1.3.0+3.efi")).unwrap(),
+        r.uki
+    );
+}
+
 #[test]
 fn a_lost_entry_over_a_slot_that_no_longer_verifies_is_applied_again() {
     let w = world();
