@@ -1,8 +1,9 @@
 //! Boot the test image: verity root, data partition, /etc overlay, agent,
 //! boot assessment, and persistence across a reboot.
 //!
-//! Each VM boot costs about a minute under TCG, so each test checks as much
-//! as one boot can show. The harness runs the VMs one at a time.
+//! Each VM boot costs about a minute under TCG, so one VM (with a disk
+//! larger than the image, for the data partition to grow into) goes through
+//! all of it: the first boot, a reboot, then failing health checks.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,12 +15,21 @@ use serde_json::Value;
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[test]
-fn boots_to_agent_ready_with_verity_root_and_blessed_entry() {
+fn boots_grows_survives_a_reboot_and_assesses_its_boots() {
     let image = TestImage::get();
-    let vm = Vm::boot(VmOptions::default());
+    let built_data = image.partition("data").size;
+    let vm = Vm::boot(VmOptions {
+        disk_size: Some(image.info.disk.size + 2 * GIB),
+        ..VmOptions::default()
+    });
     vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
+    boots_to_agent_ready_with_verity_root_and_blessed_entry(&vm, image);
+    data_partition_grows_and_var_and_etc_survive_reboot(&vm, built_data);
+    failed_health_check_leaves_the_entry_unblessed(&vm, image);
+}
 
-    wait_unit_active(&vm, "os-agent.service");
+fn boots_to_agent_ready_with_verity_root_and_blessed_entry(vm: &Vm, image: &TestImage) {
+    wait_unit_active(vm, "os-agent.service");
 
     // The agent is up and reports the booted slot and version from the
     // image (osctl's StatusView: HostStatus flattened plus agent_state).
@@ -115,11 +125,11 @@ fn boots_to_agent_ready_with_verity_root_and_blessed_entry() {
     if tmp.trim() != "tmpfs" {
         vm.fail(format!("/tmp is {tmp:?}, want tmpfs"));
     }
-    wait_unit_active(&vm, "systemd-resolved.service");
+    wait_unit_active(vm, "systemd-resolved.service");
 
     // Boot assessment: the health check passes and systemd-bless-boot
     // renames the entry to drop its counter.
-    wait_unit_active(&vm, "ballast-health.service");
+    wait_unit_active(vm, "ballast-health.service");
     let blessed = image.blessed_uki_entry();
     let mut listing = String::new();
     poll(SETTLE_TIMEOUT, || {
@@ -130,7 +140,7 @@ fn boots_to_agent_ready_with_verity_root_and_blessed_entry() {
         vm.fail(format!(
             "entry not blessed within {SETTLE_TIMEOUT:?}: /efi/EFI/Linux has {listing:?}, \
              want {blessed}; systemd-bless-boot:\n{}",
-            unit_report(&vm, "systemd-bless-boot.service")
+            unit_report(vm, "systemd-bless-boot.service")
         ))
     });
     if listing.lines().any(|f| f != blessed && f.contains('+')) {
@@ -144,21 +154,12 @@ fn boots_to_agent_ready_with_verity_root_and_blessed_entry() {
     }
 }
 
-#[test]
-fn data_partition_grows_and_var_and_etc_survive_reboot() {
-    let image = TestImage::get();
-    let built_data = image.partition("data").size;
-    let vm = Vm::boot(VmOptions {
-        disk_size: Some(image.info.disk.size + 2 * GIB),
-        ..VmOptions::default()
-    });
-    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
-
+fn data_partition_grows_and_var_and_etc_survive_reboot(vm: &Vm, built_data: u64) {
     // The partition and the filesystem on it grow on first boot.
     let want = built_data + GIB * 3 / 2;
     let mut sizes = (0, 0);
     poll(SETTLE_TIMEOUT, || {
-        sizes = data_sizes(&vm);
+        sizes = data_sizes(vm);
         sizes.0 >= want && sizes.1 >= want
     })
     .unwrap_or_else(|| {
@@ -195,7 +196,7 @@ fn data_partition_grows_and_var_and_etc_survive_reboot() {
             "state lost across reboot: got {after:?}, want {want_after:?}"
         ));
     }
-    let (part, fs) = data_sizes(&vm);
+    let (part, fs) = data_sizes(vm);
     if part < want || fs < want {
         vm.fail(format!(
             "data shrank after reboot: partition {part} B, filesystem {fs} B"
@@ -207,14 +208,10 @@ fn data_partition_grows_and_var_and_etc_survive_reboot() {
 /// so systemd-boot takes the next try. With no other entry to fall back to,
 /// it stops at the last try instead of looping. Once the check passes
 /// again, the next boot is blessed.
-#[test]
-fn failed_health_check_leaves_the_entry_unblessed() {
-    let image = TestImage::get();
+fn failed_health_check_leaves_the_entry_unblessed(vm: &Vm, image: &TestImage) {
     let blessed = image.blessed_uki_entry();
     let counted = image.info.uki_entry.clone();
-    let vm = Vm::boot(VmOptions::default());
-    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
-    wait_listing(&vm, &blessed, "the first boot was not blessed");
+    wait_listing(vm, &blessed, "the boot before was not blessed");
 
     // Give the entry its three tries back and make the health check fail.
     vm.ssh_ok(&format!(
@@ -238,7 +235,7 @@ fn failed_health_check_leaves_the_entry_unblessed() {
             "the failing boots did not use up the tries and stop at {last}: {listing:?}"
         ))
     });
-    wait_unit_failed(&vm, "ballast-health.service");
+    wait_unit_failed(vm, "ballast-health.service");
     // It stays on the last try: no reboot loop.
     let boot = vm.boot_id();
     std::thread::sleep(Duration::from_secs(30));
@@ -261,8 +258,8 @@ fn failed_health_check_leaves_the_entry_unblessed() {
 
     vm.ssh_ok("rm /var/lib/ballast/fail-health /etc/ballast/agent.d/90-test-fail.toml && sync");
     vm.reboot();
-    wait_unit_active(&vm, "ballast-health.service");
-    wait_listing(&vm, &blessed, "the healthy boot was not blessed");
+    wait_unit_active(vm, "ballast-health.service");
+    wait_listing(vm, &blessed, "the healthy boot was not blessed");
 }
 
 /// Waits until /efi/EFI/Linux holds exactly `want`.
