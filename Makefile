@@ -81,10 +81,10 @@ image: build
 	$(IMAGE_BUILD) build --config $(IMAGE_SPEC) --output $(OUT)
 
 # The test image, and the releases the update tests publish to it
-# (qemu-tests/tests/update.rs): 0.2.0, 0.3.0, 0.4.0 and 0.1.1 whose health check fails.
+# (qemu-tests/tests/update.rs): 0.2.0 to 0.6.0, and 0.1.1 whose health check fails.
 test-image: build
 	$(IMAGE_BUILD) build --config qemu-tests/test-image.yaml --output $(TEST_OUT)
-	for v in v2 v3 v4 bad; do \
+	for v in v2 v3 v4 v5 v6 bad; do \
 		$(IMAGE_BUILD) build --config qemu-tests/test-image-$$v.yaml --output $(TEST_OUT)-$$v || exit 1; \
 	done
 

@@ -244,6 +244,8 @@ fn expect_verified_boot_and_var_intact(vm: &Vm, version: &str) {
         "0.2.0" => update_build("v2"),
         "0.3.0" => update_build("v3"),
         "0.4.0" => update_build("v4"),
+        "0.5.0" => update_build("v5"),
+        "0.6.0" => update_build("v6"),
         _ => TestImage::get().dir.clone(),
     };
     let info = TestImage::load(&build).unwrap_or_else(|e| vm.fail(format!("{e:#}")));
@@ -484,6 +486,26 @@ fn power_cuts_during_an_update_leave_a_verified_boot() {
     vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
     expect_running(&vm, "a", "0.3.0");
     expect_verified_boot_and_var_intact(&vm, "0.3.0");
+    wait_blessed(&vm, "0.3.0");
+
+    // 8. and 9. The power goes 1 s, then 30 s after `staged` (the daemon may
+    // reboot into the update by itself before the 30 s are up: the cut then
+    // comes during that reboot). Only the operator's rollback of 0.4.0 is
+    // recorded as a failure.
+    for (build, version, slot, after) in [("v5", "0.5.0", "b", 1), ("v6", "0.6.0", "a", 30)] {
+        ch.publish(&update_build(build), TEST_KEY.as_ref())
+            .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
+        cut_after_staged(&mut vm, Duration::from_secs(after));
+        expect_running(&vm, slot, version);
+        wait_blessed(&vm, version);
+        expect_verified_boot_and_var_intact(&vm, version);
+        let st = json(&vm, "osctl update status --json");
+        if st["failed_versions"] != serde_json::json!(["0.4.0"]) {
+            vm.fail(format!(
+                "want only the rolled-back 0.4.0 failed after a cut {after} s after staged: {st:#}"
+            ));
+        }
+    }
 }
 
 /// `osctl update apply --no-reboot` in this boot; the power goes `after` it
