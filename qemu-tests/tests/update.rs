@@ -366,9 +366,7 @@ fn power_cuts_during_an_update_leave_a_verified_boot() {
             vm.ssh_ok(&format!("cat {log}; true"))
         ));
     }
-    vm.power_off_hard();
-    vm.power_on();
-    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
+    power_cut(&mut vm);
     expect_running(&vm, "a", &v1);
     expect_verified_boot_and_var_intact(&vm, &v1);
     let entries = esp(&vm);
@@ -470,9 +468,7 @@ fn power_cuts_during_an_update_leave_a_verified_boot() {
     // 6. ... and again as soon as its first boot answers, before boot
     // assessment blessed it. Its next try is blessed.
     vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
-    vm.power_off_hard();
-    vm.power_on();
-    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
+    power_cut(&mut vm);
     expect_running(&vm, "b", "0.4.0");
     wait_blessed(&vm, "0.4.0");
     expect_verified_boot_and_var_intact(&vm, "0.4.0");
@@ -481,9 +477,7 @@ fn power_cuts_during_an_update_leave_a_verified_boot() {
     // 7. `osctl rollback` renames the booted entry to `+0-1`; the power goes
     // right after it returns. The next boot starts 0.3.0.
     vm.ssh_ok("osctl rollback");
-    vm.power_off_hard();
-    vm.power_on();
-    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
+    power_cut(&mut vm);
     expect_running(&vm, "a", "0.3.0");
     expect_verified_boot_and_var_intact(&vm, "0.3.0");
     wait_blessed(&vm, "0.3.0");
@@ -524,6 +518,12 @@ fn cut_after_staged(vm: &mut Vm, after: Duration) {
         ));
     }
     std::thread::sleep(after);
+    power_cut(vm);
+}
+
+/// The power goes (QEMU killed, firmware variables kept) and comes back;
+/// returns once the guest answers SSH again.
+fn power_cut(vm: &mut Vm) {
     vm.power_off_hard();
     vm.power_on();
     vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
