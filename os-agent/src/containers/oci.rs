@@ -18,6 +18,8 @@ const LAYER_TYPES: &[&str] = &[
     "application/vnd.oci.image.layer.v1.tar+gzip",
     "application/vnd.oci.image.layer.v1.tar+zstd",
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    // Uncompressed docker layers, as containers/image (skopeo, podman) writes them.
+    "application/vnd.docker.image.rootfs.diff.tar",
 ];
 
 /// What the manifest endpoint accepts from us, best first.

@@ -9,6 +9,13 @@
 //! anything outside it. Absolute symlink targets are kept as they are: they
 //! resolve inside the container's root when it runs, and the unpacker itself
 //! never follows a link.
+//!
+//! Extended attributes come from PAX `SCHILY.xattr.<name>` records (as docker
+//! and containers/image write them). Only the image's own are applied:
+//! `user.*`, and `security.capability` when running as root (file
+//! capabilities: Debian's ping needs `cap_net_raw`). Others (`trusted.*`,
+//! which overlayfs reads as its own, `security.selinux`, ACLs) are the
+//! host's business and are skipped with a debug log.
 
 use std::collections::HashSet;
 use std::fs;
@@ -166,8 +173,40 @@ fn link_stays_inside(link_rel: &Path, target: &Path) -> bool {
 /// Options for [`unpack_layer`].
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
-    /// Apply the owners in the layer (needs root); else files belong to us.
+    /// Apply the owners and file capabilities in the layer (needs root);
+    /// else files belong to us and carry no capabilities.
     pub chown: bool,
+}
+
+const XATTR_RECORD: &str = "SCHILY.xattr.";
+const CAPABILITY: &str = "security.capability";
+
+/// The extended attributes of an entry that the image may set (see the
+/// module doc), in the order the layer gives them.
+fn xattrs<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    name: &str,
+    opts: Options,
+) -> Result<Vec<(String, Vec<u8>)>, UnpackError> {
+    let mut out = Vec::new();
+    let Some(records) = entry.pax_extensions().map_err(UnpackError::Read)? else {
+        return Ok(out);
+    };
+    for record in records {
+        let record = record.map_err(UnpackError::Read)?;
+        let key = record
+            .key()
+            .map_err(|_| refused(name, "a PAX record key is not UTF-8"))?;
+        let Some(attr) = key.strip_prefix(XATTR_RECORD) else {
+            continue;
+        };
+        if attr.starts_with("user.") || (attr == CAPABILITY && opts.chown) {
+            out.push((attr.to_string(), record.value_bytes().to_vec()));
+        } else {
+            tracing::debug!("layer entry {name:?}: not applying extended attribute {attr:?}");
+        }
+    }
+    Ok(out)
 }
 
 impl Options {
@@ -223,6 +262,7 @@ pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), 
             continue;
         }
 
+        let attrs = xattrs(&mut entry, &name, opts)?;
         let header = entry.header();
         let kind = header.entry_type();
         let mode = header.mode().map_err(|e| io_err(&name, e))? & 0o7777;
@@ -345,6 +385,22 @@ pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), 
         if kind == tar::EntryType::Symlink {
             // Does not follow the link (utimensat with AT_SYMLINK_NOFOLLOW).
             filetime::set_symlink_file_times(&dest, mtime, mtime).map_err(|e| io_err(&name, e))?;
+            if !attrs.is_empty() {
+                // The kernel takes no user.* attribute on a link, and a
+                // capability means nothing there.
+                tracing::debug!(
+                    "layer entry {name:?}: extended attributes on a symbolic link skipped"
+                );
+            }
+        } else {
+            // After the owner: a chown clears security.capability.
+            for (attr, value) in &attrs {
+                rustix::fs::lsetxattr(&dest, attr.as_str(), value, rustix::fs::XattrFlags::empty())
+                    .map_err(|e| {
+                        let e = io::Error::new(e.kind(), format!("extended attribute {attr}: {e}"));
+                        io_err(&name, e)
+                    })?;
+            }
         }
         written.insert(rel);
     }

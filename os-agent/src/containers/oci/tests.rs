@@ -48,6 +48,8 @@ fn documents_table() {
         ("schema 1", r#"{"schemaVersion":1}"#.into(), None, Err("schemaVersion Some(1) is not 2")),
         ("no schema", r#"{"layers":[]}"#.into(), None, Err("schemaVersion None")),
         ("disagrees", manifest_json(&format!(r#","mediaType":"{OCI_MANIFEST}""#), gz), Some(OCI_INDEX), Err("served as")),
+        // containers/image writes uncompressed docker layers with this type.
+        ("docker plain layer", manifest_json("", "application/vnd.docker.image.rootfs.diff.tar"), Some(DOCKER_MANIFEST), Ok("manifest")),
         ("foreign layer", manifest_json("", "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"), None, Err("layers[0]: media type")),
         ("no config", r#"{"schemaVersion":2,"layers":[]}"#.into(), None, Err("manifest without config")),
         ("bad digest", manifest_json("", gz).replace(D2, "sha256:xyz"), None, Err("not a sha256 digest")),

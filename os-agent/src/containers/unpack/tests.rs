@@ -415,3 +415,114 @@ fn truncated_and_garbage_layers_are_errors() {
         assert!(e.is_err(), "{what}: {e:?}");
     }
 }
+
+/// `setcap cap_net_raw+ep` (a v2 `vfs_cap_data`), as Debian's /usr/bin/ping has.
+const CAP_NET_RAW_EP: [u8; 20] = [
+    0x01, 0x00, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00,
+];
+
+/// A layer whose entries carry PAX `SCHILY.xattr.*` records, as docker and
+/// containers/image write them.
+fn layer_with_xattrs(owner: u64) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add =
+        |path: &str, kind: tar::EntryType, link: Option<&str>, xattrs: &[(&str, &[u8])]| {
+            b.append_pax_extensions(xattrs.iter().map(|(k, v)| (*k, *v)))
+                .expect("pax");
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(kind);
+            h.set_mode(if kind.is_dir() { 0o755 } else { 0o4755 });
+            h.set_uid(owner);
+            h.set_gid(owner);
+            h.set_mtime(0);
+            let data: &[u8] = if kind == tar::EntryType::Regular {
+                b"#!"
+            } else {
+                b""
+            };
+            h.set_size(data.len() as u64);
+            match link {
+                Some(t) => b.append_link(&mut h, path, t).expect("append"),
+                None => b.append_data(&mut h, path, data).expect("append"),
+            }
+        };
+    add(
+        "usr/",
+        tar::EntryType::Directory,
+        None,
+        &[("SCHILY.xattr.user.dir", b"on a directory")],
+    );
+    add(
+        "usr/ping",
+        tar::EntryType::Regular,
+        None,
+        &[
+            ("SCHILY.xattr.security.capability", &CAP_NET_RAW_EP),
+            ("SCHILY.xattr.user.test", b"kept"),
+            // Neither is the image's to set on the host: ignored.
+            ("SCHILY.xattr.trusted.overlay.opaque", b"y"),
+            (
+                "SCHILY.xattr.security.selinux",
+                b"system_u:object_r:bin_t:s0",
+            ),
+        ],
+    );
+    add(
+        "link",
+        tar::EntryType::Symlink,
+        Some("usr/ping"),
+        // The kernel takes no user.* attribute on a symbolic link: skipped.
+        &[("SCHILY.xattr.user.link", b"x")],
+    );
+    b.into_inner().expect("tar")
+}
+
+fn xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    match rustix::fs::lgetxattr(p, name, &mut buf[..]) {
+        Ok(n) => Some(buf[..n].to_vec()),
+        Err(rustix::io::Errno::NODATA) => None,
+        Err(e) => panic!("getxattr {} {name}: {e}", p.display()),
+    }
+}
+
+/// Debian's ping loses its capability if `security.capability` is dropped;
+/// `user.*` attributes are the image's own. Others are not applied.
+#[test]
+fn extended_attributes_as_root() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to set security.capability");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    // Owners applied: the capability must be set after the chown, which clears it.
+    unpack_layer(&layer_with_xattrs(0)[..], root, Options { chown: true }).expect("unpack");
+    let ping = root.join("usr/ping");
+    assert_eq!(
+        xattr(&ping, "security.capability").as_deref(),
+        Some(&CAP_NET_RAW_EP[..])
+    );
+    assert_eq!(xattr(&ping, "user.test").as_deref(), Some(&b"kept"[..]));
+    assert_eq!(xattr(&ping, "trusted.overlay.opaque"), None);
+    assert_eq!(
+        xattr(&root.join("usr"), "user.dir").as_deref(),
+        Some(&b"on a directory"[..])
+    );
+    assert_eq!(xattr(&root.join("link"), "user.link"), None);
+    // The capability does not cost the setuid bit either.
+    assert_eq!(fs::metadata(&ping).expect("stat").mode() & 0o7777, 0o4755);
+}
+
+/// Without owners (not root), `user.*` attributes are still applied and
+/// capabilities are not (only root may set them).
+#[test]
+fn user_extended_attributes_without_owners() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    unpack_layer(&layer_with_xattrs(1000)[..], root, NO_CHOWN).expect("unpack");
+    let ping = root.join("usr/ping");
+    assert_eq!(xattr(&ping, "user.test").as_deref(), Some(&b"kept"[..]));
+    assert_eq!(xattr(&ping, "security.capability"), None);
+}
