@@ -3,6 +3,7 @@
 //! rest of the puller can rely on digests, sizes and media types.
 
 use super::reference::Digest;
+use super::spec::valid_env_name;
 use serde::{Deserialize, Serialize};
 
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -305,19 +306,52 @@ pub fn parse_config(
         None => (None, None, None, None, None),
     };
     let env = env.unwrap_or_default();
-    if let Some(bad) = env.iter().find(|e| !e.contains('=') || e.contains('\0')) {
-        return Err(invalid(
-            what,
-            format!("Env entry {bad:?} is not NAME=value"),
-        ));
+    for (i, e) in env.iter().enumerate() {
+        let field = format!("config.Env[{i}]");
+        no_control(what, &field, e)?;
+        let (name, _) = e
+            .split_once('=')
+            .ok_or_else(|| invalid(what, format!("{field}: {e:?} is not NAME=value")))?;
+        if !valid_env_name(name) {
+            return Err(invalid(
+                what,
+                format!("{field}: {name:?} is not a variable name (letters, digits, _)"),
+            ));
+        }
+    }
+    let working_dir = working_dir.filter(|w| !w.is_empty());
+    if let Some(w) = &working_dir {
+        no_control(what, "config.WorkingDir", w)?;
+        if !w.starts_with('/') {
+            return Err(invalid(
+                what,
+                format!("config.WorkingDir: {w:?} is not an absolute path"),
+            ));
+        }
+    }
+    let user = user.filter(|u| !u.is_empty());
+    if let Some(u) = &user {
+        no_control(what, "config.User", u)?;
     }
     Ok(RunConfig {
         entrypoint: entrypoint.unwrap_or_default(),
         cmd: cmd.unwrap_or_default(),
         env,
-        working_dir: working_dir.filter(|w| !w.is_empty()),
-        user: user.filter(|u| !u.is_empty()),
+        working_dir,
+        user,
     })
+}
+
+/// Refuses a value with a control character (CR, LF, NUL, ...): these end
+/// up on a unit's command line and in the container's environment.
+fn no_control(what: &str, field: &str, value: &str) -> Result<(), OciError> {
+    if value.chars().any(char::is_control) {
+        return Err(invalid(
+            what,
+            format!("{field}: {value:?} has a control character"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

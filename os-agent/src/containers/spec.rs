@@ -118,6 +118,14 @@ pub fn valid_name(n: &str) -> bool {
         && !n.ends_with('-')
 }
 
+/// An environment variable name: letters, digits and `_`, not starting with
+/// a digit (the container's `env` and an image's `Env` alike).
+pub fn valid_env_name(k: &str) -> bool {
+    !k.is_empty()
+        && !k.as_bytes()[0].is_ascii_digit()
+        && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 fn clean_absolute(p: &str) -> bool {
     let path = Path::new(p);
     path.is_absolute()
@@ -258,10 +266,7 @@ impl RawContainer {
             );
         }
         for (k, v) in self.env.iter().flatten() {
-            let key_ok = !k.is_empty()
-                && !k.as_bytes()[0].is_ascii_digit()
-                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            if !key_ok {
+            if !valid_env_name(k) {
                 err(
                     "env",
                     format!("{k:?} is not a variable name (letters, digits, _)"),

@@ -43,7 +43,10 @@ pub struct RenderError {
 
 /// Quotes one argument for an `ExecStart=` line: always double quotes, with
 /// `\` and `"` escaped and systemd's specifiers (`%`, `$`) doubled, so no
-/// argument is split, expanded or substituted; a lone `;` is `\;`.
+/// argument is split, expanded or substituted; a lone `;` is `\;`. Control
+/// characters are C escapes (systemd ends a line at LF, CR and NUL), so no
+/// argument can end the line and start a directive of its own; `\x00` makes
+/// systemd refuse the line, and [`render`] refuses a NUL before that.
 pub fn quote(arg: &str) -> String {
     // A lone `;` separates commands in ExecStart=, quoted or not.
     if arg == ";" {
@@ -55,8 +58,12 @@ pub fn quote(arg: &str) -> String {
             '\\' => out.push_str("\\\\"),
             '"' => out.push_str("\\\""),
             '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
             '%' => out.push_str("%%"),
             '$' => out.push_str("$$"),
+            c if c.is_ascii_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", u32::from(c))),
             c => out.push(c),
         }
     }
@@ -154,6 +161,12 @@ pub fn render(c: &Container, image: &Image) -> Result<Rendered, RenderError> {
     }
     args.push("--".into());
     args.extend(argv);
+    if let Some(a) = args.iter().find(|a| a.contains('\0')) {
+        return Err(RenderError {
+            container: c.name.clone(),
+            why: format!("{a:?} contains a NUL byte, which no program can be passed"),
+        });
+    }
     let exec: Vec<String> = args.iter().map(|a| quote(a)).collect();
 
     let mut service = vec![

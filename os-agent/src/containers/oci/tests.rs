@@ -149,7 +149,62 @@ fn configs_table() {
         (
             r#"{"config":{"Env":["NOEQUALS"]}}"#,
             0,
-            Err("Env entry \"NOEQUALS\""),
+            Err("config.Env[0]: \"NOEQUALS\" is not NAME=value"),
+        ),
+        (
+            r#"{"config":{"Env":["A=1\r\nExecStartPre=/bin/evil"]}}"#,
+            0,
+            Err("config.Env[0]: \"A=1\\r\\nExecStartPre=/bin/evil\" has a control character"),
+        ),
+        (
+            r#"{"config":{"Env":["OK=1","A=\r"]}}"#,
+            0,
+            Err("config.Env[1]"),
+        ),
+        (
+            r#"{"config":{"Env":["1A=x"]}}"#,
+            0,
+            Err("config.Env[0]: \"1A\" is not a variable name"),
+        ),
+        (
+            r#"{"config":{"Env":["=x"]}}"#,
+            0,
+            Err("config.Env[0]: \"\" is not a variable name"),
+        ),
+        (
+            r#"{"config":{"Env":["A B=x"]}}"#,
+            0,
+            Err("is not a variable name"),
+        ),
+        (
+            r#"{"config":{"WorkingDir":"srv"}}"#,
+            0,
+            Err("config.WorkingDir: \"srv\" is not an absolute path"),
+        ),
+        (
+            r#"{"config":{"WorkingDir":"/srv\r"}}"#,
+            0,
+            Err("config.WorkingDir: \"/srv\\r\" has a control character"),
+        ),
+        (
+            r#"{"config":{"User":"app\n"}}"#,
+            0,
+            Err("config.User: \"app\\n\" has a control character"),
+        ),
+        (
+            r#"{"config":{"User":"nobody\u0000"}}"#,
+            0,
+            Err("config.User"),
+        ),
+        (
+            r#"{"config":{"User":"1000:1000","WorkingDir":"/srv/app/","Env":["PATH=/usr/bin:/bin","lower_case=a=b"]}}"#,
+            0,
+            Ok(RunConfig {
+                env: vec!["PATH=/usr/bin:/bin".into(), "lower_case=a=b".into()],
+                working_dir: Some("/srv/app/".into()),
+                user: Some("1000:1000".into()),
+                ..RunConfig::default()
+            }),
         ),
         (
             r#"{"config":{"Cmd":"not a list"}}"#,

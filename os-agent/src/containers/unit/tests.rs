@@ -82,6 +82,9 @@ fn quoting() {
         ("100%", "\"100%%\""),
         ("$HOME ${X}", "\"$$HOME $${X}\""),
         ("two\nlines", "\"two\\nlines\""),
+        // systemd ends a unit line at CR too.
+        ("carriage\rreturn", "\"carriage\\rreturn\""),
+        ("tab\tbell\u{7}del\u{7f}", "\"tab\\tbell\\x07del\\x7f\""),
         (";", "\\;"),
         ("a;b", "\"a;b\""),
         ("", "\"\""),
@@ -151,4 +154,36 @@ fn rendered_unit() {
         .expect("render")
         .text
         .contains("--network-veth"));
+}
+
+/// No value, from the container or from the image, can end a unit line
+/// (systemd ends one at LF, CR or NUL) and so add a directive of its own.
+#[test]
+fn no_value_breaks_a_unit_line() {
+    let mut img = image(&["/e"], &[]);
+    // An image.json written before image configs were checked.
+    img.info.config.env = vec!["FROM_IMAGE=x\rExecStartPre=/bin/evil".into()];
+    let c = container("env = { FROM_SPEC = \"y\\rExecStartPost=/bin/evil\" }");
+    let r = render(&c, &img).expect("render");
+    assert!(!r.text.contains('\r'), "{:?}", r.text);
+    assert!(
+        r.text
+            .contains(r#""--setenv=FROM_IMAGE=x\rExecStartPre=/bin/evil""#),
+        "{}",
+        r.text
+    );
+    assert!(
+        r.text
+            .contains(r#""--setenv=FROM_SPEC=y\rExecStartPost=/bin/evil""#),
+        "{}",
+        r.text
+    );
+    for l in r.text.lines() {
+        assert!(!l.starts_with("ExecStartPre=/bin/evil"), "{l}");
+    }
+
+    // A NUL cannot be passed to a program at all: refused, naming the value.
+    img.info.config.env = vec!["NUL=a\0b".into()];
+    let e = render(&container(""), &img).expect_err("NUL in the image's env");
+    assert!(e.to_string().contains("NUL"), "{e}");
 }
