@@ -4,12 +4,13 @@
 
 use anyhow::{Context, Result};
 use os_agent::containers::local_registry::{
-    init_layout, layer_tar, push, push_as, put_blob, put_image, tagged, Entry, Registry,
+    init_layout, layer_tar, push, push_as, put_blob, put_image, tagged, write_layout, Entry,
+    Registry,
 };
 use os_agent::containers::oci::Platform;
 use os_agent::containers::reference::Reference;
 use os_agent::containers::registry::{PullError, Puller};
-use os_agent::containers::store::{Store, StoreError};
+use os_agent::containers::store::{Quota, Store, StoreError};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -235,6 +236,88 @@ fn pull_verify_unpack_and_refuse_corruption() -> Result<()> {
     assert!(e.to_string().contains("refused"), "{e}");
     assert!(!fresh.has_blob(&biggest));
     assert_eq!(fresh.image(&pulled.image.info.manifest)?, None);
+    Ok(())
+}
+
+/// Nothing of a refused image is complete: no image, no ref, no work left.
+fn nothing_complete(store_dir: &Path, store: &Store) -> Result<()> {
+    assert_eq!(fs::read_dir(store_dir.join("images"))?.count(), 0);
+    assert_eq!(fs::read_dir(store_dir.join("tmp"))?.count(), 0);
+    assert!(store.refs()?.is_empty());
+    Ok(())
+}
+
+/// A config whose diff_ids are not its layers' (all zeros, as a registry or
+/// a tool may serve them) is refused after unpacking the layer; an image
+/// that unpacks to more than the store gives it is refused while unpacking.
+#[test]
+fn wrong_diff_ids_and_too_big_images_are_refused() -> Result<()> {
+    let reg = Registry::start()?;
+    let work = tempfile::tempdir()?;
+    let plain = "application/vnd.oci.image.layer.v1.tar";
+    let layer = layer_tar(&[Entry::File("etc/x", b"x\n".to_vec())])?;
+    let zeros = format!("sha256:{}", "0".repeat(64));
+    let layout = work.path().join("zeros");
+    write_layout(
+        &layout,
+        "1",
+        &[(plain, layer.clone(), zeros.clone())],
+        &["/x"],
+    )?;
+    push(&layout, "1", &reg, "test/zeros", false)?;
+
+    let store_dir = tempfile::tempdir()?;
+    let store = Store::open(store_dir.path())?;
+    let r = Reference::parse(&format!("{}/test/zeros:1", reg.addr)).map_err(anyhow::Error::msg)?;
+    let e = Puller::new(&store).pull(&r).expect_err("all-zero diff_ids");
+    match &e {
+        PullError::DiffId {
+            index: 0,
+            expected,
+            actual,
+            ..
+        } => {
+            assert_eq!(expected.as_str(), zeros);
+            assert_eq!(*actual, sha256_hex(&layer));
+        }
+        other => panic!("want a diff_id mismatch, got {other}"),
+    }
+    assert!(e.to_string().contains("rootfs.diff_ids[0]"), "{e}");
+    nothing_complete(store_dir.path(), &store)?;
+
+    // 8 MiB of zeros, 8 KiB of gzip; the image may take 1 MiB.
+    let big = layer_tar(&[Entry::File("big", vec![0u8; 8 << 20])])?;
+    let diff = format!("sha256:{}", sha256_hex(&big));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, &big)?;
+    let layout = work.path().join("big");
+    write_layout(
+        &layout,
+        "1",
+        &[(
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            gz.finish()?,
+            diff,
+        )],
+        &["/x"],
+    )?;
+    push(&layout, "1", &reg, "test/big", false)?;
+    let store_dir = tempfile::tempdir()?;
+    let store = Store::open(store_dir.path())?.with_quota(Quota {
+        image: 1 << 20,
+        store: 1 << 30,
+    });
+    let r = Reference::parse(&format!("{}/test/big:1", reg.addr)).map_err(anyhow::Error::msg)?;
+    let e = Puller::new(&store).pull(&r).expect_err("8 MiB in 1 MiB");
+    assert!(
+        matches!(&e, PullError::Store(StoreError::Quota { .. })),
+        "want the quota, got {e}"
+    );
+    assert!(
+        e.to_string().contains("entry \"big\" takes it past 1048576 bytes (the limit for one image is 1048576 bytes); refused"),
+        "{e}"
+    );
+    nothing_complete(store_dir.path(), &store)?;
     Ok(())
 }
 

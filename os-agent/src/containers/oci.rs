@@ -270,6 +270,14 @@ struct RawRootfs {
     diff_ids: Vec<String>,
 }
 
+/// An image config: what to run, and the digest of each layer's
+/// uncompressed tar (`rootfs.diff_ids`), which unpacking verifies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageConfig {
+    pub run: RunConfig,
+    pub diff_ids: Vec<Digest>,
+}
+
 /// Parses an image config, checking it matches the manifest's layer count
 /// and `platform`.
 pub fn parse_config(
@@ -277,7 +285,7 @@ pub fn parse_config(
     layers: usize,
     platform: &Platform,
     what: &str,
-) -> Result<RunConfig, OciError> {
+) -> Result<ImageConfig, OciError> {
     let raw: RawConfig = serde_json::from_slice(bytes).map_err(|source| OciError::Json {
         what: what.to_string(),
         source,
@@ -290,16 +298,25 @@ pub fn parse_config(
             ));
         }
     }
-    let diff_ids = raw.rootfs.map(|r| r.diff_ids.len());
-    if diff_ids.is_some_and(|n| n != layers) {
+    // Without diff_ids nothing vouches for the unpacked layers: as containerd,
+    // a config must name one per layer.
+    let raw_ids = raw.rootfs.map(|r| r.diff_ids).unwrap_or_default();
+    if raw_ids.len() != layers {
         return Err(invalid(
             what,
             format!(
                 "rootfs has {} diff_ids but the manifest {layers} layers",
-                diff_ids.unwrap_or(0)
+                raw_ids.len()
             ),
         ));
     }
+    let diff_ids = raw_ids
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            Digest::parse(d).map_err(|why| invalid(what, format!("rootfs.diff_ids[{i}]: {why}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let run = raw.config;
     let (entrypoint, cmd, env, working_dir, user) = match run {
         Some(r) => (r.entrypoint, r.cmd, r.env, r.working_dir, r.user),
@@ -333,12 +350,15 @@ pub fn parse_config(
     if let Some(u) = &user {
         no_control(what, "config.User", u)?;
     }
-    Ok(RunConfig {
-        entrypoint: entrypoint.unwrap_or_default(),
-        cmd: cmd.unwrap_or_default(),
-        env,
-        working_dir,
-        user,
+    Ok(ImageConfig {
+        run: RunConfig {
+            entrypoint: entrypoint.unwrap_or_default(),
+            cmd: cmd.unwrap_or_default(),
+            env,
+            working_dir,
+            user,
+        },
+        diff_ids,
     })
 }
 

@@ -45,6 +45,13 @@ pub enum PullError {
         #[source]
         source: UnpackError,
     },
+    #[error("layer {digest}: uncompressed, it has digest sha256:{actual}, but the image config's rootfs.diff_ids[{index}] is {expected}; refused")]
+    DiffId {
+        digest: Digest,
+        index: usize,
+        expected: Digest,
+        actual: String,
+    },
 }
 
 /// A user name and password for a registry (basic auth, or to get a token).
@@ -446,6 +453,14 @@ impl<'a> Puller<'a> {
             &self.platform,
             &format!("config {} of {r}", manifest.config.digest),
         )?;
+        let to_fetch: u64 = manifest
+            .layers
+            .iter()
+            .filter(|l| !self.store.has_blob(&l.digest))
+            .map(|l| l.size)
+            .sum();
+        self.store
+            .check_room(&format!("image {manifest_digest} ({r})"), to_fetch)?;
         for l in &manifest.layers {
             downloaded += self.fetch_blob(r, &l.digest, l.size)?;
         }
@@ -455,22 +470,40 @@ impl<'a> Puller<'a> {
             index: index.map(|(d, _)| d),
             config_digest: manifest.config.digest.clone(),
             layers: manifest.layers.iter().map(|l| l.digest.clone()).collect(),
-            config,
+            config: config.run,
         };
         let opts = unpack::Options::for_this_process();
         let store = self.store;
-        let image = store.commit_image(info, |rootfs| -> Result<(), PullError> {
-            for l in &manifest.layers {
+        let image = store.commit_image(info, |rootfs, room| -> Result<(), PullError> {
+            let mut left = room.bytes;
+            for (index, (l, expected)) in manifest.layers.iter().zip(&config.diff_ids).enumerate() {
                 let path = store.blob_path(&l.digest);
                 let f = std::fs::File::open(&path).map_err(|source| StoreError::Io {
                     what: format!("cannot open {}", path.display()),
                     source,
                 })?;
                 // Verified on the way in; unpacking reads the stored copy.
-                unpack::unpack_layer(f, rootfs, opts).map_err(|source| PullError::Unpack {
-                    digest: l.digest.clone(),
-                    source,
+                let got = unpack::unpack_layer(f, rootfs, opts, left).map_err(|e| match e {
+                    UnpackError::Quota { entry, .. } => PullError::Store(StoreError::Quota {
+                        what: format!(
+                            "image {manifest_digest} ({r}): layer {} entry {entry:?} takes it past {} bytes ({})",
+                            l.digest, room.bytes, room.why
+                        ),
+                    }),
+                    source => PullError::Unpack {
+                        digest: l.digest.clone(),
+                        source,
+                    },
                 })?;
+                if got.diff_id != expected.hex() {
+                    return Err(PullError::DiffId {
+                        digest: l.digest.clone(),
+                        index,
+                        expected: expected.clone(),
+                        actual: got.diff_id,
+                    });
+                }
+                left -= got.bytes;
             }
             Ok(())
         })?;

@@ -9,7 +9,13 @@
 //!
 //! Nothing appears under its final name before it is verified: a blob is
 //! hashed while it is written to tmp/ and renamed only when digest and size
-//! match; an image is unpacked in tmp/ and renamed when every layer is in.
+//! match; an image is unpacked in tmp/, every file and directory of it is
+//! synced, and it is renamed into images/ last (then images/ is synced).
+//!
+//! What the store holds is capped by its [`Quota`]: one image may unpack to
+//! [`MAX_IMAGE_BYTES`], and the store (blobs, images, work in tmp/) may fill
+//! half of its filesystem, as measured by [`sync_tree`]'s rule (file
+//! contents, plus [`ENTRY_BYTES`] for every entry).
 
 use super::oci::RunConfig;
 use super::reference::Digest;
@@ -23,6 +29,30 @@ use std::path::{Path, PathBuf};
 /// Where the store lives on a host.
 pub const DEFAULT_ROOT: &str = "/var/lib/ballast/images";
 
+/// Most bytes one image may unpack to (the sum of its layers' uncompressed
+/// sizes while unpacking, its tree once unpacked).
+pub const MAX_IMAGE_BYTES: u64 = 16 << 30;
+
+/// What an entry (file, directory, link) counts for besides its contents: a
+/// tree of empty files is not free.
+pub const ENTRY_BYTES: u64 = 512;
+
+/// Limits on what the store holds (docs/containers.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Most bytes one image may unpack to.
+    pub image: u64,
+    /// Most bytes the whole store may hold.
+    pub store: u64,
+}
+
+/// How much the image being committed may unpack to, and what set that.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Room {
+    pub bytes: u64,
+    pub why: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("blob {expected}: content has digest sha256:{actual}; refused")]
@@ -33,6 +63,8 @@ pub enum StoreError {
         expected: u64,
         actual: u64,
     },
+    #[error("{what}; refused")]
+    Quota { what: String },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -67,6 +99,69 @@ pub struct Image {
 
 pub struct Store {
     root: PathBuf,
+    quota: Quota,
+}
+
+/// What [`sync_tree`] went through.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tree {
+    /// Regular files synced (a file with several names once).
+    pub files: u64,
+    /// Directories synced, the top one included.
+    pub dirs: u64,
+    /// Contents of the files plus [`ENTRY_BYTES`] per entry below the top.
+    pub bytes: u64,
+}
+
+/// Syncs every regular file and directory under `top` (children before the
+/// directory that names them, `top` last) and measures the tree. Symbolic
+/// links are not followed: their directory's sync keeps them.
+pub fn sync_tree(top: &Path) -> Result<Tree, StoreError> {
+    walk(top, true)
+}
+
+fn walk(top: &Path, sync: bool) -> Result<Tree, StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    fn dir(
+        d: &Path,
+        sync: bool,
+        seen: &mut BTreeSet<(u64, u64)>,
+        t: &mut Tree,
+    ) -> Result<(), StoreError> {
+        for e in fs::read_dir(d).map_err(io_err(format!("cannot list {}", d.display())))? {
+            let p = e
+                .map_err(io_err(format!("cannot list {}", d.display())))?
+                .path();
+            let m =
+                fs::symlink_metadata(&p).map_err(io_err(format!("cannot stat {}", p.display())))?;
+            t.bytes += ENTRY_BYTES;
+            if m.is_dir() {
+                dir(&p, sync, seen, t)?;
+            } else if m.is_file() && (m.nlink() == 1 || seen.insert((m.dev(), m.ino()))) {
+                t.bytes += m.len();
+                t.files += 1;
+                if sync {
+                    fs::File::open(&p)
+                        .and_then(|f| f.sync_all())
+                        .map_err(io_err(format!("cannot sync {}", p.display())))?;
+                }
+            }
+        }
+        t.dirs += 1;
+        if sync {
+            sync_dir(d)?;
+        }
+        Ok(())
+    }
+    let mut t = Tree::default();
+    dir(top, sync, &mut BTreeSet::new(), &mut t)?;
+    Ok(t)
+}
+
+fn sync_dir(d: &Path) -> Result<(), StoreError> {
+    fs::File::open(d)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(format!("cannot sync {}", d.display())))
 }
 
 /// What a garbage collection removed.
@@ -91,11 +186,70 @@ impl Store {
         }
         fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
             .map_err(io_err(format!("cannot make {} private", root.display())))?;
-        Ok(Store { root })
+        // /var holds more than images (volumes, the journal, etcd's data):
+        // the store takes at most half of it.
+        let fs = rustix::fs::statvfs(&root).map_err(|e| {
+            io_err(format!(
+                "cannot measure the filesystem of {}",
+                root.display()
+            ))(e.into())
+        })?;
+        let quota = Quota {
+            image: MAX_IMAGE_BYTES,
+            store: fs.f_blocks.saturating_mul(fs.f_frsize) / 2,
+        };
+        Ok(Store { root, quota })
+    }
+
+    /// The same store with other limits (tests, and hosts that know better).
+    pub fn with_quota(self, quota: Quota) -> Store {
+        Store { quota, ..self }
+    }
+
+    pub fn quota(&self) -> Quota {
+        self.quota
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Bytes the store holds now, by [`sync_tree`]'s measure.
+    fn used(&self) -> Result<u64, StoreError> {
+        Ok(walk(&self.root, false)?.bytes)
+    }
+
+    /// Refuses `need` more bytes (blobs about to be fetched for `what`) that
+    /// would take the store past its quota.
+    pub fn check_room(&self, what: &str, need: u64) -> Result<(), StoreError> {
+        let used = self.used()?;
+        if used.saturating_add(need) > self.quota.store {
+            return Err(StoreError::Quota {
+                what: format!(
+                    "{what}: {need} bytes to fetch, and the store holds {used} of its {} bytes",
+                    self.quota.store
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// How much the next image may unpack to: its own limit, or what the
+    /// store has left if that is less.
+    pub fn room(&self) -> Result<Room, StoreError> {
+        let used = self.used()?;
+        let left = self.quota.store.saturating_sub(used);
+        Ok(if self.quota.image <= left {
+            Room {
+                bytes: self.quota.image,
+                why: format!("the limit for one image is {} bytes", self.quota.image),
+            }
+        } else {
+            Room {
+                bytes: left,
+                why: format!("the store holds {used} of its {} bytes", self.quota.store),
+            }
+        })
     }
 
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
@@ -191,26 +345,40 @@ impl Store {
         }))
     }
 
-    /// Builds an image directory with `fill(rootfs)` in tmp/ and moves it in
-    /// place only when `fill` succeeded.
+    /// Builds an image directory with `fill(rootfs, room)` in tmp/ and moves
+    /// it in place only when `fill` succeeded, the tree is within `room` and
+    /// every file and directory of it is on disk: a crash leaves either no
+    /// image or a whole one. The rename is the last change; images/ is
+    /// synced after it so that the image stays.
     pub fn commit_image<E: From<StoreError>>(
         &self,
         info: ImageInfo,
-        fill: impl FnOnce(&Path) -> Result<(), E>,
+        fill: impl FnOnce(&Path, &Room) -> Result<(), E>,
     ) -> Result<Image, E> {
+        let room = self.room()?;
         let work = tempfile::Builder::new()
             .prefix("image-")
             .tempdir_in(self.root.join("tmp"))
             .map_err(io_err("cannot create a temporary image directory"))?;
         let rootfs = work.path().join("rootfs");
         fs::create_dir(&rootfs).map_err(io_err(format!("cannot create {}", rootfs.display())))?;
-        fill(&rootfs)?;
+        fill(&rootfs, &room)?;
         // systemd-nspawn refuses a directory without /usr as "not an OS
         // tree", which many images are (busybox, static binaries on
         // scratch): an empty /usr changes nothing for them.
         let usr = rootfs.join("usr");
         if fs::symlink_metadata(&usr).is_err() {
             fs::create_dir(&usr).map_err(io_err(format!("cannot create {}", usr.display())))?;
+        }
+        let tree = sync_tree(&rootfs)?;
+        if tree.bytes > room.bytes {
+            return Err(StoreError::Quota {
+                what: format!(
+                    "image {}: unpacks to {} bytes where {} may ({})",
+                    info.manifest, tree.bytes, room.bytes, room.why
+                ),
+            }
+            .into());
         }
         let json = serde_json::to_vec_pretty(&info)
             .map_err(|e| io_err("cannot serialize image.json")(io::Error::other(e)))?;
@@ -219,12 +387,14 @@ impl Store {
         f.write_all(&json)
             .and_then(|()| f.sync_all())
             .map_err(io_err("cannot write image.json"))?;
+        sync_dir(work.path())?;
         let dest = self.image_dir(&info.manifest);
         let kept = work.keep();
         fs::rename(&kept, &dest).map_err(io_err(format!(
             "cannot move the image to {}",
             dest.display()
         )))?;
+        sync_dir(&self.root.join("images"))?;
         Ok(Image {
             rootfs: dest.join("rootfs"),
             info,

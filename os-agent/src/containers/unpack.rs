@@ -17,6 +17,7 @@
 //! which overlayfs reads as its own, `security.selinux`, ACLs) are the
 //! host's business and are skipped with a debug log.
 
+use crate::update::io::{drain, limit_exceeded, HashingReader, LimitReader};
 use std::collections::HashSet;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
@@ -39,6 +40,29 @@ pub enum UnpackError {
     },
     #[error("cannot read the layer: {0}")]
     Read(#[source] io::Error),
+    #[error("layer entry {entry:?}: the image would unpack to more than the {limit} bytes it may")]
+    Quota { entry: String, limit: u64 },
+}
+
+/// An error reading the layer's stream: past the limit, it is the quota's.
+fn read_err(entry: &str, limit: u64, e: io::Error) -> UnpackError {
+    if limit_exceeded(&e).is_some() {
+        UnpackError::Quota {
+            entry: entry.to_string(),
+            limit,
+        }
+    } else {
+        UnpackError::Read(e)
+    }
+}
+
+/// What a layer unpacked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unpacked {
+    /// The sha256 (hex) of the uncompressed tar: the layer's `diff_id`.
+    pub diff_id: String,
+    /// The uncompressed tar's size, which is what counts against the limit.
+    pub bytes: u64,
 }
 
 fn refused(entry: &str, why: impl Into<String>) -> UnpackError {
@@ -218,17 +242,34 @@ impl Options {
     }
 }
 
-/// Unpacks a layer (compressed or not) onto `root`.
-pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), UnpackError> {
+/// Unpacks a layer (compressed or not) onto `root`, refusing it once its
+/// uncompressed tar passes `limit` bytes (an entry that would is refused
+/// before anything of it is written), and hashing that tar for its diff_id.
+pub fn unpack_layer(
+    layer: impl Read,
+    root: &Path,
+    opts: Options,
+    limit: u64,
+) -> Result<Unpacked, UnpackError> {
     let reader = decompress(layer).map_err(UnpackError::Read)?;
-    let mut archive = tar::Archive::new(reader);
+    let mut archive = tar::Archive::new(HashingReader::new(LimitReader::new(reader, limit)));
     // Paths this layer wrote: whiteouts only remove what lower layers left.
     let mut written: HashSet<PathBuf> = HashSet::new();
     let mut dir_modes: Vec<(PathBuf, u32, filetime::FileTime)> = Vec::new();
+    let mut last = String::from("(the first)");
     for entry in archive.entries().map_err(UnpackError::Read)? {
-        let mut entry = entry.map_err(UnpackError::Read)?;
+        let mut entry = entry.map_err(|e| read_err(&format!("after {last}"), limit, e))?;
+        if entry.raw_file_position().saturating_add(entry.size()) > limit {
+            let name = entry
+                .path()
+                .map_err(UnpackError::Read)?
+                .display()
+                .to_string();
+            return Err(UnpackError::Quota { entry: name, limit });
+        }
         let raw_path = entry.path().map_err(UnpackError::Read)?.into_owned();
         let name = raw_path.display().to_string();
+        last.clone_from(&name);
         let Some(rel) = clean(&name, &raw_path)? else {
             continue;
         };
@@ -404,6 +445,12 @@ pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), 
         }
         written.insert(rel);
     }
+    // The diff_id covers the whole stream: the end-of-archive blocks and
+    // whatever follows them (within the limit).
+    let mut rest = archive.into_inner();
+    drain(&mut rest).map_err(|e| read_err("(after the end of the archive)", limit, e))?;
+    let (diff_id, counted) = rest.finish();
+    let bytes = counted.count();
     for (rel, mode, mtime) in dir_modes.into_iter().rev() {
         // A later entry may have replaced the directory, or one above it,
         // with a symbolic link: chmod follows links, so look first.
@@ -425,7 +472,7 @@ pub fn unpack_layer(layer: impl Read, root: &Path, opts: Options) -> Result<(), 
                 .map_err(|e| io_err(&rel.display().to_string(), e))?;
         }
     }
-    Ok(())
+    Ok(Unpacked { diff_id, bytes })
 }
 
 #[cfg(test)]

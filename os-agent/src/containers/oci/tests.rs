@@ -120,7 +120,7 @@ fn platform_selection() {
 fn configs_table() {
     let cases: Vec<(&str, usize, Result<RunConfig, &str>)> = vec![
         (
-            r#"{"architecture":"amd64","os":"linux","config":{"Entrypoint":["/e"],"Cmd":["c"],"Env":["A=1"],"WorkingDir":"/w","User":"u"},"rootfs":{"type":"layers","diff_ids":["x"]}}"#,
+            r#"{"architecture":"amd64","os":"linux","config":{"Entrypoint":["/e"],"Cmd":["c"],"Env":["A=1"],"WorkingDir":"/w","User":"u"},"rootfs":{"type":"layers","diff_ids":["sha256:1111111111111111111111111111111111111111111111111111111111111111"]}}"#,
             1,
             Ok(RunConfig {
                 entrypoint: vec!["/e".into()],
@@ -132,8 +132,18 @@ fn configs_table() {
         ),
         (
             r#"{"config":{"WorkingDir":"","User":""}}"#,
-            3,
+            0,
             Ok(RunConfig::default()),
+        ),
+        (
+            r#"{"config":{}}"#,
+            1,
+            Err("rootfs has 0 diff_ids but the manifest 1 layers"),
+        ),
+        (
+            r#"{"rootfs":{"diff_ids":["sha256:0"]}}"#,
+            1,
+            Err("rootfs.diff_ids[0]: \"sha256:0\" is not a sha256 digest"),
         ),
         ("{}", 0, Ok(RunConfig::default())),
         (
@@ -215,7 +225,10 @@ fn configs_table() {
     ];
     for (json, layers, want) in cases {
         match (parse_config(json.as_bytes(), layers, &amd64(), "cfg"), want) {
-            (Ok(c), Ok(w)) => assert_eq!(c, w, "{json}"),
+            (Ok(c), Ok(w)) => {
+                assert_eq!(c.run, w, "{json}");
+                assert_eq!(c.diff_ids.len(), layers, "{json}");
+            }
             (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{json}: {e}"),
             (got, want) => panic!("{json}: got {got:?}, want {want:?}"),
         }

@@ -76,7 +76,7 @@ fn add_image(store: &Store, name: &str) -> ImageInfo {
         config: RunConfig::default(),
     };
     store
-        .commit_image::<StoreError>(info.clone(), |root| {
+        .commit_image::<StoreError>(info.clone(), |root, _| {
             fs::write(root.join("f"), name).map_err(io_err("write"))
         })
         .expect("commit");
@@ -101,7 +101,7 @@ fn images_refs_and_gc() {
         manifest: digest_of(b"never"),
         ..a.clone()
     };
-    let r = store.commit_image::<StoreError>(bad.clone(), |_| {
+    let r = store.commit_image::<StoreError>(bad.clone(), |_, _| {
         Err(io_err("unpack")(io::Error::other("boom")))
     });
     assert!(r.is_err());
@@ -154,4 +154,121 @@ fn local_users_cannot_reach_the_images() {
         .mode()
         & 0o777;
     assert_eq!(mode, 0o700, "store root is {mode:o}");
+}
+
+fn info_for(name: &str) -> ImageInfo {
+    ImageInfo {
+        reference: format!("r.example/{name}:1"),
+        manifest: digest_of(name.as_bytes()),
+        index: None,
+        config_digest: digest_of(b"c"),
+        layers: vec![],
+        config: RunConfig::default(),
+    }
+}
+
+fn tmp_is_empty(store: &Store) -> bool {
+    fs::read_dir(store.root().join("tmp")).expect("tmp").count() == 0
+}
+
+/// An image that unpacks to more than one image may, or to more than the
+/// store has left, is refused and leaves nothing, even when what filled it
+/// ignored the room it was given: the store measures what is there.
+#[test]
+fn quotas_per_image_and_store_wide() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open").with_quota(Quota {
+        image: 16 << 10,
+        store: 64 << 10,
+    });
+    let write = |n: usize| {
+        move |root: &Path, _: &Room| -> Result<(), StoreError> {
+            fs::write(root.join("f"), vec![0u8; n]).map_err(io_err("write"))
+        }
+    };
+    let e = store
+        .commit_image(info_for("big"), write(20 << 10))
+        .expect_err("20 KiB in a 16 KiB image");
+    assert!(matches!(e, StoreError::Quota { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("the limit for one image is 16384 bytes"),
+        "{e}"
+    );
+    assert_eq!(store.image(&info_for("big").manifest).expect("image"), None);
+    assert!(tmp_is_empty(&store), "work left in tmp/");
+
+    // 40 KiB of blobs: 24 KiB left, less 512 bytes per entry.
+    let blob = vec![7u8; 40 << 10];
+    store
+        .put_blob(&digest_of(&blob), blob.len() as u64, &blob[..])
+        .expect("put");
+    let mut given = 0;
+    store
+        .commit_image(info_for("fits"), |root, room| {
+            given = room.bytes;
+            fs::write(root.join("f"), vec![0u8; 10 << 10]).map_err(io_err("write"))
+        })
+        .expect("10 KiB fits");
+    assert_eq!(given, 16 << 10, "the image limit was the smaller");
+    let e = store
+        .commit_image(info_for("over"), |root, room| {
+            given = room.bytes;
+            fs::write(root.join("f"), vec![0u8; 12 << 10]).map_err(io_err("write"))
+        })
+        .expect_err("the store is full");
+    assert!(given < 12 << 10, "room {given}");
+    assert!(e.to_string().contains("of its 65536 bytes"), "{e}");
+    assert_eq!(
+        store.image(&info_for("over").manifest).expect("image"),
+        None
+    );
+    assert!(tmp_is_empty(&store), "work left in tmp/");
+
+    // Blobs are checked before they are fetched.
+    let e = store
+        .check_room("image x", 20 << 10)
+        .expect_err("20 KiB more blobs");
+    assert!(e.to_string().contains("image x"), "{e}");
+    store
+        .check_room("image x", 1 << 10)
+        .expect("1 KiB more fits");
+}
+
+/// The default: one image up to 16 GiB, the store up to half its filesystem.
+#[test]
+fn default_quota() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let fs = rustix::fs::statvfs(dir.path()).expect("statvfs");
+    assert_eq!(
+        store.quota(),
+        Quota {
+            image: MAX_IMAGE_BYTES,
+            store: fs.f_blocks * fs.f_frsize / 2,
+        }
+    );
+}
+
+/// Before an image counts as complete, every file and directory of its tree
+/// is synced (hard links once), without following a symbolic link out.
+#[test]
+fn the_whole_tree_is_synced_and_measured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    fs::create_dir_all(root.join("a/b")).expect("mkdir");
+    fs::write(root.join("a/one"), b"12345").expect("write");
+    fs::write(root.join("a/b/two"), b"123").expect("write");
+    fs::hard_link(root.join("a/one"), root.join("a/b/again")).expect("link");
+    std::os::unix::fs::symlink("/etc/passwd", root.join("out")).expect("symlink");
+    let t = sync_tree(root).expect("sync");
+    assert_eq!(
+        t,
+        Tree {
+            files: 2,
+            dirs: 3,
+            // 5 + 3 bytes of content, 512 for each of the six entries.
+            bytes: 8 + 6 * 512,
+        }
+    );
 }

@@ -79,11 +79,13 @@ fn tree(root: &Path) -> Vec<String> {
 }
 
 const NO_CHOWN: Options = Options { chown: false };
+/// Tests of what a layer does, not of how much it may write.
+const NO_LIMIT: u64 = u64::MAX;
 
 fn run(layers: &[&[E]]) -> Result<Vec<String>, String> {
     let dir = tempfile::tempdir().expect("tempdir");
     for l in layers {
-        unpack_layer(&tar(l)[..], dir.path(), NO_CHOWN).map_err(|e| e.to_string())?;
+        unpack_layer(&tar(l)[..], dir.path(), NO_CHOWN, NO_LIMIT).map_err(|e| e.to_string())?;
     }
     Ok(tree(dir.path()))
 }
@@ -297,7 +299,7 @@ fn escaping_layers_leave_the_outside_alone() {
     let root = outer.path().join("root");
     fs::create_dir(&root).expect("mkdir");
     let layer = tar(&[E::Sym("out", ".."), E::File("out/escaped", "x")]);
-    assert!(unpack_layer(&layer[..], &root, NO_CHOWN).is_err());
+    assert!(unpack_layer(&layer[..], &root, NO_CHOWN, NO_LIMIT).is_err());
     assert!(!outer.path().join("escaped").exists());
 }
 
@@ -328,7 +330,7 @@ fn directory_modes_never_follow_a_later_symlink() {
         let sum: u32 = bytes[off..off + 512].iter().map(|b| u32::from(*b)).sum();
         bytes[off + 148..off + 156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
     }
-    unpack_layer(&bytes[..], &root, NO_CHOWN).expect("unpack");
+    unpack_layer(&bytes[..], &root, NO_CHOWN, NO_LIMIT).expect("unpack");
     assert_eq!(fs::metadata(&victim).expect("stat").mode() & 0o7777, 0o755);
     assert!(fs::symlink_metadata(root.join("a"))
         .expect("stat")
@@ -361,7 +363,7 @@ fn owners_and_setuid_as_root() {
     b.append_link(&mut l, "su-again", "su").expect("append");
     let layer = b.into_inner().expect("tar");
     let dir = tempfile::tempdir().expect("tempdir");
-    unpack_layer(&layer[..], dir.path(), Options { chown: true }).expect("unpack");
+    unpack_layer(&layer[..], dir.path(), Options { chown: true }, NO_LIMIT).expect("unpack");
     let m = fs::metadata(dir.path().join("su")).expect("stat");
     assert_eq!(m.mtime(), 1_600_000_000, "mtime kept");
     assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1234, 5678, 0o4755));
@@ -379,9 +381,12 @@ fn compressed_layers_and_modes() {
     io::Write::write_all(&mut gz, &plain).expect("gzip");
     let gz = gz.finish().expect("gzip");
     let zst = zstd::encode_all(&plain[..], 1).expect("zstd");
+    let diff_id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&plain));
     for (what, bytes) in [("plain", &plain), ("gzip", &gz), ("zstd", &zst)] {
         let dir = tempfile::tempdir().expect("tempdir");
-        unpack_layer(&bytes[..], dir.path(), NO_CHOWN).expect(what);
+        let got = unpack_layer(&bytes[..], dir.path(), NO_CHOWN, NO_LIMIT).expect(what);
+        // The diff_id is the uncompressed tar's, end-of-archive blocks included.
+        assert_eq!(got.diff_id, diff_id, "{what}");
         let mode = |p: &str| fs::metadata(dir.path().join(p)).expect("stat").mode() & 0o7777;
         assert_eq!((mode("d/run"), mode("secret")), (0o4755, 0o600), "{what}");
     }
@@ -411,7 +416,7 @@ fn truncated_and_garbage_layers_are_errors() {
     ];
     for (what, bytes) in cases {
         let dir = tempfile::tempdir().expect("tempdir");
-        let e = unpack_layer(&bytes[..], dir.path(), NO_CHOWN);
+        let e = unpack_layer(&bytes[..], dir.path(), NO_CHOWN, NO_LIMIT);
         assert!(e.is_err(), "{what}: {e:?}");
     }
 }
@@ -498,7 +503,13 @@ fn extended_attributes_as_root() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     // Owners applied: the capability must be set after the chown, which clears it.
-    unpack_layer(&layer_with_xattrs(0)[..], root, Options { chown: true }).expect("unpack");
+    unpack_layer(
+        &layer_with_xattrs(0)[..],
+        root,
+        Options { chown: true },
+        NO_LIMIT,
+    )
+    .expect("unpack");
     let ping = root.join("usr/ping");
     assert_eq!(
         xattr(&ping, "security.capability").as_deref(),
@@ -521,8 +532,69 @@ fn extended_attributes_as_root() {
 fn user_extended_attributes_without_owners() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    unpack_layer(&layer_with_xattrs(1000)[..], root, NO_CHOWN).expect("unpack");
+    unpack_layer(&layer_with_xattrs(1000)[..], root, NO_CHOWN, NO_LIMIT).expect("unpack");
     let ping = root.join("usr/ping");
     assert_eq!(xattr(&ping, "user.test").as_deref(), Some(&b"kept"[..]));
     assert_eq!(xattr(&ping, "security.capability"), None);
+}
+
+/// A layer that decompresses to far more than it weighs: refused as soon as
+/// an entry would pass the limit, before that entry is written.
+#[test]
+fn unpacking_stops_at_the_limit() {
+    // 64 MiB of zeros: a gzip layer of about 64 KiB.
+    let big = vec![0u8; 64 << 20];
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_size(5);
+    b.append_data(&mut h, "small", &b"small"[..])
+        .expect("append");
+    h.set_size(big.len() as u64);
+    b.append_data(&mut h, "big", &big[..]).expect("append");
+    let plain = b.into_inner().expect("tar");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    io::Write::write_all(&mut gz, &plain).expect("gzip");
+    let gz = gz.finish().expect("gzip");
+    assert!(gz.len() < 1 << 20, "{} bytes", gz.len());
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = unpack_layer(&gz[..], dir.path(), NO_CHOWN, 1 << 20).expect_err("64 MiB in 1 MiB");
+    assert!(
+        matches!(&e, UnpackError::Quota { entry, limit: 1048576 } if entry == "big"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("more than the 1048576 bytes"), "{e}");
+    assert_eq!(
+        tree(dir.path()),
+        ["f /small small"],
+        "the big file was written"
+    );
+
+    // The uncompressed stream is what counts: exactly its size is enough.
+    let one = tar(&[E::File("a", "0123456789")]);
+    let size = one.len() as u64;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let got = unpack_layer(&one[..], dir.path(), NO_CHOWN, size).expect("at the limit");
+    assert_eq!(got.bytes, size);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = unpack_layer(&one[..], dir.path(), NO_CHOWN, size - 1).expect_err("a byte short");
+    assert!(matches!(e, UnpackError::Quota { .. }), "{e}");
+}
+
+/// Whatever follows the end of the archive is part of the diff_id and of
+/// the cost: zeros after it cannot make the unpacker hash without end.
+#[test]
+fn data_after_the_archive_counts() {
+    let mut plain = tar(&[E::File("a", "x")]);
+    plain.extend(vec![0u8; 4 << 20]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = unpack_layer(&plain[..], dir.path(), NO_CHOWN, 1 << 20).expect_err("4 MiB of zeros");
+    assert!(matches!(e, UnpackError::Quota { .. }), "{e}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let got = unpack_layer(&plain[..], dir.path(), NO_CHOWN, NO_LIMIT).expect("unpack");
+    assert_eq!(
+        got.diff_id,
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&plain))
+    );
 }
