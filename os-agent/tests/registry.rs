@@ -495,11 +495,14 @@ fn basic_auth() -> Result<()> {
 /// A token service for the registry's `auth: token` mode: it grants every
 /// scope it is asked for, as a JWT signed (RS256, by `openssl dgst`) with a
 /// key whose self-signed certificate is the registry's root, or, with
-/// `forge`, with another key. Counts the scopes it was asked for.
+/// `forge`, with another key. Counts the scopes it was asked for and keeps
+/// the `Authorization` headers it was sent.
 struct TokenService {
     dir: tempfile::TempDir,
+    host: &'static str,
     port: u16,
     scopes: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    authorizations: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     forge: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -521,7 +524,8 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<Vec<u8>> {
 }
 
 impl TokenService {
-    fn start() -> Result<TokenService> {
+    /// On `host` (a loopback address), port chosen at run time.
+    fn start(host: &'static str) -> Result<TokenService> {
         let dir = tempfile::tempdir()?;
         for name in ["key", "forged"] {
             openssl(
@@ -546,29 +550,52 @@ impl TokenService {
             ],
         )?;
         let der = openssl(dir.path(), &["x509", "-in", "cert.pem", "-outform", "DER"])?;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let listener = std::net::TcpListener::bind((host, 0))?;
         let port = listener.local_addr()?.port();
         let scopes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let authorizations = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let forge = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (d, sc, fg) = (dir.path().to_path_buf(), scopes.clone(), forge.clone());
+        let (d, sc, au, fg) = (
+            dir.path().to_path_buf(),
+            scopes.clone(),
+            authorizations.clone(),
+            forge.clone(),
+        );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                if let Err(e) = answer(conn, &d, &der, &sc, &fg) {
+                if let Err(e) = answer(conn, &d, &der, &sc, &au, &fg) {
                     eprintln!("token service: {e:#}");
                 }
             }
         });
         Ok(TokenService {
             dir,
+            host,
             port,
             scopes,
+            authorizations,
             forge,
         })
     }
 
     fn realm(&self) -> String {
-        format!("http://127.0.0.1:{}/token", self.port)
+        format!("http://{}:{}/token", self.host, self.port)
+    }
+
+    fn authorizations(&self) -> Vec<String> {
+        self.authorizations.lock().expect("authorizations").clone()
+    }
+
+    /// The registry in token mode with this service as its realm.
+    fn registry(&self) -> Result<Registry> {
+        let root = self.dir.path().join("cert.pem");
+        Registry::start_with(os_agent::containers::local_registry::Auth::Token {
+            realm: &self.realm(),
+            service: SERVICE,
+            issuer: ISSUER,
+            root_cert: &root,
+        })
     }
 }
 
@@ -578,12 +605,28 @@ fn answer(
     dir: &Path,
     cert_der: &[u8],
     scopes: &std::sync::Mutex<Vec<String>>,
+    authorizations: &std::sync::Mutex<Vec<String>>,
     forge: &std::sync::atomic::AtomicBool,
 ) -> Result<()> {
     use base64::Engine as _;
     use std::io::{BufRead, Write};
+    let mut reader = std::io::BufReader::new(&conn);
     let mut line = String::new();
-    std::io::BufReader::new(&conn).read_line(&mut line)?;
+    reader.read_line(&mut line)?;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = header.split_once(':') {
+            if k.eq_ignore_ascii_case("authorization") {
+                authorizations
+                    .lock()
+                    .expect("authorizations")
+                    .push(v.trim().to_string());
+            }
+        }
+    }
     let target = line.split_whitespace().nth(1).unwrap_or_default();
     let query = target.split_once('?').map(|(_, q)| q).unwrap_or_default();
     let mut access = Vec::new();
@@ -647,15 +690,8 @@ fn answer(
 /// does not vouch for is refused with an error that names the registry.
 #[test]
 fn bearer_token_auth() -> Result<()> {
-    let tokens = TokenService::start()?;
-    let root = tokens.dir.path().join("cert.pem");
-    let realm = tokens.realm();
-    let reg = Registry::start_with(os_agent::containers::local_registry::Auth::Token {
-        realm: &realm,
-        service: SERVICE,
-        issuer: ISSUER,
-        root_cert: &root,
-    })?;
+    let tokens = TokenService::start("127.0.0.1")?;
+    let reg = tokens.registry()?;
     let work = tempfile::tempdir()?;
     let layout = build_image(work.path())?;
     push(&layout, "v1", &reg, "test/app", false)
@@ -677,6 +713,19 @@ fn bearer_token_auth() -> Result<()> {
         "the agent did not ask for the pull scope: {asked:?}"
     );
 
+    // With credentials: the realm is on the registry's own host, which is
+    // spoken to over plain HTTP anyway, so they go to it.
+    let creds_dir = tempfile::tempdir()?;
+    let creds_store = Store::open(creds_dir.path())?;
+    Puller::new(&creds_store)
+        .credentials(&reg.addr, puller_credentials())
+        .pull(&r)?;
+    assert!(
+        tokens.authorizations().contains(&PULLER_BASIC.to_string()),
+        "{:?}",
+        tokens.authorizations()
+    );
+
     // A token signed by a key the registry does not trust.
     tokens
         .forge
@@ -688,5 +737,56 @@ fn bearer_token_auth() -> Result<()> {
         .expect_err("a forged token pulls");
     assert!(matches!(e, PullError::Http { status: 401, .. }), "{e}");
     assert!(e.to_string().contains(&reg.addr), "{e}");
+    Ok(())
+}
+
+fn puller_credentials() -> os_agent::containers::registry::Credentials {
+    os_agent::containers::registry::Credentials {
+        username: "puller".into(),
+        password: "s3cret".into(),
+    }
+}
+
+/// `puller:s3cret` as a Basic authorization.
+const PULLER_BASIC: &str = "Basic cHVsbGVyOnMzY3JldA==";
+
+/// The attack: a registry names a token realm on another host over plain
+/// HTTP, and the puller sends it the registry's credentials. They are not
+/// sent; the pull is refused with an error naming the realm. Anonymous
+/// pulls through such a realm still work.
+#[test]
+fn no_credentials_for_a_plain_http_realm_elsewhere() -> Result<()> {
+    let tokens = TokenService::start("127.0.0.2")?;
+    let reg = tokens.registry()?;
+    let work = tempfile::tempdir()?;
+    let layout = build_image(work.path())?;
+    push(&layout, "v1", &reg, "test/app", false)
+        .with_context(|| format!("push with a token: registry log: {}", reg.log()))?;
+    let r = Reference::parse(&format!("{}/test/app:v1", reg.addr)).map_err(anyhow::Error::msg)?;
+    let before = tokens.authorizations();
+
+    let store_dir = tempfile::tempdir()?;
+    let store = Store::open(store_dir.path())?;
+    let e = Puller::new(&store)
+        .credentials(&reg.addr, puller_credentials())
+        .pull(&r)
+        .expect_err("credentials for a plain-HTTP realm on another host");
+    assert_eq!(tokens.authorizations(), before, "credentials were sent");
+    assert!(matches!(e, PullError::Auth { .. }), "{e}");
+    assert!(
+        e.to_string().contains(&format!(
+            "token realm \"{}\" is on another host than the registry and is not HTTPS",
+            tokens.realm()
+        )),
+        "{e}"
+    );
+    nothing_complete(store_dir.path(), &store)?;
+
+    let pulled = Puller::new(&store).pull(&r)?;
+    assert_eq!(
+        read(&pulled.image.rootfs, "etc/greeting"),
+        "hello from the registry\n"
+    );
+    assert_eq!(tokens.authorizations(), before, "credentials were sent");
     Ok(())
 }

@@ -146,12 +146,31 @@ pub struct Puller<'a> {
     auth: Mutex<HashMap<(String, String), String>>,
 }
 
-fn is_loopback(registry: &str) -> bool {
-    let host = match registry.rsplit_once(':') {
+/// The host of `host[:port]` (brackets of an IPv6 address removed).
+fn host_of(authority: &str) -> &str {
+    let host = match authority.rsplit_once(':') {
         Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => registry,
+        _ => authority,
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// A URL's scheme (`http` or `https`) and host; `None` for anything else,
+/// user info included (`http://registry@evil/`).
+fn url_scheme_host(url: &str) -> Option<(&str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    if !matches!(scheme, "http" | "https") {
+        return None;
+    }
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    if authority.is_empty() || authority.contains('@') {
+        return None;
+    }
+    Some((scheme, host_of(authority)))
+}
+
+fn is_loopback(registry: &str) -> bool {
+    let host = host_of(registry);
     host == "localhost"
         || host
             .parse::<std::net::IpAddr>()
@@ -248,9 +267,24 @@ impl<'a> Puller<'a> {
                     .params
                     .get("realm")
                     .ok_or_else(|| auth_err(format!("challenge {header:?} has no realm")))?;
-                if !(realm.starts_with("https://") || realm.starts_with("http://")) {
+                let (scheme, realm_host) = url_scheme_host(realm).ok_or_else(|| {
+                    auth_err(format!("token realm {realm:?} is not an http(s) URL"))
+                })?;
+                // The credentials are the registry's: they go to a realm over
+                // HTTPS, or over plain HTTP only to the registry's own host
+                // when the registry itself is spoken to that way (loopback,
+                // `insecure`). Anything else would hand them to whoever the
+                // registry, or a man in the middle, names.
+                let plain_registry = self.base(&r.registry).starts_with("http://");
+                let same_host = realm_host.eq_ignore_ascii_case(host_of(&r.registry));
+                if creds.is_some() && scheme != "https" && !(same_host && plain_registry) {
+                    let where_ = if same_host {
+                        "is plain HTTP while the registry is HTTPS"
+                    } else {
+                        "is on another host than the registry and is not HTTPS"
+                    };
                     return Err(auth_err(format!(
-                        "token realm {realm:?} is not an http(s) URL"
+                        "token realm {realm:?} {where_}: the registry's credentials are not sent there; refused"
                     )));
                 }
                 let scope = ch
@@ -589,6 +623,28 @@ mod tests {
             "https://registry-1.docker.io"
         );
         assert_eq!(p.base("127.example.com"), "https://127.example.com");
+    }
+
+    #[test]
+    fn realm_urls() {
+        for (url, want) in [
+            (
+                "https://auth.docker.io/token",
+                Some(("https", "auth.docker.io")),
+            ),
+            (
+                "http://127.0.0.2:5001/token?x=1",
+                Some(("http", "127.0.0.2")),
+            ),
+            ("http://[::1]:80/t", Some(("http", "::1"))),
+            ("https://reg.lan", Some(("https", "reg.lan"))),
+            ("http://reg.lan@evil.example/t", None),
+            ("ftp://reg.lan/t", None),
+            ("https:///t", None),
+            ("reg.lan/t", None),
+        ] {
+            assert_eq!(url_scheme_host(url), want, "{url}");
+        }
     }
 
     #[test]
