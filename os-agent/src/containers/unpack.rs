@@ -256,19 +256,15 @@ pub fn unpack_layer(
     // Paths this layer wrote: whiteouts only remove what lower layers left.
     let mut written: HashSet<PathBuf> = HashSet::new();
     let mut dir_modes: Vec<(PathBuf, u32, filetime::FileTime)> = Vec::new();
-    let mut last = String::from("(the first)");
+    // For errors between entries (a header, a PAX record): where they were.
+    let mut last = String::from("(the start of the layer)");
     for entry in archive.entries().map_err(UnpackError::Read)? {
-        let mut entry = entry.map_err(|e| read_err(&format!("after {last}"), limit, e))?;
-        if entry.raw_file_position().saturating_add(entry.size()) > limit {
-            let name = entry
-                .path()
-                .map_err(UnpackError::Read)?
-                .display()
-                .to_string();
-            return Err(UnpackError::Quota { entry: name, limit });
-        }
+        let mut entry = entry.map_err(|e| read_err(&format!("(after) {last}"), limit, e))?;
         let raw_path = entry.path().map_err(UnpackError::Read)?.into_owned();
         let name = raw_path.display().to_string();
+        if entry.raw_file_position().saturating_add(entry.size()) > limit {
+            return Err(UnpackError::Quota { entry: name, limit });
+        }
         last.clone_from(&name);
         let Some(rel) = clean(&name, &raw_path)? else {
             continue;
