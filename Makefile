@@ -65,7 +65,7 @@ OUT ?= out
 TEST_OUT ?= out/test
 IMAGE_BUILD := target/release/image-build
 
-.PHONY: deps test-deps build image test-image test unit-test qemu-test run lint bench clean
+.PHONY: deps test-deps build image test-image test unit-test qemu-test fuzz-deps fuzz fuzz-smoke run lint bench clean
 
 deps:
 	$(call install-packages,$(BUILD_PACKAGES))
@@ -94,7 +94,36 @@ unit-test: test-deps
 qemu-test: test-deps test-image
 	BALLAST_TEST_IMAGE_DIR=$(abspath $(TEST_OUT)) $(CARGO) test --locked -p qemu-tests -- --test-threads=1
 
-test: unit-test qemu-test
+test: unit-test fuzz-smoke qemu-test
+
+# Fuzzing (fuzz/README.md): every parser of untrusted input has a cargo-fuzz
+# target. `make fuzz` runs each for FUZZ_SECONDS (default 10 minutes);
+# `make test` runs each for a short while from the committed corpus. New
+# inputs go to $(FUZZ_WORK), findings to fuzz/artifacts/<target>/.
+FUZZ_SECONDS ?= 600
+FUZZ_SMOKE_SECONDS ?= 15
+FUZZ_WORK ?= $(abspath target/fuzz-corpus)
+FUZZ_RUN = $(CARGO) +nightly fuzz run --features libfuzzer
+fuzz-deps:
+	@rustup run nightly rustc --version >/dev/null 2>&1 || { echo "fuzzing needs a nightly Rust toolchain: rustup toolchain install nightly" >&2; exit 1; }
+	@$(CARGO) +nightly fuzz --version >/dev/null 2>&1 || $(CARGO) +nightly install --locked cargo-fuzz
+
+define fuzz-all
+	@set -e; for t in $$($(CARGO) +nightly fuzz list); do \
+		mkdir -p $(FUZZ_WORK)/$$t; \
+		log=$(FUZZ_WORK)/$$t.log; \
+		if ! $(FUZZ_RUN) $$t $(FUZZ_WORK)/$$t fuzz/corpus/$$t -- -max_total_time=$(1) -rss_limit_mb=2048 -print_final_stats=1 >$$log 2>&1; then \
+			tail -n 40 $$log >&2; echo "fuzz target $$t failed: see $$log and fuzz/artifacts/$$t" >&2; exit 1; \
+		fi; \
+		echo "fuzz $$t: $$(sed -n 's/^stat::number_of_executed_units: *//p' $$log) runs in $(1) s, corpus $$(ls $(FUZZ_WORK)/$$t | wc -l) inputs"; \
+	done
+endef
+
+fuzz: fuzz-deps
+	$(call fuzz-all,$(FUZZ_SECONDS))
+
+fuzz-smoke: fuzz-deps
+	$(call fuzz-all,$(FUZZ_SMOKE_SECONDS))
 
 # Benchmarks print their figures and ratios; they assert nothing. The
 # containers bench boots the test image for its desired → running half.

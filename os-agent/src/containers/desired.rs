@@ -82,7 +82,8 @@ pub fn validate_list(
     }
 }
 
-fn parse_toml(text: &str, origin: &Path) -> Result<Vec<RawContainer>, SourceError> {
+/// Parses one operator file of `[[containers]]` tables (not yet validated).
+pub fn parse_toml(text: &str, origin: &Path) -> Result<Vec<RawContainer>, SourceError> {
     let file: ContainersFile = toml::from_str(text)
         .map_err(|e| SourceError::Parse(format!("{}: {e}", origin.display())))?;
     Ok(file.containers)
