@@ -10,6 +10,7 @@ pub mod disk;
 pub mod fleet;
 pub mod health;
 pub mod host;
+pub mod http;
 pub mod logging;
 pub mod mountinfo;
 pub mod provision;
