@@ -156,24 +156,37 @@ pub fn instance_id(user_data: &[u8], meta_data: Option<&[u8]>) -> Result<String,
     Ok(format!("sha256:{}", hex::encode(Sha256::digest(user_data))))
 }
 
-/// The record's file name: the id with anything outside `[A-Za-z0-9._-]`
-/// replaced by `_` (the id itself is kept inside the record).
+/// The record's file name: a readable part (the id with anything outside
+/// `[A-Za-z0-9._-]` replaced by `_`, cut at 100 characters) and the SHA-256
+/// of the id itself, so that ids differing only in the replaced characters
+/// (`i/1`, `i_1`) never share a file, and no id names `current.json` or
+/// `last.json`. The id itself is kept inside the record.
 pub fn file_name(instance_id: &str) -> String {
-    let mut s: String = instance_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(200)
-        .collect();
+    let mut readable: String = instance_id.chars().take(100).map(safe_char).collect();
+    if readable.starts_with('.') {
+        readable.insert_str(0, "id");
+    }
+    let hash = hex::encode(Sha256::digest(instance_id.as_bytes()));
+    format!("{readable}.{hash}.json")
+}
+
+/// The file name records had before [`file_name`] carried a hash. Still read,
+/// so that an instance recorded under it is not provisioned again; the record
+/// inside names its id, which tells apart the ids that shared the name.
+fn legacy_file_name(instance_id: &str) -> String {
+    let mut s: String = instance_id.chars().map(safe_char).take(200).collect();
     if s.is_empty() || s.starts_with('.') {
         s.insert_str(0, "id");
     }
     format!("{s}.json")
+}
+
+fn safe_char(c: char) -> char {
+    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+        c
+    } else {
+        '_'
+    }
 }
 
 fn path_of(name: &str) -> PathBuf {
@@ -217,8 +230,13 @@ fn write_json<T: Serialize>(host: &dyn Host, path: &Path, v: &T) -> Result<(), R
 
 /// The record of an instance, if there is one for exactly this id.
 pub fn load_instance(host: &dyn Host, instance_id: &str) -> Result<Option<Attempt>, RecordError> {
-    let rec: Option<Attempt> = read_json(host, &path_of(&file_name(instance_id)))?;
-    Ok(rec.filter(|r| r.instance_id.as_deref() == Some(instance_id)))
+    for name in [file_name(instance_id), legacy_file_name(instance_id)] {
+        let rec: Option<Attempt> = read_json(host, &path_of(&name))?;
+        if let Some(rec) = rec.filter(|r| r.instance_id.as_deref() == Some(instance_id)) {
+            return Ok(Some(rec));
+        }
+    }
+    Ok(None)
 }
 
 /// Saves an attempt that has an instance id as that instance's record.
@@ -354,7 +372,26 @@ mod tests {
         assert_eq!(h, instance_id(b"x", None).unwrap());
         assert!(h.starts_with("sha256:2d711642"), "{h}");
         assert!(instance_id(b"x", Some(b"a: [")).is_err());
-        assert_eq!(file_name("sha256:ab/c"), "sha256_ab_c.json");
-        assert_eq!(file_name(".."), "id...json");
+        assert_eq!(legacy_file_name("sha256:ab/c"), "sha256_ab_c.json");
+        assert_eq!(legacy_file_name(".."), "id...json");
+    }
+
+    #[test]
+    fn file_names_do_not_collide() {
+        let ids = ["i/1", "i_1", "i:1", "i 1", "", "..", "current", "last"];
+        let names: std::collections::BTreeSet<String> =
+            ids.iter().map(|id| file_name(id)).collect();
+        assert_eq!(names.len(), ids.len(), "{names:?}");
+        for name in &names {
+            assert!(name.ends_with(".json") && name.len() < 255, "{name}");
+            assert!(!name.contains('/') && !name.starts_with(".."), "{name}");
+            assert!(name != CURRENT && name != LAST, "{name}");
+        }
+        assert_eq!(
+            file_name("i/1"),
+            format!("i_1.{}.json", hex::encode(Sha256::digest(b"i/1")))
+        );
+        // A long id stays within a file name's 255 bytes.
+        assert!(file_name(&"x".repeat(10_000)).len() < 255);
     }
 }
