@@ -4,6 +4,7 @@
 //! that failed, an invalid document). All written atomically.
 
 use super::apply::StepRecord;
+use super::source::SourceKind;
 use crate::host::Host;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -133,9 +134,19 @@ pub enum RecordError {
     MetaData(String),
 }
 
-/// The instance id: meta-data's `instance-id` (or `instance_id`), else
-/// `sha256:` and the hash of the user data.
-pub fn instance_id(user_data: &[u8], meta_data: Option<&[u8]>) -> Result<String, RecordError> {
+/// The instance id: meta-data's `instance-id` (or `instance_id`); else for
+/// user data from a URL `url:` and the URL as the command line gives it;
+/// else `sha256:` and the hash of the user data.
+///
+/// Not the hash for a URL: what a URL serves can change under it (or be
+/// changed on the way over plain http), and a changed document must not
+/// provision the host again. The operator makes a new instance by naming
+/// another URL.
+pub fn instance_id(
+    source: &SourceKind,
+    user_data: &[u8],
+    meta_data: Option<&[u8]>,
+) -> Result<String, RecordError> {
     if let Some(md) = meta_data {
         let text = String::from_utf8_lossy(md);
         let v: serde_yaml_ng::Value = {
@@ -153,7 +164,12 @@ pub fn instance_id(user_data: &[u8], meta_data: Option<&[u8]>) -> Result<String,
             }
         }
     }
-    Ok(format!("sha256:{}", hex::encode(Sha256::digest(user_data))))
+    Ok(match source {
+        SourceKind::KernelCmdlineUrl(url) => format!("url:{url}"),
+        SourceKind::FwCfg | SourceKind::NoCloud { .. } => {
+            format!("sha256:{}", hex::encode(Sha256::digest(user_data)))
+        }
+    })
 }
 
 /// The record's file name: a readable part (the id with anything outside
@@ -239,6 +255,14 @@ pub fn load_instance(host: &dyn Host, instance_id: &str) -> Result<Option<Attemp
     Ok(None)
 }
 
+/// The record of the instance the host was provisioned as, if any.
+pub fn load_current(host: &dyn Host) -> Result<Option<Attempt>, RecordError> {
+    match read_json::<Current>(host, &path_of(CURRENT))? {
+        Some(c) => read_json(host, &path_of(&c.record)),
+        None => Ok(None),
+    }
+}
+
 /// Saves an attempt that has an instance id as that instance's record.
 pub fn save_instance(host: &dyn Host, a: &Attempt) -> Result<(), RecordError> {
     let Some(id) = &a.instance_id else {
@@ -271,10 +295,7 @@ pub struct Status {
 
 pub fn status(host: &dyn Host) -> Result<Status, RecordError> {
     let last = read_json(host, &path_of(LAST))?;
-    let current = match read_json::<Current>(host, &path_of(CURRENT))? {
-        Some(c) => read_json(host, &path_of(&c.record))?,
-        None => None,
-    };
+    let current = load_current(host)?;
     Ok(Status { last, current })
 }
 
@@ -363,15 +384,28 @@ mod tests {
 
     #[test]
     fn instance_ids() {
+        let fw = &SourceKind::FwCfg;
         assert_eq!(
-            instance_id(b"x", Some(b"instance-id: iid-1\n")).unwrap(),
+            instance_id(fw, b"x", Some(b"instance-id: iid-1\n")).unwrap(),
             "iid-1"
         );
-        assert_eq!(instance_id(b"x", Some(b"instance_id: 42\n")).unwrap(), "42");
-        let h = instance_id(b"x", Some(b"local-hostname: a\n")).unwrap();
-        assert_eq!(h, instance_id(b"x", None).unwrap());
+        assert_eq!(
+            instance_id(fw, b"x", Some(b"instance_id: 42\n")).unwrap(),
+            "42"
+        );
+        let h = instance_id(fw, b"x", Some(b"local-hostname: a\n")).unwrap();
+        assert_eq!(h, instance_id(fw, b"x", None).unwrap());
         assert!(h.starts_with("sha256:2d711642"), "{h}");
-        assert!(instance_id(b"x", Some(b"a: [")).is_err());
+        assert!(instance_id(fw, b"x", Some(b"a: [")).is_err());
+        // From a URL: the URL, whatever it serves.
+        let url = &SourceKind::KernelCmdlineUrl("https://h/u".into());
+        for body in [&b"x"[..], b"y"] {
+            assert_eq!(instance_id(url, body, None).unwrap(), "url:https://h/u");
+        }
+        assert_eq!(
+            instance_id(url, b"x", Some(b"instance-id: i\n")).unwrap(),
+            "i"
+        );
         assert_eq!(legacy_file_name("sha256:ab/c"), "sha256_ab_c.json");
         assert_eq!(legacy_file_name(".."), "id...json");
     }

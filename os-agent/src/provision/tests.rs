@@ -523,6 +523,7 @@ fn doc(user_data: &str, meta: Option<&str>) -> UserDataDoc {
         user_data: user_data.as_bytes().to_vec(),
         meta_data: meta.map(|m| m.as_bytes().to_vec()),
         network_config: None,
+        warnings: Vec::new(),
     }
 }
 
@@ -927,5 +928,43 @@ fn records_under_the_old_file_name_still_count() {
     assert!(!commands(&host).iter().any(|c| c.ends_with("echo once")));
     // Another id that shared the old name is a new instance.
     let out = run_with(&host, t(3), Ok(Some(doc(ud, Some("instance-id: web_1\n"))))).unwrap();
+    assert!(matches!(out, Outcome::Applied { .. }), "{out:?}");
+}
+
+/// A host provisioned from a URL by a version that named the instance by the
+/// hash of the data is not provisioned again now that the id is the URL.
+#[test]
+fn url_instances_recorded_by_their_hash_still_count() {
+    let (_d, host) = host_tree();
+    let url = "https://config.example/web";
+    let ud = "#cloud-config\nruncmd: [\"echo once\"]\n";
+    let mut old = record::Attempt::new(t(1), AttemptResult::Applied);
+    old.instance_id = Some("sha256:0123".into());
+    old.source = Some(format!("url {url}"));
+    put(
+        &host,
+        "/var/lib/ballast/provision/sha256_0123.json",
+        &serde_json::to_vec(&old).unwrap(),
+    );
+    put(
+        &host,
+        "/var/lib/ballast/provision/current.json",
+        br#"{"instance_id": "sha256:0123", "record": "sha256_0123.json"}"#,
+    );
+    let from = |url: &str| UserDataDoc {
+        source: SourceKind::KernelCmdlineUrl(url.into()),
+        ..doc(ud, None)
+    };
+    let out = run_with(&host, t(2), Ok(Some(from(url)))).unwrap();
+    assert_eq!(
+        out,
+        Outcome::AlreadyApplied {
+            instance_id: format!("url:{url}"),
+            error: None
+        }
+    );
+    assert!(!commands(&host).iter().any(|c| c.ends_with("echo once")));
+    // Another URL is another instance.
+    let out = run_with(&host, t(3), Ok(Some(from("https://config.example/db")))).unwrap();
     assert!(matches!(out, Outcome::Applied { .. }), "{out:?}");
 }
