@@ -320,3 +320,43 @@ fn fleet_section_merges_across_drop_ins() {
         "{e}"
     );
 }
+
+/// etcd credentials never travel over plain http, and no endpoint is plain
+/// http beside https ones; the error names each key with the file that set it.
+#[test]
+fn etcd_credentials_need_https_and_schemes_do_not_mix() {
+    let e = err(&[
+        (
+            "/usr/lib/ballast/agent.toml",
+            "[etcd]\nendpoints = [\"http://10.0.0.1:2379\"]\n",
+        ),
+        (
+            "/etc/ballast/agent.d/50-user-data.toml",
+            "[etcd]\nusername = \"host\"\npassword = \"secret\"\n",
+        ),
+    ]);
+    assert!(
+        e.contains(
+            "etcd.username (in /etc/ballast/agent.d/50-user-data.toml) and \
+             etcd.password (in /etc/ballast/agent.d/50-user-data.toml) are set but \
+             etcd.endpoints (in /usr/lib/ballast/agent.toml) are plain http://"
+        ),
+        "{e}"
+    );
+    assert!(!e.contains("secret"), "{e}");
+    let e = err(&[(
+        "/etc/ballast/agent.d/f.toml",
+        "[etcd]\nendpoints = [\"https://a:2379\", \"http://b:2379\"]\n",
+    )]);
+    assert!(
+        e.contains("etcd.endpoints (in /etc/ballast/agent.d/f.toml): [\"https://a:2379\", \"http://b:2379\"] mixes http:// and https://"),
+        "{e}"
+    );
+    // The same credentials with https endpoints are fine.
+    let (_d, h) = host(&[(
+        "/etc/ballast/agent.d/f.toml",
+        "[etcd]\nendpoints = [\"https://a:2379\"]\nusername = \"u\"\npassword = \"p\"\n",
+    )]);
+    let f = load(&h).unwrap().settings.fleet.unwrap();
+    assert_eq!(f.user, Some(("u".into(), "p".into())));
+}
