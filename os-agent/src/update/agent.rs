@@ -75,10 +75,12 @@ pub fn tick(host: &dyn Host, fleet: &dyn RebootLock, check_due: bool) -> Result<
         return Ok(t);
     }
     t.checked = true;
-    let last_log = std::cell::Cell::new(0u64);
+    let last_log = std::cell::Cell::new(0u128);
     let outcome = engine::run(host, &settings, Mode::Poll, fleet, &mut |bytes, total| {
         // A line per 10% in the journal.
-        let tenth = (bytes * 10).checked_div(total).unwrap_or(0);
+        let tenth = (u128::from(bytes) * 10)
+            .checked_div(u128::from(total))
+            .unwrap_or(0);
         if tenth > last_log.get() {
             last_log.set(tenth);
             tracing::info!("downloading: {bytes} of {total} bytes");
