@@ -262,6 +262,16 @@ fn bad_update_settings_are_named() {
     let cases = [
         ("[update]\nchannel_url = \"ftp://x\"\n", "update.channel_url: \"ftp://x\""),
         ("[update]\ninterval_secs = 10\n", "update.interval_secs: 10 is less than 60"),
+        // The daemon adds these to the clock: the largest TOML integer would
+        // overflow it.
+        (
+            "[update]\ninterval_secs = 9223372036854775807\n",
+            "update.interval_secs: 9223372036854775807 is more than 2592000",
+        ),
+        (
+            "[update]\njitter_secs = 9223372036854775807\n",
+            "update.jitter_secs: 9223372036854775807 is more than 2592000",
+        ),
         ("[update]\nchannel = \"../x\"\n", "update.channel"),
         ("[update]\nstrategy = \"sometimes\"\n", "update.strategy: \"sometimes\""),
         ("[update]\nstrategy = \"window\"\n", "update.window.start is required"),

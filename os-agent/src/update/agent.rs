@@ -32,7 +32,10 @@ pub fn random_up_to(max: Duration) -> Duration {
         return Duration::ZERO;
     }
     // uuid's v4 generator is the random source the agent already has.
-    let r = (uuid::Uuid::new_v4().as_u128() as u64) % (secs + 1);
+    let r = match secs.checked_add(1) {
+        Some(n) => (uuid::Uuid::new_v4().as_u128() as u64) % n,
+        None => uuid::Uuid::new_v4().as_u128() as u64,
+    };
     Duration::from_secs(r)
 }
 

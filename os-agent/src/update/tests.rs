@@ -1222,3 +1222,14 @@ fn install_reads_the_entry_back_from_the_disk() {
         crate::boot::entries::EntryEvidence::Tried { .. }
     ));
 }
+
+/// Jitter of any size gives a duration, not an overflow (`secs + 1`).
+#[test]
+fn random_jitter_of_any_size() {
+    let max = std::time::Duration::from_secs(u64::MAX);
+    assert!(super::agent::random_up_to(max) <= max);
+    assert_eq!(
+        super::agent::random_up_to(std::time::Duration::ZERO),
+        std::time::Duration::ZERO
+    );
+}
