@@ -261,6 +261,15 @@ enum Attempt {
 /// not ready, for at most `policy.total`. Redirects are followed only as
 /// [`redirect_allowed`] allows.
 pub fn fetch_url(url: &str, policy: &RetryPolicy) -> Result<Vec<u8>, SourceError> {
+    fetch_url_with(url, policy, ureq::AgentBuilder::new())
+}
+
+/// [`fetch_url`] with a client built from `agent` (tests give theirs a CA).
+pub(crate) fn fetch_url_with(
+    url: &str,
+    policy: &RetryPolicy,
+    agent: ureq::AgentBuilder,
+) -> Result<Vec<u8>, SourceError> {
     let bad_url = |why: String| SourceError::BadUrl {
         url: url.to_string(),
         why,
@@ -276,7 +285,7 @@ pub fn fetch_url(url: &str, policy: &RetryPolicy) -> Result<Vec<u8>, SourceError
         tracing::warn!("{warning}");
     }
     // Redirects are followed here, one by one, so that each is checked.
-    let agent = ureq::AgentBuilder::new()
+    let agent = agent
         .user_agent(concat!("ballast-os-agent/", env!("CARGO_PKG_VERSION")))
         .redirects(0)
         .build();

@@ -533,6 +533,181 @@ fn changed_document_under_the_same_url_is_not_a_new_instance() {
     );
 }
 
+/// Over https, a redirect to plain http is refused, and the http server is
+/// not asked.
+#[test]
+fn redirect_from_https_to_http_is_refused() {
+    let plain = Server::serve(|_| Reply::ok(b"#cloud-config\nruncmd: [evil]\n"));
+    let tls = TlsServer::start(&format!(
+        "HTTP/1.0 302 Found\r\nLocation: http://127.0.0.1:{}/user-data\r\n\r\n",
+        plain.port()
+    ));
+    let url = format!("https://127.0.0.1:{}/response", tls.port);
+    let err = fetch_url_with(&url, &fast_policy(Duration::from_secs(10)), tls.client())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "redirect from https to plain http (http://127.0.0.1:{}/user-data) refused",
+            plain.port()
+        )),
+        "{err}"
+    );
+    assert_eq!(plain.requests(), 0);
+}
+
+/// `openssl s_server -HTTP` on 127.0.0.1 with a certificate from a test CA,
+/// answering every request with `response` as it is; stopped when dropped.
+struct TlsServer {
+    child: std::process::Child,
+    port: u16,
+    ca_der: Vec<u8>,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsServer {
+    fn start(response: &str) -> TlsServer {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=test-ca",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(&["x509", "-in", "ca.pem", "-outform", "DER", "-out", "ca.der"]);
+        std::fs::write(
+            dir.path().join("server.ext"),
+            "subjectAltName=IP:127.0.0.1\n",
+        )
+        .unwrap();
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]);
+        std::fs::write(dir.path().join("response"), response).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = std::process::Command::new("openssl")
+            .args([
+                "s_server",
+                "-HTTP",
+                "-cert",
+                "server.pem",
+                "-key",
+                "server.key",
+            ])
+            .args(["-accept", &format!("127.0.0.1:{port}")])
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // s_server says ACCEPT once it listens.
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.starts_with("ACCEPT") => break,
+                Some(Ok(_)) => {}
+                other => panic!("openssl s_server did not start: {other:?}"),
+            }
+        }
+        let ca_der = std::fs::read(dir.path().join("ca.der")).unwrap();
+        TlsServer {
+            child,
+            port,
+            ca_der,
+            _dir: dir,
+        }
+    }
+
+    /// A client that trusts the test CA.
+    fn client(&self) -> ureq::AgentBuilder {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(self.ca_der.clone()))
+            .unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        ureq::AgentBuilder::new().tls_config(Arc::new(config))
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        if let Err(e) = self.child.kill().and_then(|()| self.child.wait().map(drop)) {
+            eprintln!("stopping openssl s_server: {e}");
+        }
+    }
+}
+
 fn fast_policy(total: Duration) -> RetryPolicy {
     RetryPolicy {
         total,
