@@ -11,6 +11,15 @@ use sha2::{Digest, Sha256};
 
 pub const FORMAT: &str = "ballast-manifest-v1";
 
+/// Largest root filesystem a manifest may name, compressed or not (1 TiB):
+/// far above any root partition, far below where arithmetic on it overflows.
+pub const MAX_ROOT_BYTES: u64 = 1 << 40;
+/// Largest UKI a manifest may name (256 MiB): a host holds it in memory and
+/// writes it to the ESP.
+pub const MAX_UKI_BYTES: u64 = 256 << 20;
+/// Longest staged rollout (a year, as `image-build release` allows).
+pub const MAX_ROLLOUT_SECS: u64 = 365 * 86_400;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Envelope {
@@ -202,7 +211,35 @@ impl Manifest {
         if uuid::Uuid::parse_str(&self.verity.uuid).is_err() {
             return bad("verity.uuid is not a UUID".into());
         }
-        if self.verity.data_blocks * 4096 != self.root.uncompressed_size {
+        // Sizes first, so that no arithmetic below (or on a host) can overflow.
+        for (field, value, max) in [
+            ("root.size", self.root.size, MAX_ROOT_BYTES),
+            (
+                "root.uncompressed_size",
+                self.root.uncompressed_size,
+                MAX_ROOT_BYTES,
+            ),
+            ("uki.size", self.uki.size, MAX_UKI_BYTES),
+            (
+                "verity.data_blocks",
+                self.verity.data_blocks,
+                MAX_ROOT_BYTES / crate::verity::BLOCK as u64,
+            ),
+            (
+                "rollout.duration_secs",
+                self.rollout.duration_secs,
+                MAX_ROLLOUT_SECS,
+            ),
+        ] {
+            if value > max {
+                return bad(format!("{field} {value} is more than {max}"));
+            }
+        }
+        let data_bytes = self
+            .verity
+            .data_blocks
+            .checked_mul(crate::verity::BLOCK as u64);
+        if data_bytes != Some(self.root.uncompressed_size) {
             return bad("verity.data_blocks does not match root.uncompressed_size".into());
         }
         if self.root.compression != "zstd" {
@@ -216,6 +253,12 @@ impl Manifest {
         }
         if self.expires_at <= self.issued_at {
             return bad("expires_at is not after issued_at".into());
+        }
+        if self.rollout.start > self.expires_at {
+            return bad(format!(
+                "rollout.start {} is after expires_at {}: no host would ever be due",
+                self.rollout.start, self.expires_at
+            ));
         }
         Ok(())
     }
@@ -327,7 +370,11 @@ pub fn rollout_fraction(machine_id: &str, name: &str, version: &str) -> f64 {
 
 pub fn due_at(m: &Manifest, machine_id: &str) -> u64 {
     let f = rollout_fraction(machine_id, &m.name, &m.version);
-    m.rollout.start + (f * m.rollout.duration_secs as f64) as u64
+    // The float-to-int cast saturates; the sum must too (an unvalidated
+    // manifest must not wrap around to "due long ago").
+    m.rollout
+        .start
+        .saturating_add((f * m.rollout.duration_secs as f64) as u64)
 }
 
 #[cfg(test)]
@@ -456,6 +503,73 @@ mod tests {
             let err = open(&bytes, &trusted).unwrap_err().to_string();
             assert!(err.contains(want), "{name}: {err:?} lacks {want:?}");
         }
+    }
+
+    /// A change to a good manifest.
+    type Change = dyn Fn(&mut Manifest);
+
+    /// Signed numbers that overflow the arithmetic done with them, or size
+    /// what a host would hold in memory, are refused when the channel file is
+    /// opened, with the field named: no panic, no abort.
+    #[test]
+    fn huge_numbers_are_refused_when_opened() {
+        let k = SecretKey::from_seed([1; 32]);
+        let cases: &[(&str, &Change, &str)] = &[
+            (
+                // 2^52+16 blocks of 4096 bytes wrap around to 65536 bytes.
+                "data_blocks overflowing",
+                &|m| {
+                    m.verity.data_blocks = (1 << 52) + 16;
+                    m.root.uncompressed_size = 65536;
+                },
+                "verity.data_blocks 4503599627370512 is more than",
+            ),
+            (
+                "uncompressed root too large",
+                &|m| {
+                    m.verity.data_blocks = 1 << 40;
+                    m.root.uncompressed_size = 1 << 52;
+                },
+                "root.uncompressed_size 4503599627370496 is more than",
+            ),
+            (
+                "compressed root too large",
+                &|m| m.root.size = u64::MAX,
+                "root.size 18446744073709551615 is more than",
+            ),
+            (
+                "uki too large",
+                &|m| m.uki.size = 1 << 62,
+                "uki.size 4611686018427387904 is more than",
+            ),
+            (
+                "rollout after expiry",
+                &|m| m.rollout.start = u64::MAX - 10,
+                "rollout.start 18446744073709551605 is after expires_at",
+            ),
+            (
+                "rollout too long",
+                &|m| m.rollout.duration_secs = u64::MAX,
+                "rollout.duration_secs 18446744073709551615 is more than",
+            ),
+        ];
+        for (name, change, want) in cases {
+            let mut m = sample();
+            change(&mut m);
+            let bytes = serde_json::to_vec(&sign_unchecked(&m, &k)).unwrap();
+            let err = open(&bytes, &[k.public()]).unwrap_err().to_string();
+            assert!(err.contains(want), "{name}: {err:?} lacks {want:?}");
+        }
+    }
+
+    /// `due_at` of a manifest that was not validated saturates rather than
+    /// wrapping to "due long ago".
+    #[test]
+    fn due_at_saturates() {
+        let mut m = sample();
+        m.rollout.start = u64::MAX - 10;
+        m.rollout.duration_secs = u64::MAX;
+        assert!(due_at(&m, "0123456789abcdef0123456789abcdef") >= u64::MAX - 10);
     }
 
     fn sign_unchecked(m: &Manifest, k: &SecretKey) -> Envelope {

@@ -215,19 +215,20 @@ pub fn read_superblock(area: &[u8]) -> io::Result<Superblock> {
     })
 }
 
-/// Size of the hash area (superblock included) for `data_blocks` blocks.
+/// Size of the hash area (superblock included) for `data_blocks` blocks;
+/// `u64::MAX` when that does not fit in a u64 (more than any partition).
 pub fn hash_area_size(data_blocks: u64) -> u64 {
-    let mut total = 1; // superblock
+    let mut total: u64 = 1; // superblock
     let mut n = data_blocks;
     loop {
         let blocks = n.div_ceil(PER_BLOCK as u64).max(1);
-        total += blocks;
+        total = total.saturating_add(blocks);
         if blocks == 1 {
             break;
         }
         n = blocks;
     }
-    total * BLOCK as u64
+    total.saturating_mul(BLOCK as u64)
 }
 
 #[cfg(test)]
@@ -302,6 +303,15 @@ mod tests {
             assert!(tree.hash_area == hash, "{blocks} blocks: hash areas differ");
             assert_eq!(hash_area_size(blocks as u64), hash.len() as u64);
         }
+    }
+
+    /// A block count from a manifest or a superblock on disk can be anything:
+    /// the size saturates (and no partition is that large) instead of
+    /// overflowing.
+    #[test]
+    fn hash_area_size_of_huge_counts_saturates() {
+        assert_eq!(hash_area_size(u64::MAX), u64::MAX);
+        assert_eq!(hash_area_size((1 << 52) + 16), 145_249_953_336_332_288);
     }
 
     #[test]

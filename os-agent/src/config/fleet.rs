@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub const DEFAULT_PREFIX: &str = "/ballast";
@@ -71,6 +71,27 @@ pub(crate) struct PartialFleet {
     pub(crate) group: Option<String>,
     lease_ttl_secs: Option<u64>,
     lock_ttl_secs: Option<u64>,
+    /// The files that set the keys whose errors must name them.
+    #[serde(skip)]
+    origin: Origin,
+}
+
+/// Which file set a key (the last one, as merging goes).
+#[derive(Debug, Default)]
+struct Origin {
+    endpoints: Option<PathBuf>,
+    username: Option<PathBuf>,
+    password: Option<PathBuf>,
+}
+
+impl Origin {
+    /// `etcd.<key> (in <file>)`, or just `etcd.<key>` when no file is known.
+    fn name(key: &str, file: &Option<PathBuf>) -> String {
+        match file {
+            Some(f) => format!("etcd.{key} (in {})", f.display()),
+            None => format!("etcd.{key}"),
+        }
+    }
 }
 
 pub(crate) const KNOWN_KEYS: &[&str] = &[
@@ -93,7 +114,21 @@ fn set<T>(into: &mut Option<T>, from: Option<T>) {
     }
 }
 
-pub(crate) fn merge(into: &mut PartialFleet, from: PartialFleet) {
+/// Merges `from`, read from `file`, over `into`.
+pub(crate) fn merge(into: &mut PartialFleet, from: PartialFleet, file: &Path) {
+    let from_file = |set: bool| set.then(|| file.to_path_buf());
+    set(
+        &mut into.origin.endpoints,
+        from_file(from.endpoints.is_some()),
+    );
+    set(
+        &mut into.origin.username,
+        from_file(from.username.is_some()),
+    );
+    set(
+        &mut into.origin.password,
+        from_file(from.password.is_some()),
+    );
     set(&mut into.endpoints, from.endpoints);
     set(&mut into.ca_file, from.ca_file);
     set(&mut into.cert_file, from.cert_file);
@@ -135,12 +170,14 @@ pub(crate) fn validate(p: PartialFleet) -> Result<Option<FleetSettings>> {
     }
     let mut s = FleetSettings::new(Vec::new());
     let mut https = false;
+    let mut http = false;
     for e in endpoints {
         let e = e.trim_end_matches('/').to_string();
         let rest = if let Some(r) = e.strip_prefix("https://") {
             https = true;
             r
         } else if let Some(r) = e.strip_prefix("http://") {
+            http = true;
             r
         } else {
             bail!("etcd.endpoints: {e:?} is not an http:// or https:// URL");
@@ -149,6 +186,15 @@ pub(crate) fn validate(p: PartialFleet) -> Result<Option<FleetSettings>> {
             bail!("etcd.endpoints: {e:?} must be scheme://host:port, without a path");
         }
         s.endpoints.push(e);
+    }
+    // A client fails over between endpoints: one plain http endpoint among
+    // https ones would carry, now and then, what TLS was set up to protect.
+    if http && https {
+        bail!(
+            "{}: {:?} mixes http:// and https:// endpoints; use https:// for all",
+            Origin::name("endpoints", &p.origin.endpoints),
+            s.endpoints
+        );
     }
     let ca_file = absolute("etcd.ca_file", p.ca_file)?;
     let cert_file = absolute("etcd.cert_file", p.cert_file)?;
@@ -171,6 +217,15 @@ pub(crate) fn validate(p: PartialFleet) -> Result<Option<FleetSettings>> {
         (Some(u), Some(_)) if u.is_empty() => bail!("etcd.username is empty"),
         _ => bail!("etcd.username and etcd.password go together"),
     };
+    if s.user.is_some() && !https {
+        bail!(
+            "{} and {} are set but {} are plain http://: the password (and the fleet's \
+             state) would cross the network in clear text; use https:// endpoints",
+            Origin::name("username", &p.origin.username),
+            Origin::name("password", &p.origin.password),
+            Origin::name("endpoints", &p.origin.endpoints),
+        );
+    }
     if let Some(prefix) = p.prefix {
         let prefix = prefix.trim_end_matches('/').to_string();
         if !prefix.starts_with('/') || prefix.contains("//") || prefix.len() < 2 {
@@ -281,6 +336,18 @@ lock_ttl_secs = 1800
             (
                 "endpoints = [\"http://h:1\"]\nusername = \"u\"",
                 "go together",
+            ),
+            (
+                "endpoints = [\"http://h:1\"]\nusername = \"u\"\npassword = \"p\"",
+                "etcd.username and etcd.password are set but etcd.endpoints are plain http://",
+            ),
+            (
+                "endpoints = [\"https://a:1\", \"http://b:1\"]",
+                "etcd.endpoints: [\"https://a:1\", \"http://b:1\"] mixes http:// and https://",
+            ),
+            (
+                "endpoints = [\"http://a:1\", \"https://b:1\"]\nusername = \"u\"\npassword = \"p\"",
+                "mixes http:// and https://",
             ),
             (
                 "endpoints = [\"http://h:1\"]\nprefix = \"ballast\"",

@@ -299,7 +299,7 @@ fn load_files(
         update::merge(&mut merged_update, partial.update);
         let mut fleet = partial.etcd;
         fleet.group = partial.group;
-        fleet_config::merge(&mut merged_fleet, fleet);
+        fleet_config::merge(&mut merged_fleet, fleet, path);
     }
     let mut settings = validate(merged, merged_update, merged_fleet, merged_registries)
         .with_context(|| {

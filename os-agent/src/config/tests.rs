@@ -262,6 +262,16 @@ fn bad_update_settings_are_named() {
     let cases = [
         ("[update]\nchannel_url = \"ftp://x\"\n", "update.channel_url: \"ftp://x\""),
         ("[update]\ninterval_secs = 10\n", "update.interval_secs: 10 is less than 60"),
+        // The daemon adds these to the clock: the largest TOML integer would
+        // overflow it.
+        (
+            "[update]\ninterval_secs = 9223372036854775807\n",
+            "update.interval_secs: 9223372036854775807 is more than 2592000",
+        ),
+        (
+            "[update]\njitter_secs = 9223372036854775807\n",
+            "update.jitter_secs: 9223372036854775807 is more than 2592000",
+        ),
         ("[update]\nchannel = \"../x\"\n", "update.channel"),
         ("[update]\nstrategy = \"sometimes\"\n", "update.strategy: \"sometimes\""),
         ("[update]\nstrategy = \"window\"\n", "update.window.start is required"),
@@ -319,4 +329,44 @@ fn fleet_section_merges_across_drop_ins() {
         e.contains("/etc/ballast/agent.d/f.toml") && e.contains("etcd.endpoints"),
         "{e}"
     );
+}
+
+/// etcd credentials never travel over plain http, and no endpoint is plain
+/// http beside https ones; the error names each key with the file that set it.
+#[test]
+fn etcd_credentials_need_https_and_schemes_do_not_mix() {
+    let e = err(&[
+        (
+            "/usr/lib/ballast/agent.toml",
+            "[etcd]\nendpoints = [\"http://10.0.0.1:2379\"]\n",
+        ),
+        (
+            "/etc/ballast/agent.d/50-user-data.toml",
+            "[etcd]\nusername = \"host\"\npassword = \"secret\"\n",
+        ),
+    ]);
+    assert!(
+        e.contains(
+            "etcd.username (in /etc/ballast/agent.d/50-user-data.toml) and \
+             etcd.password (in /etc/ballast/agent.d/50-user-data.toml) are set but \
+             etcd.endpoints (in /usr/lib/ballast/agent.toml) are plain http://"
+        ),
+        "{e}"
+    );
+    assert!(!e.contains("secret"), "{e}");
+    let e = err(&[(
+        "/etc/ballast/agent.d/f.toml",
+        "[etcd]\nendpoints = [\"https://a:2379\", \"http://b:2379\"]\n",
+    )]);
+    assert!(
+        e.contains("etcd.endpoints (in /etc/ballast/agent.d/f.toml): [\"https://a:2379\", \"http://b:2379\"] mixes http:// and https://"),
+        "{e}"
+    );
+    // The same credentials with https endpoints are fine.
+    let (_d, h) = host(&[(
+        "/etc/ballast/agent.d/f.toml",
+        "[etcd]\nendpoints = [\"https://a:2379\"]\nusername = \"u\"\npassword = \"p\"\n",
+    )]);
+    let f = load(&h).unwrap().settings.fleet.unwrap();
+    assert_eq!(f.user, Some(("u".into(), "p".into())));
 }

@@ -9,6 +9,9 @@ use std::time::Duration;
 pub const DEFAULT_CHANNEL: &str = "stable";
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(3600);
 pub const MIN_INTERVAL_SECS: u64 = 60;
+/// Longest wait between checks, and most jitter (30 days): the daemon adds
+/// them to the clock, where u64::MAX seconds (user data may say so) overflow.
+pub const MAX_WAIT_SECS: u64 = 30 * 86_400;
 pub const DEFAULT_JITTER: Duration = Duration::from_secs(300);
 
 /// When a staged update may reboot the host.
@@ -167,9 +170,15 @@ pub(super) fn validate(p: PartialUpdate) -> Result<UpdateSettings> {
         if secs < MIN_INTERVAL_SECS {
             bail!("update.interval_secs: {secs} is less than {MIN_INTERVAL_SECS}");
         }
+        if secs > MAX_WAIT_SECS {
+            bail!("update.interval_secs: {secs} is more than {MAX_WAIT_SECS} (30 days)");
+        }
         s.interval = Duration::from_secs(secs);
     }
     if let Some(secs) = p.jitter_secs {
+        if secs > MAX_WAIT_SECS {
+            bail!("update.jitter_secs: {secs} is more than {MAX_WAIT_SECS} (30 days)");
+        }
         s.jitter = Duration::from_secs(secs);
     }
     let w = &p.window;

@@ -615,8 +615,19 @@ pub fn decide(st: &LockState, version: &str) -> Decision {
              them); no new slot until they release theirs"
         ));
     }
-    Decision::AnyOf((0..max).filter(|i| !st.slots.contains(i)).collect())
+    // The lowest free slots only: `max_holders` comes from etcd and may be
+    // anything up to u32::MAX, which must not size a list. A few choices are
+    // enough to spread hosts that ask at once over different slots.
+    Decision::AnyOf(
+        (0..max)
+            .filter(|i| !st.slots.contains(i))
+            .take(MAX_CHOICES)
+            .collect(),
+    )
 }
+
+/// At most this many free slots to pick one from at random.
+const MAX_CHOICES: usize = 64;
 
 /// The engine's view of the semaphore. The engine is blocking code (it runs
 /// in `spawn_blocking`), so each call is driven on the daemon's runtime
@@ -707,6 +718,17 @@ mod tests {
         assert!(wait(&odd, "2.0").contains("above the maximum"));
         let empty = with(&|s| s.slots.clear());
         assert_eq!(decide(&empty, "2.0"), Decision::AnyOf(vec![0, 1, 2]));
+        // A policy allowing u32::MAX holders (from etcd) does not make a list
+        // of four billion free slots.
+        let unlimited = with(&|s| {
+            s.policy.max_holders = u32::MAX;
+            s.slots = [0, 2].into();
+        });
+        let Decision::AnyOf(free) = decide(&unlimited, "2.0") else {
+            panic!("{:?}", decide(&unlimited, "2.0"))
+        };
+        assert_eq!(free.len(), MAX_CHOICES);
+        assert_eq!(&free[..3], &[1, 3, 4]);
     }
 
     #[test]

@@ -143,7 +143,8 @@ impl Fleet {
 /// the revision of the read the caller built its state from: no change
 /// between that read and the watch is missed.
 pub fn watch_options_after(rev: i64, prefix: bool) -> WatchOptions {
-    let opts = WatchOptions::new().with_start_revision(rev + 1);
+    // etcd's revision comes from the server: no overflow on a bad one.
+    let opts = WatchOptions::new().with_start_revision(rev.saturating_add(1));
     if prefix {
         opts.with_prefix()
     } else {

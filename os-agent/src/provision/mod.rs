@@ -134,35 +134,40 @@ pub fn run_with(
         a
     };
 
-    let instance_id = match record::instance_id(&doc.user_data, doc.meta_data.as_deref()) {
-        Ok(id) => id,
-        Err(e) => {
-            // No id to record it under but the data's own.
-            let id = record::instance_id(&doc.user_data, None)?;
-            let error = e.to_string();
-            tracing::error!("provision: user data from {source}: {error}");
-            let a = with(
-                Attempt::new(
-                    now,
-                    AttemptResult::Invalid {
-                        error: error.clone(),
-                    },
-                ),
-                &id,
-            );
-            record::save_last(host, &a)?;
-            return Ok(Outcome::Invalid {
-                instance_id: id,
-                error,
-            });
-        }
-    };
+    let instance_id =
+        match record::instance_id(&doc.source, &doc.user_data, doc.meta_data.as_deref()) {
+            Ok(id) => id,
+            Err(e) => {
+                // No id to record it under but the one without meta-data.
+                let id = record::instance_id(&doc.source, &doc.user_data, None)?;
+                let error = e.to_string();
+                tracing::error!("provision: user data from {source}: {error}");
+                let a = with(
+                    Attempt::new(
+                        now,
+                        AttemptResult::Invalid {
+                            error: error.clone(),
+                        },
+                    ),
+                    &id,
+                );
+                record::save_last(host, &a)?;
+                return Ok(Outcome::Invalid {
+                    instance_id: id,
+                    error,
+                });
+            }
+        };
     tracing::info!("provision: user data from {source}, instance {instance_id}");
 
     let facts = Facts::from_host(host).context("cannot read the host's users and groups")?;
     let planned = plan(&doc.user_data, doc.network_config.as_deref(), &facts, host);
-    let previous = record::load_instance(host, &instance_id)?;
+    let previous = match record::load_instance(host, &instance_id)? {
+        Some(rec) => Some(rec),
+        None => provisioned_from_same_url(host, &doc)?,
+    };
     let already = previous.as_ref().is_some_and(Attempt::provisioned);
+    let mut warnings = doc.warnings.clone();
 
     let plan = match planned {
         Ok(p) => p,
@@ -171,7 +176,7 @@ pub fn run_with(
             tracing::error!(
                 "provision: user data from {source} is invalid, nothing applied: {error}"
             );
-            let a = with(
+            let mut a = with(
                 Attempt::new(
                     now,
                     AttemptResult::Invalid {
@@ -180,6 +185,7 @@ pub fn run_with(
                 ),
                 &instance_id,
             );
+            a.warnings = warnings;
             // Keep the record of an instance that was provisioned.
             if !already {
                 record::save_instance(host, &a)?;
@@ -191,6 +197,7 @@ pub fn run_with(
     for w in &plan.warnings {
         tracing::warn!("provision: {w}");
     }
+    warnings.extend(plan.warnings.iter().cloned());
 
     if already {
         let bootcmd: Vec<_> = plan
@@ -209,7 +216,7 @@ pub fn run_with(
             Some(e) => AttemptResult::Failed { error: e.clone() },
         };
         let mut a = with(Attempt::new(now, result), &instance_id);
-        a.warnings = plan.warnings.clone();
+        a.warnings = warnings.clone();
         a.steps = steps;
         record::save_last(host, &a)?;
         return Ok(Outcome::AlreadyApplied { instance_id, error });
@@ -218,7 +225,7 @@ pub fn run_with(
     // Recorded before applying, so a host that stops halfway does not apply
     // again, and the record says what was pending.
     let mut a = with(Attempt::new(now, AttemptResult::Applying), &instance_id);
-    a.warnings = plan.warnings.clone();
+    a.warnings = warnings.clone();
     a.steps = apply::pending(&plan.steps);
     record::save_instance(host, &a)?;
     record::set_current(host, &instance_id)?;
@@ -244,4 +251,22 @@ pub fn run_with(
             Outcome::Failed { instance_id, error }
         }
     })
+}
+
+/// The record of the instance the host was provisioned as, if that came from
+/// the same URL as `doc`: earlier versions named a URL's instance by the hash
+/// of what it served, and such a host must not be provisioned again only
+/// because the id is now the URL.
+fn provisioned_from_same_url(host: &dyn Host, doc: &UserDataDoc) -> Result<Option<Attempt>> {
+    if !matches!(doc.source, source::SourceKind::KernelCmdlineUrl(_)) {
+        return Ok(None);
+    }
+    let source = doc.source.to_string();
+    Ok(record::load_current(host)?.filter(|rec| {
+        rec.source.as_deref() == Some(source.as_str())
+            && rec
+                .instance_id
+                .as_deref()
+                .is_some_and(|id| id.starts_with("sha256:"))
+    }))
 }

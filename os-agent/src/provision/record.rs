@@ -4,6 +4,7 @@
 //! that failed, an invalid document). All written atomically.
 
 use super::apply::StepRecord;
+use super::source::SourceKind;
 use crate::host::Host;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -133,9 +134,19 @@ pub enum RecordError {
     MetaData(String),
 }
 
-/// The instance id: meta-data's `instance-id` (or `instance_id`), else
-/// `sha256:` and the hash of the user data.
-pub fn instance_id(user_data: &[u8], meta_data: Option<&[u8]>) -> Result<String, RecordError> {
+/// The instance id: meta-data's `instance-id` (or `instance_id`); else for
+/// user data from a URL `url:` and the URL as the command line gives it;
+/// else `sha256:` and the hash of the user data.
+///
+/// Not the hash for a URL: what a URL serves can change under it (or be
+/// changed on the way over plain http), and a changed document must not
+/// provision the host again. The operator makes a new instance by naming
+/// another URL.
+pub fn instance_id(
+    source: &SourceKind,
+    user_data: &[u8],
+    meta_data: Option<&[u8]>,
+) -> Result<String, RecordError> {
     if let Some(md) = meta_data {
         let text = String::from_utf8_lossy(md);
         let v: serde_yaml_ng::Value = {
@@ -153,27 +164,45 @@ pub fn instance_id(user_data: &[u8], meta_data: Option<&[u8]>) -> Result<String,
             }
         }
     }
-    Ok(format!("sha256:{}", hex::encode(Sha256::digest(user_data))))
+    Ok(match source {
+        SourceKind::KernelCmdlineUrl(url) => format!("url:{url}"),
+        SourceKind::FwCfg | SourceKind::NoCloud { .. } => {
+            format!("sha256:{}", hex::encode(Sha256::digest(user_data)))
+        }
+    })
 }
 
-/// The record's file name: the id with anything outside `[A-Za-z0-9._-]`
-/// replaced by `_` (the id itself is kept inside the record).
+/// The record's file name: a readable part (the id with anything outside
+/// `[A-Za-z0-9._-]` replaced by `_`, cut at 100 characters) and the SHA-256
+/// of the id itself, so that ids differing only in the replaced characters
+/// (`i/1`, `i_1`) never share a file, and no id names `current.json` or
+/// `last.json`. The id itself is kept inside the record.
 pub fn file_name(instance_id: &str) -> String {
-    let mut s: String = instance_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(200)
-        .collect();
+    let mut readable: String = instance_id.chars().take(100).map(safe_char).collect();
+    if readable.starts_with('.') {
+        readable.insert_str(0, "id");
+    }
+    let hash = hex::encode(Sha256::digest(instance_id.as_bytes()));
+    format!("{readable}.{hash}.json")
+}
+
+/// The file name records had before [`file_name`] carried a hash. Still read,
+/// so that an instance recorded under it is not provisioned again; the record
+/// inside names its id, which tells apart the ids that shared the name.
+fn legacy_file_name(instance_id: &str) -> String {
+    let mut s: String = instance_id.chars().map(safe_char).take(200).collect();
     if s.is_empty() || s.starts_with('.') {
         s.insert_str(0, "id");
     }
     format!("{s}.json")
+}
+
+fn safe_char(c: char) -> char {
+    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+        c
+    } else {
+        '_'
+    }
 }
 
 fn path_of(name: &str) -> PathBuf {
@@ -217,8 +246,21 @@ fn write_json<T: Serialize>(host: &dyn Host, path: &Path, v: &T) -> Result<(), R
 
 /// The record of an instance, if there is one for exactly this id.
 pub fn load_instance(host: &dyn Host, instance_id: &str) -> Result<Option<Attempt>, RecordError> {
-    let rec: Option<Attempt> = read_json(host, &path_of(&file_name(instance_id)))?;
-    Ok(rec.filter(|r| r.instance_id.as_deref() == Some(instance_id)))
+    for name in [file_name(instance_id), legacy_file_name(instance_id)] {
+        let rec: Option<Attempt> = read_json(host, &path_of(&name))?;
+        if let Some(rec) = rec.filter(|r| r.instance_id.as_deref() == Some(instance_id)) {
+            return Ok(Some(rec));
+        }
+    }
+    Ok(None)
+}
+
+/// The record of the instance the host was provisioned as, if any.
+pub fn load_current(host: &dyn Host) -> Result<Option<Attempt>, RecordError> {
+    match read_json::<Current>(host, &path_of(CURRENT))? {
+        Some(c) => read_json(host, &path_of(&c.record)),
+        None => Ok(None),
+    }
 }
 
 /// Saves an attempt that has an instance id as that instance's record.
@@ -253,10 +295,7 @@ pub struct Status {
 
 pub fn status(host: &dyn Host) -> Result<Status, RecordError> {
     let last = read_json(host, &path_of(LAST))?;
-    let current = match read_json::<Current>(host, &path_of(CURRENT))? {
-        Some(c) => read_json(host, &path_of(&c.record))?,
-        None => None,
-    };
+    let current = load_current(host)?;
     Ok(Status { last, current })
 }
 
@@ -345,16 +384,48 @@ mod tests {
 
     #[test]
     fn instance_ids() {
+        let fw = &SourceKind::FwCfg;
         assert_eq!(
-            instance_id(b"x", Some(b"instance-id: iid-1\n")).unwrap(),
+            instance_id(fw, b"x", Some(b"instance-id: iid-1\n")).unwrap(),
             "iid-1"
         );
-        assert_eq!(instance_id(b"x", Some(b"instance_id: 42\n")).unwrap(), "42");
-        let h = instance_id(b"x", Some(b"local-hostname: a\n")).unwrap();
-        assert_eq!(h, instance_id(b"x", None).unwrap());
+        assert_eq!(
+            instance_id(fw, b"x", Some(b"instance_id: 42\n")).unwrap(),
+            "42"
+        );
+        let h = instance_id(fw, b"x", Some(b"local-hostname: a\n")).unwrap();
+        assert_eq!(h, instance_id(fw, b"x", None).unwrap());
         assert!(h.starts_with("sha256:2d711642"), "{h}");
-        assert!(instance_id(b"x", Some(b"a: [")).is_err());
-        assert_eq!(file_name("sha256:ab/c"), "sha256_ab_c.json");
-        assert_eq!(file_name(".."), "id...json");
+        assert!(instance_id(fw, b"x", Some(b"a: [")).is_err());
+        // From a URL: the URL, whatever it serves.
+        let url = &SourceKind::KernelCmdlineUrl("https://h/u".into());
+        for body in [&b"x"[..], b"y"] {
+            assert_eq!(instance_id(url, body, None).unwrap(), "url:https://h/u");
+        }
+        assert_eq!(
+            instance_id(url, b"x", Some(b"instance-id: i\n")).unwrap(),
+            "i"
+        );
+        assert_eq!(legacy_file_name("sha256:ab/c"), "sha256_ab_c.json");
+        assert_eq!(legacy_file_name(".."), "id...json");
+    }
+
+    #[test]
+    fn file_names_do_not_collide() {
+        let ids = ["i/1", "i_1", "i:1", "i 1", "", "..", "current", "last"];
+        let names: std::collections::BTreeSet<String> =
+            ids.iter().map(|id| file_name(id)).collect();
+        assert_eq!(names.len(), ids.len(), "{names:?}");
+        for name in &names {
+            assert!(name.ends_with(".json") && name.len() < 255, "{name}");
+            assert!(!name.contains('/') && !name.starts_with(".."), "{name}");
+            assert!(name != CURRENT && name != LAST, "{name}");
+        }
+        assert_eq!(
+            file_name("i/1"),
+            format!("i_1.{}.json", hex::encode(Sha256::digest(b"i/1")))
+        );
+        // A long id stays within a file name's 255 bytes.
+        assert!(file_name(&"x".repeat(10_000)).len() < 255);
     }
 }

@@ -8,6 +8,7 @@ use std::fmt;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use url::Url;
 
 /// The kernel command-line parameter naming a user-data URL.
 pub const CMDLINE_URL_KEY: &str = "ballast.config_url";
@@ -26,6 +27,9 @@ const UDEV_QUEUE: &str = "/run/udev/queue";
 /// Largest document any source may deliver; user data is text, and this
 /// bounds what a broken server or seed can make us hold.
 pub const MAX_DOC_BYTES: u64 = 16 << 20;
+/// Most redirects a user-data URL may take (each one checked by
+/// [`redirect_allowed`]).
+pub const MAX_REDIRECTS: usize = 5;
 
 /// Which source a document came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +59,9 @@ pub struct UserDataDoc {
     pub user_data: Vec<u8>,
     pub meta_data: Option<Vec<u8>>,
     pub network_config: Option<Vec<u8>>,
+    /// What the source found worth saying (user data over plain http); kept
+    /// in the provisioning record with the document's own warnings.
+    pub warnings: Vec<String>,
 }
 
 /// Why a source that is there could not be read.
@@ -139,11 +146,13 @@ pub fn discover_with(
     if let Some(url) = config_url(&cmdline) {
         tracing::info!("user data source: {CMDLINE_URL_KEY}={url}");
         let user_data = fetch_url(&url, &RetryPolicy::new(opts.url_timeout))?;
+        let warnings = plain_http_warning(&url).into_iter().collect();
         return Ok(Some(UserDataDoc {
             source: SourceKind::KernelCmdlineUrl(url),
             user_data,
             meta_data: None,
             network_config: None,
+            warnings,
         }));
     }
     if let Some(doc) = read_fw_cfg(host)? {
@@ -189,27 +198,96 @@ impl RetryPolicy {
     }
 }
 
+/// Why a redirect of the user-data URL is not followed.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum RedirectRefused {
+    #[error("more than {MAX_REDIRECTS} redirects")]
+    TooMany,
+    #[error("redirect to {to}: only http:// and https:// URLs are supported")]
+    Scheme { to: String },
+    #[error("redirect from https to plain http ({to}) refused")]
+    Downgrade { to: String },
+    #[error("redirect from host {from:?} to another host {to:?} refused")]
+    OtherHost { from: String, to: String },
+}
+
+/// Whether a user-data fetch at `from`, having followed `followed`
+/// redirects already, may follow one to `to`: at most [`MAX_REDIRECTS`], to
+/// http(s) only, never from https to http, and only to the same host (the
+/// port may change). Another host would be a source the operator did not
+/// name on the command line, and with https the certificate checked is the
+/// one of the host the redirect names.
+pub fn redirect_allowed(from: &Url, to: &Url, followed: usize) -> Result<(), RedirectRefused> {
+    if followed >= MAX_REDIRECTS {
+        return Err(RedirectRefused::TooMany);
+    }
+    if !matches!(to.scheme(), "http" | "https") {
+        return Err(RedirectRefused::Scheme { to: to.to_string() });
+    }
+    if from.scheme() == "https" && to.scheme() == "http" {
+        return Err(RedirectRefused::Downgrade { to: to.to_string() });
+    }
+    // `Url` lower-cases host names and normalises IP addresses.
+    if from.host() != to.host() {
+        let host = |u: &Url| u.host_str().unwrap_or_default().to_string();
+        return Err(RedirectRefused::OtherHost {
+            from: host(from),
+            to: host(to),
+        });
+    }
+    Ok(())
+}
+
+/// The warning for user data fetched over plain http, if it is.
+pub fn plain_http_warning(url: &str) -> Option<String> {
+    url.to_ascii_lowercase().starts_with("http://").then(|| {
+        format!(
+            "{CMDLINE_URL_KEY}={url}: user data over plain http can be read and changed by anyone on the path; use https"
+        )
+    })
+}
+
 /// What one attempt at the URL came to.
 enum Attempt {
     Done(Vec<u8>),
     /// Worth trying again (no answer yet, a 5xx, 408, 429).
     Retry(String),
-    /// Trying again will not help (a 404, a body too large).
+    /// Trying again will not help (a 404, a body too large, a refused
+    /// redirect).
     Fatal(String),
 }
 
 /// Fetches `url` (http or https), retrying while the network or the server is
-/// not ready, for at most `policy.total`.
+/// not ready, for at most `policy.total`. Redirects are followed only as
+/// [`redirect_allowed`] allows.
 pub fn fetch_url(url: &str, policy: &RetryPolicy) -> Result<Vec<u8>, SourceError> {
-    let lower = url.to_ascii_lowercase();
-    if !(lower.starts_with("http://") || lower.starts_with("https://")) {
-        return Err(SourceError::BadUrl {
-            url: url.to_string(),
-            why: "only http:// and https:// URLs are supported".into(),
-        });
+    fetch_url_with(url, policy, ureq::AgentBuilder::new())
+}
+
+/// [`fetch_url`] with a client built from `agent` (tests give theirs a CA).
+pub(crate) fn fetch_url_with(
+    url: &str,
+    policy: &RetryPolicy,
+    agent: ureq::AgentBuilder,
+) -> Result<Vec<u8>, SourceError> {
+    let bad_url = |why: String| SourceError::BadUrl {
+        url: url.to_string(),
+        why,
+    };
+    let parsed =
+        Url::parse(url).map_err(|e| bad_url(format!("not an http:// or https:// URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(bad_url(
+            "only http:// and https:// URLs are supported".into(),
+        ));
     }
-    let agent = ureq::AgentBuilder::new()
+    if let Some(warning) = plain_http_warning(url) {
+        tracing::warn!("{warning}");
+    }
+    // Redirects are followed here, one by one, so that each is checked.
+    let agent = agent
         .user_agent(concat!("ballast-os-agent/", env!("CARGO_PKG_VERSION")))
+        .redirects(0)
         .build();
     let started = Instant::now();
     let mut backoff = policy.first_backoff;
@@ -220,7 +298,7 @@ pub fn fetch_url(url: &str, policy: &RetryPolicy) -> Result<Vec<u8>, SourceError
         let timeout = left
             .min(policy.attempt_timeout)
             .max(Duration::from_millis(100));
-        let (last, fatal) = match attempt(&agent, url, timeout) {
+        let (last, fatal) = match attempt(&agent, &parsed, timeout) {
             Attempt::Done(body) => {
                 tracing::info!(
                     "fetched {} bytes of user data from {url} (attempt {attempts})",
@@ -246,31 +324,58 @@ pub fn fetch_url(url: &str, policy: &RetryPolicy) -> Result<Vec<u8>, SourceError
     }
 }
 
-fn attempt(agent: &ureq::Agent, url: &str, timeout: Duration) -> Attempt {
-    match agent.get(url).timeout(timeout).call() {
-        Ok(resp) => {
-            let mut body = Vec::new();
-            let read = resp
-                .into_reader()
-                .take(MAX_DOC_BYTES + 1)
-                .read_to_end(&mut body);
-            match read {
-                Err(e) => Attempt::Retry(format!("reading the response body: {e}")),
-                Ok(_) if body.len() as u64 > MAX_DOC_BYTES => {
-                    Attempt::Fatal(format!("the response is larger than {MAX_DOC_BYTES} bytes"))
+/// One GET of `url`, following the redirects [`redirect_allowed`] allows.
+fn attempt(agent: &ureq::Agent, url: &Url, timeout: Duration) -> Attempt {
+    let mut current = url.clone();
+    let mut followed = 0;
+    loop {
+        match agent.request_url("GET", &current).timeout(timeout).call() {
+            Ok(resp) if (300..400).contains(&resp.status()) => {
+                let code = resp.status();
+                let Some(location) = resp.header("location") else {
+                    return Attempt::Fatal(format!("HTTP {code} without a Location"));
+                };
+                let next = match current.join(location) {
+                    Ok(next) => next,
+                    Err(e) => {
+                        return Attempt::Fatal(format!(
+                            "HTTP {code} to {location:?}, which is not a URL: {e}"
+                        ))
+                    }
+                };
+                if let Err(e) = redirect_allowed(&current, &next, followed) {
+                    return Attempt::Fatal(format!("HTTP {code} at {current}: {e}"));
                 }
-                Ok(_) => Attempt::Done(body),
+                tracing::info!("user data: HTTP {code} redirect from {current} to {next}");
+                current = next;
+                followed += 1;
             }
-        }
-        Err(ureq::Error::Status(code, resp)) => {
-            let why = format!("HTTP {code} {}", resp.status_text());
-            if code >= 500 || code == 408 || code == 429 {
-                Attempt::Retry(why)
-            } else {
-                Attempt::Fatal(why)
+            Ok(resp) => return read_body(resp),
+            Err(ureq::Error::Status(code, resp)) => {
+                let why = format!("HTTP {code} {}", resp.status_text());
+                return if code >= 500 || code == 408 || code == 429 {
+                    Attempt::Retry(why)
+                } else {
+                    Attempt::Fatal(why)
+                };
             }
+            Err(ureq::Error::Transport(t)) => return Attempt::Retry(describe_transport(&t)),
         }
-        Err(ureq::Error::Transport(t)) => Attempt::Retry(describe_transport(&t)),
+    }
+}
+
+fn read_body(resp: ureq::Response) -> Attempt {
+    let mut body = Vec::new();
+    let read = resp
+        .into_reader()
+        .take(MAX_DOC_BYTES + 1)
+        .read_to_end(&mut body);
+    match read {
+        Err(e) => Attempt::Retry(format!("reading the response body: {e}")),
+        Ok(_) if body.len() as u64 > MAX_DOC_BYTES => {
+            Attempt::Fatal(format!("the response is larger than {MAX_DOC_BYTES} bytes"))
+        }
+        Ok(_) => Attempt::Done(body),
     }
 }
 
@@ -335,6 +440,7 @@ fn read_fw_cfg(host: &dyn Host) -> Result<Option<UserDataDoc>, SourceError> {
         user_data,
         meta_data,
         network_config,
+        warnings: Vec::new(),
     }))
 }
 
@@ -519,6 +625,7 @@ fn read_seed_files(host: &dyn Host, device: &str, dir: &Path) -> Result<UserData
         user_data,
         meta_data: read("meta-data")?,
         network_config: read("network-config")?,
+        warnings: Vec::new(),
     })
 }
 

@@ -523,6 +523,7 @@ fn doc(user_data: &str, meta: Option<&str>) -> UserDataDoc {
         user_data: user_data.as_bytes().to_vec(),
         meta_data: meta.map(|m| m.as_bytes().to_vec()),
         network_config: None,
+        warnings: Vec::new(),
     }
 }
 
@@ -875,4 +876,95 @@ fn deeply_nested_documents_are_refused_before_parsing() {
         vec!["[\"true\"]"; 1000].join(", ")
     );
     assert_eq!(steps_of(&flat).unwrap().len(), 1000);
+}
+
+/// Ids that differ only in characters a file name cannot hold each keep
+/// their own record: `i/1` after `i_1` must not make `i_1` new again.
+#[test]
+fn ids_alike_in_a_file_name_are_separate_instances() {
+    let (_d, host) = host_tree();
+    let ud = "#cloud-config\nruncmd: [\"echo once\"]\n";
+    let once = |host: &DirHost| {
+        commands(host)
+            .iter()
+            .filter(|c| c.ends_with("echo once"))
+            .count()
+    };
+    for (i, id) in ["i_1", "i/1", "i_1", "i/1"].iter().enumerate() {
+        let meta = format!("instance-id: \"{id}\"\n");
+        let out = run_with(&host, t(i as u64), Ok(Some(doc(ud, Some(&meta))))).unwrap();
+        let want_applied = i < 2;
+        assert_eq!(
+            matches!(out, Outcome::Applied { .. }),
+            want_applied,
+            "boot {i}, instance {id}: {out:?}"
+        );
+    }
+    assert_eq!(once(&host), 2);
+}
+
+/// A host that recorded an instance under the file name records had before
+/// (the id with `/` and the like replaced by `_`) does not provision it again.
+#[test]
+fn records_under_the_old_file_name_still_count() {
+    let (_d, host) = host_tree();
+    let mut old = record::Attempt::new(t(1), AttemptResult::Applied);
+    old.instance_id = Some("web/1".into());
+    old.source = Some("fw_cfg".into());
+    put(
+        &host,
+        "/var/lib/ballast/provision/web_1.json",
+        &serde_json::to_vec(&old).unwrap(),
+    );
+    let ud = "#cloud-config\nruncmd: [\"echo once\"]\n";
+    let out = run_with(&host, t(2), Ok(Some(doc(ud, Some("instance-id: web/1\n"))))).unwrap();
+    assert_eq!(
+        out,
+        Outcome::AlreadyApplied {
+            instance_id: "web/1".into(),
+            error: None
+        }
+    );
+    assert!(!commands(&host).iter().any(|c| c.ends_with("echo once")));
+    // Another id that shared the old name is a new instance.
+    let out = run_with(&host, t(3), Ok(Some(doc(ud, Some("instance-id: web_1\n"))))).unwrap();
+    assert!(matches!(out, Outcome::Applied { .. }), "{out:?}");
+}
+
+/// A host provisioned from a URL by a version that named the instance by the
+/// hash of the data is not provisioned again now that the id is the URL.
+#[test]
+fn url_instances_recorded_by_their_hash_still_count() {
+    let (_d, host) = host_tree();
+    let url = "https://config.example/web";
+    let ud = "#cloud-config\nruncmd: [\"echo once\"]\n";
+    let mut old = record::Attempt::new(t(1), AttemptResult::Applied);
+    old.instance_id = Some("sha256:0123".into());
+    old.source = Some(format!("url {url}"));
+    put(
+        &host,
+        "/var/lib/ballast/provision/sha256_0123.json",
+        &serde_json::to_vec(&old).unwrap(),
+    );
+    put(
+        &host,
+        "/var/lib/ballast/provision/current.json",
+        br#"{"instance_id": "sha256:0123", "record": "sha256_0123.json"}"#,
+    );
+    let from = |url: &str| UserDataDoc {
+        source: SourceKind::KernelCmdlineUrl(url.into()),
+        ..doc(ud, None)
+    };
+    let out = run_with(&host, t(2), Ok(Some(from(url)))).unwrap();
+    assert_eq!(
+        out,
+        Outcome::AlreadyApplied {
+            instance_id: format!("url:{url}"),
+            error: None
+        }
+    );
+    assert!(!commands(&host).iter().any(|c| c.ends_with("echo once")));
+    // Another URL is another instance.
+    let out = run_with(&host, t(3), Ok(Some(from("https://config.example/db")))).unwrap();
+    assert!(matches!(out, Outcome::Applied { .. }), "{out:?}");
 }

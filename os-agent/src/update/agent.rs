@@ -32,7 +32,10 @@ pub fn random_up_to(max: Duration) -> Duration {
         return Duration::ZERO;
     }
     // uuid's v4 generator is the random source the agent already has.
-    let r = (uuid::Uuid::new_v4().as_u128() as u64) % (secs + 1);
+    let r = match secs.checked_add(1) {
+        Some(n) => (uuid::Uuid::new_v4().as_u128() as u64) % n,
+        None => uuid::Uuid::new_v4().as_u128() as u64,
+    };
     Duration::from_secs(r)
 }
 
@@ -75,10 +78,12 @@ pub fn tick(host: &dyn Host, fleet: &dyn RebootLock, check_due: bool) -> Result<
         return Ok(t);
     }
     t.checked = true;
-    let last_log = std::cell::Cell::new(0u64);
+    let last_log = std::cell::Cell::new(0u128);
     let outcome = engine::run(host, &settings, Mode::Poll, fleet, &mut |bytes, total| {
         // A line per 10% in the journal.
-        let tenth = (bytes * 10).checked_div(total).unwrap_or(0);
+        let tenth = (u128::from(bytes) * 10)
+            .checked_div(u128::from(total))
+            .unwrap_or(0);
         if tenth > last_log.get() {
             last_log.set(tenth);
             tracing::info!("downloading: {bytes} of {total} bytes");

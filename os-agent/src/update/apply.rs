@@ -282,7 +282,16 @@ pub fn reverify_slot(host: &dyn Host, t: &Target, root_hash_hex: &str) -> Result
     let root = host
         .open(&rpath)
         .with_context(|| format!("cannot open {}", rpath.display()))?;
-    let want = sb.data_blocks * verity::BLOCK as u64;
+    let want = sb
+        .data_blocks
+        .checked_mul(verity::BLOCK as u64)
+        .with_context(|| {
+            format!(
+                "the verity superblock on {} claims {} data blocks, more than any slot",
+                vpath.display(),
+                sb.data_blocks
+            )
+        })?;
     let copied = std::io::copy(&mut root.take(want), &mut builder)
         .with_context(|| format!("cannot read {}", rpath.display()))?;
     if copied != want {
@@ -341,7 +350,9 @@ pub fn fetch_uki(channel: &Channel, m: &Manifest) -> Result<Vec<u8>> {
 pub fn fetch_uki_from(body: impl Read, m: &Manifest) -> Result<Vec<u8>> {
     const WHAT: &str = "the UKI";
     let mut r = LimitReader::new(body, m.uki.size);
-    let mut bytes = Vec::with_capacity(usize::try_from(m.uki.size).unwrap_or(0));
+    // Grows with what arrives: a capacity taken from the manifest would let
+    // a bad size allocate (and abort on) memory before a byte came.
+    let mut bytes = Vec::new();
     if let Err(e) = r.read_to_end(&mut bytes) {
         if limit_exceeded(&e).is_some() {
             return Err(Rejection::Oversized {

@@ -298,18 +298,16 @@ fn restage(
                 entries::install(host, &b.status.image_name, &staged.version, &uki)?;
         }
         entries::EntryEvidence::Untried { file } => {
-            if staged.untried_boots + 1 >= UNTRIED_BOOTS {
-                bail!(
-                    "systemd-boot chose another entry over {file} in {} boots",
-                    staged.untried_boots + 1
-                );
+            let boots = staged.untried_boots.saturating_add(1);
+            if boots >= UNTRIED_BOOTS {
+                bail!("systemd-boot chose another entry over {file} in {boots} boots");
             }
             tracing::warn!(
                 "the boot loader did not try the staged {} ({file} is whole and untried): \
                  it waits for a reboot again",
                 staged.version
             );
-            restaged.untried_boots += 1;
+            restaged.untried_boots = boots;
         }
         entries::EntryEvidence::Tried { .. } => bail!("the staged entry was tried"),
     }

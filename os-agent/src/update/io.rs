@@ -59,10 +59,10 @@ impl<R: Read> Read for LimitReader<R> {
         let room = (self.limit - self.count).saturating_add(1);
         let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..want])?;
-        if self.count + n as u64 > self.limit {
-            return Err(exceeded(self.limit, false));
+        match self.count.checked_add(n as u64) {
+            Some(count) if count <= self.limit => self.count = count,
+            _ => return Err(exceeded(self.limit, false)),
         }
-        self.count += n as u64;
         Ok(n)
     }
 }

@@ -144,11 +144,11 @@ impl<A: Write + Send + 'static, B: Write + Send + 'static> Split<A, B> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            if self.count + n as u64 > limit {
-                return Err(exceeded(limit, true));
+            match self.count.checked_add(n as u64) {
+                Some(count) if count <= limit => self.count = count,
+                _ => return Err(exceeded(limit, true)),
             }
             self.filled += n;
-            self.count += n as u64;
         }
         self.send()?;
         Ok(self.count - start)

@@ -137,7 +137,7 @@ impl State {
                 "downloading {:.1} of {:.1} MiB ({}%)",
                 *bytes as f64 / 1048576.0,
                 *total as f64 / 1048576.0,
-                bytes * 100 / total
+                u128::from(*bytes) * 100 / u128::from(*total)
             ),
             State::Failed { reason } => format!("failed: {reason}"),
             other => other.name().to_string(),

@@ -597,6 +597,7 @@ fn table_of_rejections() {
             Box::new(|w, m, env| {
                 m.issued_at = 1000;
                 m.expires_at = 2000;
+                m.rollout.start = 1000;
                 *env = w.sign(m);
             }),
             "expired at 2000",
@@ -841,6 +842,83 @@ impl World {
     fn sign(&self, m: &Manifest) -> Vec<u8> {
         serde_json::to_vec(&manifest::sign(m, &[&self.key]).unwrap()).unwrap()
     }
+
+    /// Signs without the checks [`manifest::sign`] makes: what a broken or
+    /// hostile publisher holding the key could put on the channel.
+    fn sign_unchecked(&self, m: &Manifest) -> Vec<u8> {
+        let text = serde_json::to_string(m).unwrap();
+        let env = manifest::Envelope {
+            format: manifest::FORMAT.into(),
+            signatures: vec![manifest::SignatureEntry {
+                key_id: self.key.public().key_id(),
+                signature: self
+                    .key
+                    .sign(format!("{}\n{text}", manifest::FORMAT).as_bytes()),
+            }],
+            manifest: text,
+        };
+        serde_json::to_vec(&env).unwrap()
+    }
+}
+
+/// A change to a good manifest.
+type Change = dyn Fn(&mut Manifest);
+
+/// Signed numbers a host would overflow on, or allocate by, are refused with
+/// the field named: the engine fails the update, nothing panics or aborts.
+#[test]
+fn signed_huge_numbers_fail_the_update_cleanly() {
+    let cases: &[(&str, &Change, &str)] = &[
+        (
+            "uki.size = 2^62",
+            &|m| m.uki.size = 1 << 62,
+            "uki.size 4611686018427387904 is more than",
+        ),
+        (
+            "data_blocks = 2^52+16",
+            &|m| {
+                m.verity.data_blocks = (1 << 52) + 16;
+                m.root.uncompressed_size = 65536;
+            },
+            "verity.data_blocks 4503599627370512 is more than",
+        ),
+        (
+            "rollout.start near u64::MAX",
+            &|m| m.rollout.start = u64::MAX - 1,
+            "rollout.start 18446744073709551614 is after expires_at",
+        ),
+    ];
+    for (name, change, want) in cases {
+        let w = world();
+        let mut m = w.manifest(&Release::new("1.3.0", 16));
+        change(&mut m);
+        std::fs::create_dir_all(w.channel_dir.join("channels")).unwrap();
+        std::fs::write(
+            w.channel_dir.join("channels/stable.json"),
+            w.sign_unchecked(&m),
+        )
+        .unwrap();
+        let e = match w.apply(Mode::Now) {
+            Ok(o) => panic!("{name}: accepted: {o:?}"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(e.contains(want), "{name}: {e:?} lacks {want:?}");
+        w.assert_running_slot_untouched();
+    }
+}
+
+/// The UKI is read into memory as it arrives, never into a buffer sized by
+/// the manifest beforehand (a 2^62 one aborted the agent).
+#[test]
+fn uki_buffer_is_not_sized_by_the_manifest() {
+    let w = world();
+    let mut m = w.manifest(&Release::new("1.3.0", 16));
+    m.uki.size = 1 << 62;
+    let e = format!(
+        "{:#}",
+        super::apply::fetch_uki_from(&b"short"[..], &m).unwrap_err()
+    );
+    assert!(e.contains("truncated download of the UKI"), "{e}");
 }
 
 #[test]
@@ -1143,4 +1221,15 @@ fn install_reads_the_entry_back_from_the_disk() {
             .unwrap(),
         crate::boot::entries::EntryEvidence::Tried { .. }
     ));
+}
+
+/// Jitter of any size gives a duration, not an overflow (`secs + 1`).
+#[test]
+fn random_jitter_of_any_size() {
+    let max = std::time::Duration::from_secs(u64::MAX);
+    assert!(super::agent::random_up_to(max) <= max);
+    assert_eq!(
+        super::agent::random_up_to(std::time::Duration::ZERO),
+        std::time::Duration::ZERO
+    );
 }

@@ -155,6 +155,7 @@ fn fw_cfg_user_and_meta_data() {
             user_data: b"#cloud-config\nhostname: a\n".to_vec(),
             meta_data: Some(b"instance-id: i-1\n".to_vec()),
             network_config: None,
+            warnings: Vec::new(),
         }
     );
     // The driver was there already: no modprobe, and no seed lookup.
@@ -225,6 +226,7 @@ fn nocloud_seed_by_label_mounts_reads_and_unmounts() {
                 user_data: b"#cloud-config\n".to_vec(),
                 meta_data: Some(b"instance-id: i-2\n".to_vec()),
                 network_config: Some(b"version: 2\n".to_vec()),
+                warnings: Vec::new(),
             },
             "{label}"
         );
@@ -390,6 +392,322 @@ fn bad_url_scheme_is_an_error_naming_the_url() {
     }
 }
 
+#[test]
+fn redirect_policy() {
+    let u = |s: &str| Url::parse(s).unwrap();
+    let cases: &[(&str, &str, usize, Result<(), &str>)] = &[
+        ("http://a/x", "http://a/y", 0, Ok(())),
+        ("http://a/x", "https://a/y", 0, Ok(())),
+        ("https://a/x", "https://a:8443/y", 0, Ok(())),
+        ("http://A/x", "http://a/y", 0, Ok(())),
+        ("http://a/x", "http://a/y", MAX_REDIRECTS - 1, Ok(())),
+        (
+            "http://a/x",
+            "http://a/y",
+            MAX_REDIRECTS,
+            Err("more than 5 redirects"),
+        ),
+        (
+            "https://a/x",
+            "http://a/y",
+            0,
+            Err("redirect from https to plain http (http://a/y) refused"),
+        ),
+        (
+            "http://127.0.0.1:1/x",
+            "http://localhost:1/x",
+            0,
+            Err("redirect from host \"127.0.0.1\" to another host \"localhost\" refused"),
+        ),
+        (
+            "https://a.example/x",
+            "https://b.example/x",
+            0,
+            Err("redirect from host \"a.example\" to another host \"b.example\" refused"),
+        ),
+        (
+            "http://a/x",
+            "file:///etc/shadow",
+            0,
+            Err("redirect to file:///etc/shadow: only http:// and https:// URLs are supported"),
+        ),
+    ];
+    for (from, to, followed, want) in cases {
+        let got = redirect_allowed(&u(from), &u(to), *followed).map_err(|e| e.to_string());
+        assert_eq!(
+            got,
+            want.map_err(str::to_string),
+            "{from} -> {to} after {followed}"
+        );
+    }
+}
+
+#[test]
+fn same_host_redirects_are_followed() {
+    let target = Server::serve(|_| Reply::ok(b"#cloud-config\n"));
+    let to = format!("http://127.0.0.1:{}/user-data", target.port());
+    // An absolute Location to another port, then a relative one.
+    let first = Server::serve(move |n| match n {
+        0 => Reply::redirect("/moved"),
+        _ => Reply::redirect(&to),
+    });
+    let body = fetch_url(&first.url(), &fast_policy(Duration::from_secs(10))).unwrap();
+    assert_eq!(body, b"#cloud-config\n");
+    assert_eq!((first.requests(), target.requests()), (2, 1));
+}
+
+#[test]
+fn redirect_to_another_host_is_refused_and_not_fetched() {
+    let target = Server::serve(|_| Reply::ok(b"#cloud-config\nruncmd: [evil]\n"));
+    let to = format!("http://localhost:{}/user-data", target.port());
+    let first = Server::serve(move |_| Reply::redirect(&to));
+    let err = fetch_url(&first.url(), &fast_policy(Duration::from_secs(10)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("redirect from host \"127.0.0.1\" to another host \"localhost\" refused"),
+        "{err}"
+    );
+    assert!(err.contains(&first.url()), "{err}");
+    assert!(err.contains("after 1 attempt(s)"), "{err}");
+    assert_eq!((first.requests(), target.requests()), (1, 0));
+}
+
+#[test]
+fn endless_redirects_stop() {
+    let server = Server::serve(|_| Reply::redirect("/again"));
+    let err = fetch_url(&server.url(), &fast_policy(Duration::from_secs(10)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("more than 5 redirects"), "{err}");
+    assert_eq!(server.requests(), MAX_REDIRECTS + 1);
+}
+
+/// What a URL serves may change (or be changed on the way): the host was
+/// provisioned from that URL, and a new body there only brings its
+/// `bootcmd`, not a second provisioning.
+#[test]
+fn changed_document_under_the_same_url_is_not_a_new_instance() {
+    let body = Arc::new(std::sync::Mutex::new(
+        b"#cloud-config\nruncmd: [\"echo first\"]\n".to_vec(),
+    ));
+    let served = Arc::clone(&body);
+    let server = Server::serve(move |_| Reply::ok(&served.lock().unwrap()));
+    let (_d, host) = host(&format!("{CMDLINE_URL_KEY}={}\n", server.url()));
+    put(&host, "/etc/group", b"root:x:0:\n");
+    put(&host, "/etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n");
+    let boot = |secs| {
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+        crate::provision::run_with(&host, now, discover_with(&host, &opts())).unwrap()
+    };
+    let id = format!("url:{}", server.url());
+    assert_eq!(
+        boot(1),
+        crate::provision::Outcome::Applied {
+            instance_id: id.clone()
+        }
+    );
+    *body.lock().unwrap() = b"#cloud-config\nruncmd: [\"echo second\"]\n".to_vec();
+    assert_eq!(
+        boot(2),
+        crate::provision::Outcome::AlreadyApplied {
+            instance_id: id,
+            error: None
+        }
+    );
+    let ran = programs(&host);
+    assert!(
+        ran.contains(&"/bin/sh -c echo first".to_string()),
+        "{ran:?}"
+    );
+    assert!(!ran.iter().any(|c| c.contains("echo second")), "{ran:?}");
+    // Plain http is worth a warning in the record.
+    let last = crate::provision::record::status(&host)
+        .unwrap()
+        .last
+        .unwrap();
+    assert!(
+        last.warnings.iter().any(|w| w.contains("plain http")),
+        "{:?}",
+        last.warnings
+    );
+}
+
+/// Over https, a redirect to plain http is refused, and the http server is
+/// not asked.
+#[test]
+fn redirect_from_https_to_http_is_refused() {
+    let plain = Server::serve(|_| Reply::ok(b"#cloud-config\nruncmd: [evil]\n"));
+    let tls = TlsServer::start(&format!(
+        "HTTP/1.0 302 Found\r\nLocation: http://127.0.0.1:{}/user-data\r\n\r\n",
+        plain.port()
+    ));
+    let url = format!("https://127.0.0.1:{}/response", tls.port);
+    let err = fetch_url_with(&url, &fast_policy(Duration::from_secs(10)), tls.client())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "redirect from https to plain http (http://127.0.0.1:{}/user-data) refused",
+            plain.port()
+        )),
+        "{err}"
+    );
+    assert_eq!(plain.requests(), 0);
+}
+
+/// `openssl s_server -HTTP` on 127.0.0.1 with a certificate from a test CA,
+/// answering every request with `response` as it is; stopped when dropped.
+struct TlsServer {
+    child: std::process::Child,
+    port: u16,
+    ca_der: Vec<u8>,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsServer {
+    fn start(response: &str) -> TlsServer {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=test-ca",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(&["x509", "-in", "ca.pem", "-outform", "DER", "-out", "ca.der"]);
+        std::fs::write(
+            dir.path().join("server.ext"),
+            "subjectAltName=IP:127.0.0.1\n",
+        )
+        .unwrap();
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]);
+        std::fs::write(dir.path().join("response"), response).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = std::process::Command::new("openssl")
+            .args([
+                "s_server",
+                "-HTTP",
+                "-cert",
+                "server.pem",
+                "-key",
+                "server.key",
+            ])
+            .args(["-accept", &format!("127.0.0.1:{port}")])
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // s_server says ACCEPT once it listens.
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.starts_with("ACCEPT") => break,
+                Some(Ok(_)) => {}
+                other => panic!("openssl s_server did not start: {other:?}"),
+            }
+        }
+        let ca_der = std::fs::read(dir.path().join("ca.der")).unwrap();
+        TlsServer {
+            child,
+            port,
+            ca_der,
+            _dir: dir,
+        }
+    }
+
+    /// A client that trusts the test CA.
+    fn client(&self) -> ureq::AgentBuilder {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(self.ca_der.clone()))
+            .unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        ureq::AgentBuilder::new().tls_config(Arc::new(config))
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        if let Err(e) = self.child.kill().and_then(|()| self.child.wait().map(drop)) {
+            eprintln!("stopping openssl s_server: {e}");
+        }
+    }
+}
+
 fn fast_policy(total: Duration) -> RetryPolicy {
     RetryPolicy {
         total,
@@ -468,19 +786,63 @@ fn url_nobody_listens_on_is_retried_then_fails() {
     assert!(err.to_string().contains(&url), "{err}");
 }
 
-/// A one-file HTTP server on 127.0.0.1 with a run-time port: the first
-/// `failures` requests get a 503, the rest `status` with `body`.
+/// What the test server answers to one request.
+struct Reply {
+    status: &'static str,
+    location: Option<String>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn ok(body: &[u8]) -> Reply {
+        Reply {
+            status: "200 OK",
+            location: None,
+            body: body.to_vec(),
+        }
+    }
+
+    fn redirect(to: &str) -> Reply {
+        Reply {
+            status: "302 Found",
+            location: Some(to.to_string()),
+            body: Vec::new(),
+        }
+    }
+}
+
+/// An HTTP server on 127.0.0.1 with a run-time port, answering the n-th
+/// request (from 0) with what its handler says.
 struct Server {
     addr: std::net::SocketAddr,
     count: Arc<AtomicUsize>,
 }
 
 impl Server {
+    /// The first `failures` requests get a 503, the rest a 200 with `body`.
     fn start(failures: usize, body: &'static [u8]) -> Server {
         Server::start_with(failures, body, "200 OK")
     }
 
     fn start_with(failures: usize, body: &'static [u8], status: &'static str) -> Server {
+        Server::serve(move |n| {
+            if n < failures {
+                Reply {
+                    status: "503 Service Unavailable",
+                    location: None,
+                    body: b"not yet".to_vec(),
+                }
+            } else {
+                Reply {
+                    status,
+                    location: None,
+                    body: body.to_vec(),
+                }
+            }
+        })
+    }
+
+    fn serve(handler: impl Fn(usize) -> Reply + Send + 'static) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let count = Arc::new(AtomicUsize::new(0));
@@ -490,12 +852,7 @@ impl Server {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { return };
                 let n = seen.fetch_add(1, Ordering::SeqCst);
-                let (status, body) = if n < failures {
-                    ("503 Service Unavailable", &b"not yet"[..])
-                } else {
-                    (status, body)
-                };
-                respond(stream, status, body);
+                respond(stream, &handler(n));
             }
         });
         Server { addr, count }
@@ -505,12 +862,16 @@ impl Server {
         format!("http://{}/user-data", self.addr)
     }
 
+    fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
     fn requests(&self) -> usize {
         self.count.load(Ordering::SeqCst)
     }
 }
 
-fn respond(mut stream: TcpStream, status: &str, body: &[u8]) {
+fn respond(mut stream: TcpStream, reply: &Reply) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     // Read the request head up to the blank line.
@@ -520,14 +881,20 @@ fn respond(mut stream: TcpStream, status: &str, body: &[u8]) {
         }
         line.clear();
     }
+    let location = reply
+        .location
+        .as_ref()
+        .map(|l| format!("Location: {l}\r\n"))
+        .unwrap_or_default();
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+        "HTTP/1.1 {}\r\n{location}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        reply.status,
+        reply.body.len()
     );
     // A client that gave up is the test's business, not the server's.
     if let Err(e) = stream
         .write_all(head.as_bytes())
-        .and_then(|()| stream.write_all(body))
+        .and_then(|()| stream.write_all(&reply.body))
     {
         eprintln!("test server: writing the response: {e}");
     }
