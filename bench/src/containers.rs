@@ -68,10 +68,10 @@ fn pull_throughput(mib: u64) -> Result<()> {
     let r =
         Reference::parse(&format!("{}/bench/app:bench", reg.addr)).map_err(anyhow::Error::msg)?;
     let t = Instant::now();
-    let pulled = Puller::new(&store).pull(&r).context("pull")?;
+    let pulled = Puller::new(&store)?.pull(&r).context("pull")?;
     let cold = t.elapsed();
     let t = Instant::now();
-    let again = Puller::new(&store).pull(&r).context("second pull")?;
+    let again = Puller::new(&store)?.pull(&r).context("second pull")?;
     let warm = t.elapsed();
 
     let mibs = |bytes: u64, d: Duration| bytes as f64 / MIB as f64 / d.as_secs_f64();

@@ -46,11 +46,20 @@ struct Counters {
 }
 
 fn counters(etcd: &LocalEtcd) -> Result<Counters> {
-    let text = ureq::get(&etcd.metrics_url())
-        .call()
-        .context("cannot read etcd's metrics")?
-        .into_string()
-        .context("cannot read etcd's metrics")?;
+    let client = os_agent::http::Client::new(&os_agent::http::Options::new(
+        os_agent::http::Redirects::SameHost,
+    ))?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut client
+            .get(&etcd.metrics_url())
+            .send()
+            .and_then(os_agent::http::Response::ok)
+            .context("cannot read etcd's metrics")?
+            .into_body(),
+        &mut text,
+    )
+    .context("cannot read etcd's metrics")?;
     let unary = text
         .lines()
         .filter(|l| {

@@ -230,7 +230,7 @@ fn main() -> Result<()> {
         verity_label: "root-b-verity".into(),
         verity_capacity: 64 * MIB,
     };
-    let channel = Channel::new(&base, "bench");
+    let channel = Channel::new(&base, "bench")?;
     let bytes = m.root.uncompressed_size as f64;
 
     // Warm the page cache of the served payload for both runs alike.

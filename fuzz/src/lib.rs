@@ -10,6 +10,7 @@ use ballast_common::keys::SecretKey;
 use ballast_common::manifest::{self, HostFacts, Manifest};
 use os_agent::containers::{desired, oci, registry, spec, unpack};
 use os_agent::fleet::model;
+use os_agent::provision::source::SourceKind;
 use os_agent::provision::{cloudconfig, network, record};
 use std::path::Path;
 
@@ -90,7 +91,7 @@ pub fn cloud_config(data: &[u8]) {
         None => (data, None),
     };
     let _parsed = cloudconfig::parse(user_data, network_config);
-    let _id = record::instance_id(user_data, network_config);
+    let _id = record::instance_id(&SourceKind::FwCfg, user_data, network_config);
 }
 
 pub fn network_config(data: &[u8]) {

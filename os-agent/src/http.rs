@@ -5,8 +5,9 @@
 //! - the system trust store (`/etc/ssl/certs`), plus the PEM certificates in
 //!   [`EXTRA_ROOTS_DIR`] (cloud-config `ca_certs:`);
 //! - proxies from the environment (`https_proxy`, `http_proxy`, `no_proxy`);
-//! - a redirect policy: at most [`MAX_REDIRECTS`], never from https to http,
-//!   and for [`Redirects::SameOrigin`] never to another scheme, host or port;
+//! - a redirect policy ([`redirect_allowed`]): at most [`MAX_REDIRECTS`],
+//!   never from https to http, and for [`Redirects::SameHost`] never to
+//!   another host;
 //! - a pace: a transfer that sends nothing for [`Pace::stall`], or less than
 //!   [`Pace::min_rate`] bytes a second over any [`Pace::window`], or that runs
 //!   past a deadline proportional to its expected size, fails with an error
@@ -26,7 +27,8 @@ use std::time::{Duration, Instant};
 
 /// PEM files of extra trusted roots, one or more certificates each.
 pub const EXTRA_ROOTS_DIR: &str = "/etc/ballast/ca-certificates";
-pub const MAX_REDIRECTS: usize = 10;
+/// Redirects one request may follow.
+pub const MAX_REDIRECTS: usize = 5;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How much of an error response's body goes into the message.
 const ERROR_BODY_BYTES: usize = 512;
@@ -37,29 +39,54 @@ pub enum Redirects {
     /// Any host (registries hand blobs to a CDN; channel files and payloads
     /// are verified by signature and hash whoever serves them).
     AnyHost,
-    /// Only the same scheme, host and port: the config URL, whose body is
-    /// trusted as it comes.
-    SameOrigin,
+    /// Only the same host (the port may change): the config URL, whose body
+    /// is trusted as it comes. Another host would be a source the operator
+    /// did not name, and with https the certificate checked is the one of the
+    /// host the redirect names.
+    SameHost,
 }
 
-/// Why a redirect from `from` to `to` is not followed, if it is not.
-pub fn redirect_refused(policy: Redirects, from: &url::Url, to: &url::Url) -> Option<String> {
+/// Why a redirect is not followed.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum RedirectRefused {
+    #[error("more than {MAX_REDIRECTS} redirects")]
+    TooMany,
+    #[error("redirect to {to}: only http:// and https:// URLs are supported")]
+    Scheme { to: String },
+    #[error("redirect from https to plain http ({to}) refused")]
+    Downgrade { to: String },
+    #[error("redirect from host {from:?} to another host {to:?} refused")]
+    OtherHost { from: String, to: String },
+}
+
+/// Whether a request at `from`, having followed `followed` redirects
+/// already, may follow one to `to`: at most [`MAX_REDIRECTS`], to http(s)
+/// only, never from https to http, and under [`Redirects::SameHost`] only
+/// to the same host.
+pub fn redirect_allowed(
+    policy: Redirects,
+    from: &url::Url,
+    to: &url::Url,
+    followed: usize,
+) -> Result<(), RedirectRefused> {
+    if followed >= MAX_REDIRECTS {
+        return Err(RedirectRefused::TooMany);
+    }
     if !matches!(to.scheme(), "http" | "https") {
-        return Some(format!("redirect to {to}: not an http(s) URL"));
+        return Err(RedirectRefused::Scheme { to: to.to_string() });
     }
     if from.scheme() == "https" && to.scheme() == "http" {
-        return Some(format!("redirect from {from} to {to}: https to plain http"));
+        return Err(RedirectRefused::Downgrade { to: to.to_string() });
     }
-    if policy == Redirects::SameOrigin
-        && (from.scheme() != to.scheme()
-            || from.host_str() != to.host_str()
-            || from.port_or_known_default() != to.port_or_known_default())
-    {
-        return Some(format!(
-            "redirect from {from} to {to}: another host (only same-host redirects are followed here)"
-        ));
+    // `Url` lower-cases host names and normalises IP addresses.
+    if policy == Redirects::SameHost && from.host() != to.host() {
+        let host = |u: &url::Url| u.host_str().unwrap_or_default().to_string();
+        return Err(RedirectRefused::OtherHost {
+            from: host(from),
+            to: host(to),
+        });
     }
-    None
+    Ok(())
 }
 
 /// How slow a transfer may be before it is given up.
@@ -165,6 +192,9 @@ pub enum Error {
     },
     #[error("GET {url}: {message}")]
     Transport { url: String, message: String },
+    /// A redirect the policy refused: trying again will not help.
+    #[error("GET {url}: {message}")]
+    Redirect { url: String, message: String },
     #[error("cannot set up the HTTP client: {0}")]
     Setup(String),
 }
@@ -275,16 +305,15 @@ impl Client {
     pub fn new(opts: &Options) -> Result<Client, Error> {
         let policy = opts.redirects;
         let redirect = reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() > MAX_REDIRECTS {
-                return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
-            }
-            let refused = attempt
-                .previous()
-                .last()
-                .and_then(|from| redirect_refused(policy, from, attempt.url()));
-            match refused {
-                Some(why) => attempt.error(why),
-                None => attempt.follow(),
+            // `previous` holds the URLs asked so far, the first included.
+            let followed = attempt.previous().len().saturating_sub(1);
+            let checked = match attempt.previous().last() {
+                Some(from) => redirect_allowed(policy, from, attempt.url(), followed),
+                None => Ok(()),
+            };
+            match checked {
+                Ok(()) => attempt.follow(),
+                Err(why) => attempt.error(why),
             }
         });
         let mut builder = reqwest::Client::builder()
@@ -365,8 +394,17 @@ impl Request<'_> {
         let resp = client
             .exec
             .block_on(async { tokio::time::timeout(wait, req.send()).await })
-            .map_err(|_| transport(format!("no response in {} s", wait.as_secs())))?
-            .map_err(|e| transport(chain(&e)))?;
+            .map_err(|_| transport(format!("timed out: no response in {} s", wait.as_secs())))?
+            .map_err(|e| {
+                if e.is_redirect() {
+                    Error::Redirect {
+                        url: url.clone(),
+                        message: chain(&e),
+                    }
+                } else {
+                    transport(chain(&e))
+                }
+            })?;
         Ok(Response {
             url: url.clone(),
             status: resp.status().as_u16(),
@@ -492,3 +530,5 @@ impl Read for Body {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+pub(crate) mod tls_server;

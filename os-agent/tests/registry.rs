@@ -109,7 +109,7 @@ fn pull_verify_unpack_and_refuse_corruption() -> Result<()> {
 
     let store_dir = tempfile::tempdir()?;
     let store = Store::open(store_dir.path())?;
-    let puller = Puller::new(&store);
+    let puller = Puller::new(&store)?;
     let r = Reference::parse(&format!("{}/test/app:v1", reg.addr)).map_err(anyhow::Error::msg)?;
     let pulled = puller
         .pull(&r)
@@ -182,7 +182,7 @@ fn pull_verify_unpack_and_refuse_corruption() -> Result<()> {
         Reference::parse(&format!("{}/test/app:multi", reg.addr)).map_err(anyhow::Error::msg)?;
     let multi_dir = tempfile::tempdir()?;
     let multi_store = Store::open(multi_dir.path())?;
-    let m = Puller::new(&multi_store).pull(&multi)?;
+    let m = Puller::new(&multi_store)?.pull(&multi)?;
     assert_eq!(m.image.info.manifest, pulled.image.info.manifest);
     assert!(m.image.info.index.is_some());
     assert_eq!(read(&m.image.rootfs, "opt/new"), "new\n");
@@ -191,7 +191,7 @@ fn pull_verify_unpack_and_refuse_corruption() -> Result<()> {
         os: "linux".into(),
         variant: None,
     };
-    let e = Puller::new(&store)
+    let e = Puller::new(&store)?
         .platform(s390x)
         .pull(&multi)
         .expect_err("no s390x image");
@@ -224,7 +224,7 @@ fn pull_verify_unpack_and_refuse_corruption() -> Result<()> {
     fs::write(&data, &bytes)?;
     let fresh_dir = tempfile::tempdir()?;
     let fresh = Store::open(fresh_dir.path())?;
-    let e = Puller::new(&fresh)
+    let e = Puller::new(&fresh)?
         .pull(&r)
         .expect_err("corrupt blob must be refused");
     match &e {
@@ -269,7 +269,9 @@ fn wrong_diff_ids_and_too_big_images_are_refused() -> Result<()> {
     let store_dir = tempfile::tempdir()?;
     let store = Store::open(store_dir.path())?;
     let r = Reference::parse(&format!("{}/test/zeros:1", reg.addr)).map_err(anyhow::Error::msg)?;
-    let e = Puller::new(&store).pull(&r).expect_err("all-zero diff_ids");
+    let e = Puller::new(&store)?
+        .pull(&r)
+        .expect_err("all-zero diff_ids");
     match &e {
         PullError::DiffId {
             index: 0,
@@ -308,7 +310,7 @@ fn wrong_diff_ids_and_too_big_images_are_refused() -> Result<()> {
         store: 1 << 30,
     });
     let r = Reference::parse(&format!("{}/test/big:1", reg.addr)).map_err(anyhow::Error::msg)?;
-    let e = Puller::new(&store).pull(&r).expect_err("8 MiB in 1 MiB");
+    let e = Puller::new(&store)?.pull(&r).expect_err("8 MiB in 1 MiB");
     assert!(
         matches!(&e, PullError::Store(StoreError::Quota { .. })),
         "want the quota, got {e}"
@@ -329,7 +331,7 @@ fn unreachable_registry_is_a_clear_error() -> Result<()> {
     let store_dir = tempfile::tempdir()?;
     let store = Store::open(store_dir.path())?;
     let r = Reference::parse(&format!("127.0.0.1:{port}/a:b")).map_err(anyhow::Error::msg)?;
-    let e = Puller::new(&store).pull(&r).expect_err("nothing listens");
+    let e = Puller::new(&store)?.pull(&r).expect_err("nothing listens");
     assert!(
         matches!(&e, PullError::Transport { url, .. } if url.contains(&format!("127.0.0.1:{port}/v2/a/manifests/b"))),
         "{e}"
@@ -465,7 +467,7 @@ fn basic_auth() -> Result<()> {
 
     let store_dir = tempfile::tempdir()?;
     let store = Store::open(store_dir.path())?;
-    let e = Puller::new(&store).pull(&r).expect_err("no credentials");
+    let e = Puller::new(&store)?.pull(&r).expect_err("no credentials");
     assert!(
         e.to_string()
             .contains("wants a user name and password and none is configured"),
@@ -475,7 +477,7 @@ fn basic_auth() -> Result<()> {
         username: "puller".into(),
         password: "nope".into(),
     };
-    let e = Puller::new(&store)
+    let e = Puller::new(&store)?
         .credentials(&reg.addr, wrong)
         .pull(&r)
         .expect_err("wrong password");
@@ -484,7 +486,9 @@ fn basic_auth() -> Result<()> {
         username: "puller".into(),
         password: "s3cret".into(),
     };
-    let pulled = Puller::new(&store).credentials(&reg.addr, right).pull(&r)?;
+    let pulled = Puller::new(&store)?
+        .credentials(&reg.addr, right)
+        .pull(&r)?;
     assert_eq!(
         read(&pulled.image.rootfs, "etc/greeting"),
         "hello from the registry\n"
@@ -700,7 +704,7 @@ fn bearer_token_auth() -> Result<()> {
     let r = Reference::parse(&format!("{}/test/app:v1", reg.addr)).map_err(anyhow::Error::msg)?;
     let store_dir = tempfile::tempdir()?;
     let store = Store::open(store_dir.path())?;
-    let pulled = Puller::new(&store)
+    let pulled = Puller::new(&store)?
         .pull(&r)
         .with_context(|| format!("pull with a token: registry log: {}", reg.log()))?;
     assert_eq!(
@@ -717,7 +721,7 @@ fn bearer_token_auth() -> Result<()> {
     // spoken to over plain HTTP anyway, so they go to it.
     let creds_dir = tempfile::tempdir()?;
     let creds_store = Store::open(creds_dir.path())?;
-    Puller::new(&creds_store)
+    Puller::new(&creds_store)?
         .credentials(&reg.addr, puller_credentials())
         .pull(&r)?;
     assert!(
@@ -732,7 +736,7 @@ fn bearer_token_auth() -> Result<()> {
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let other_dir = tempfile::tempdir()?;
     let other = Store::open(other_dir.path())?;
-    let e = Puller::new(&other)
+    let e = Puller::new(&other)?
         .pull(&r)
         .expect_err("a forged token pulls");
     assert!(matches!(e, PullError::Http { status: 401, .. }), "{e}");
@@ -767,7 +771,7 @@ fn no_credentials_for_a_plain_http_realm_elsewhere() -> Result<()> {
 
     let store_dir = tempfile::tempdir()?;
     let store = Store::open(store_dir.path())?;
-    let e = Puller::new(&store)
+    let e = Puller::new(&store)?
         .credentials(&reg.addr, puller_credentials())
         .pull(&r)
         .expect_err("credentials for a plain-HTTP realm on another host");
@@ -782,7 +786,7 @@ fn no_credentials_for_a_plain_http_realm_elsewhere() -> Result<()> {
     );
     nothing_complete(store_dir.path(), &store)?;
 
-    let pulled = Puller::new(&store).pull(&r)?;
+    let pulled = Puller::new(&store)?.pull(&r)?;
     assert_eq!(
         read(&pulled.image.rootfs, "etc/greeting"),
         "hello from the registry\n"

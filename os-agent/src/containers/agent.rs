@@ -201,7 +201,7 @@ pub fn prepare(
     let mut problems = loaded.problems;
     let store = Store::open(&paths.store)?;
     let registries = crate::config::load(host)?.settings.registries;
-    let puller = super::registries::configure(Puller::new(&store), &registries);
+    let puller = super::registries::configure(Puller::new(&store)?, &registries);
     let mut want = BTreeMap::new();
     let mut rendered = BTreeMap::new();
     let mut keep = BTreeSet::new();

@@ -101,15 +101,20 @@ impl Registry {
             .with_context(|| format!("cannot start {REGISTRY_BIN}"))?;
         let mut reg = Registry { child, addr, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
+        let probe = crate::http::Client::new(
+            &crate::http::Options::new(crate::http::Redirects::SameHost).pace(crate::http::Pace {
+                stall: Duration::from_secs(2),
+                ..crate::http::Pace::DEFAULT
+            }),
+        )?;
         loop {
             if let Some(status) = reg.child.try_wait().context("registry wait")? {
                 bail!("the registry exited with {status}: {}", reg.log());
             }
             let url = format!("http://{}/v2/", reg.addr);
             // Any HTTP answer (401 with auth) means it is serving.
-            match ureq::get(&url).timeout(Duration::from_secs(2)).call() {
-                Ok(_) | Err(ureq::Error::Status(..)) => return Ok(reg),
-                Err(ureq::Error::Transport(_)) => {}
+            if probe.get(&url).send().is_ok() {
+                return Ok(reg);
             }
             if Instant::now() > deadline {
                 bail!(

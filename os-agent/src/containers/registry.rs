@@ -11,11 +11,11 @@ use super::oci::{self, Document, Manifest, OciError, Platform};
 use super::reference::{Digest, Reference};
 use super::store::{Image, ImageInfo, Store, StoreError};
 use super::unpack::{self, UnpackError};
+use crate::http;
 use crate::update::io::LimitReader;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::sync::Mutex;
-use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -27,6 +27,8 @@ pub enum PullError {
     },
     #[error("GET {url}: {message}")]
     Transport { url: String, message: String },
+    #[error(transparent)]
+    Client(#[from] http::Error),
     #[error("{registry}: authentication: {message}")]
     Auth { registry: String, message: String },
     #[error("{what}: served with digest {actual}, expected {expected}; refused")]
@@ -137,7 +139,7 @@ pub struct Pulled {
 }
 
 pub struct Puller<'a> {
-    agent: ureq::Agent,
+    client: http::Client,
     store: &'a Store,
     platform: Platform,
     insecure: Vec<String>,
@@ -178,13 +180,18 @@ fn is_loopback(registry: &str) -> bool {
 }
 
 impl<'a> Puller<'a> {
-    pub fn new(store: &'a Store) -> Puller<'a> {
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(15))
-            .timeout_read(Duration::from_secs(60))
-            .build();
+    /// A puller with the agent's HTTP client: the system trust store and
+    /// extra roots, proxies from the environment, redirects to any host
+    /// (registries hand blobs to CDNs; every byte is checked against its
+    /// digest) but never from https to http, and paced transfers.
+    pub fn new(store: &'a Store) -> Result<Puller<'a>, PullError> {
+        let client = http::Client::new(&http::Options::new(http::Redirects::AnyHost))?;
+        Ok(Puller::with_client(store, client))
+    }
+
+    pub fn with_client(store: &'a Store, client: http::Client) -> Puller<'a> {
         Puller {
-            agent,
+            client,
             store,
             platform: Platform::host(),
             insecure: Vec::new(),
@@ -296,15 +303,16 @@ impl<'a> Puller<'a> {
                 if let Some(s) = ch.params.get("service") {
                     url.push_str(&format!("&service={}", query_escape(s)));
                 }
-                let mut req = self.agent.get(&url);
+                let mut req = self.client.get(&url).expect_size(1 << 20);
                 if let Some(c) = creds {
-                    req = req.set("Authorization", &basic(c));
+                    req = req.header("Authorization", &basic(c));
                 }
                 let resp = req
-                    .call()
-                    .map_err(|e| auth_err(format!("token from {url}: {e}")))?;
+                    .send()
+                    .and_then(http::Response::ok)
+                    .map_err(|e| auth_err(format!("token: {e}")))?;
                 let mut body = Vec::new();
-                LimitReader::new(resp.into_reader(), 1 << 20)
+                LimitReader::new(resp.into_body(), 1 << 20)
                     .read_to_end(&mut body)
                     .map_err(|e| auth_err(format!("token from {url}: {e}")))?;
                 #[derive(serde::Deserialize)]
@@ -328,48 +336,43 @@ impl<'a> Puller<'a> {
         }
     }
 
-    /// GETs `/v2/<repo>/<path>`, answering one auth challenge.
+    /// GETs `/v2/<repo>/<path>` (whose body should be about `size` bytes:
+    /// the transfer's deadline follows from it), answering one auth
+    /// challenge.
     fn get(
         &self,
         r: &Reference,
         path: &str,
         accept: Option<&str>,
-    ) -> Result<ureq::Response, PullError> {
+        size: u64,
+    ) -> Result<http::Response, PullError> {
         let url = format!("{}/v2/{}/{path}", self.base(&r.registry), r.repository);
         let mut challenged = false;
         loop {
-            let mut req = self.agent.get(&url);
+            let mut req = self.client.get(&url).expect_size(size);
             if let Some(a) = accept {
-                req = req.set("Accept", a);
+                req = req.header("Accept", a);
             }
             if let Some(h) = self.auth_header(r) {
-                req = req.set("Authorization", &h);
+                req = req.header("Authorization", &h);
             }
-            match req.call() {
-                Ok(resp) => return Ok(resp),
-                Err(ureq::Error::Status(401, resp)) if !challenged => {
+            let resp = req.send().map_err(|e| match e {
+                http::Error::Transport { url, message }
+                | http::Error::Redirect { url, message } => PullError::Transport { url, message },
+                other => PullError::Client(other),
+            })?;
+            match resp.status() {
+                200..=299 => return Ok(resp),
+                401 if !challenged => {
                     challenged = true;
                     self.authenticate(r, resp.header("www-authenticate"))?;
                 }
-                Err(ureq::Error::Status(status, resp)) => {
-                    let mut body = String::new();
-                    // The body is only for the message: a failure to read it
-                    // is shown as its absence, not hidden.
-                    if let Err(e) =
-                        LimitReader::new(resp.into_reader(), 512).read_to_string(&mut body)
-                    {
-                        body = format!("(body unreadable: {e})");
-                    }
-                    return Err(PullError::Http {
-                        url,
-                        status,
-                        body: body.trim().to_string(),
-                    });
-                }
-                Err(e) => {
-                    return Err(PullError::Transport {
-                        url,
-                        message: e.to_string(),
+                _ => {
+                    return Err(match resp.into_status_error() {
+                        http::Error::Status { url, status, body } => {
+                            PullError::Http { url, status, body }
+                        }
+                        other => PullError::Client(other),
                     })
                 }
             }
@@ -383,12 +386,17 @@ impl<'a> Puller<'a> {
         r: &Reference,
         what: &str,
     ) -> Result<(Digest, Vec<u8>, Document), PullError> {
-        let resp = self.get(r, &format!("manifests/{what}"), Some(oci::MANIFEST_ACCEPT))?;
+        let resp = self.get(
+            r,
+            &format!("manifests/{what}"),
+            Some(oci::MANIFEST_ACCEPT),
+            oci::MAX_MANIFEST,
+        )?;
         let content_type = resp.header("content-type").map(str::to_string);
         let claimed = resp.header("docker-content-digest").map(str::to_string);
         let mut bytes = Vec::new();
         let desc = format!("manifest {r} ({what})");
-        LimitReader::new(resp.into_reader(), oci::MAX_MANIFEST)
+        LimitReader::new(resp.into_body(), oci::MAX_MANIFEST)
             .read_to_end(&mut bytes)
             .map_err(|e| PullError::Transport {
                 url: desc.clone(),
@@ -426,8 +434,8 @@ impl<'a> Puller<'a> {
         if self.store.has_blob(d) {
             return Ok(0);
         }
-        let resp = self.get(r, &format!("blobs/{d}"), None)?;
-        self.store.put_blob(d, size, resp.into_reader())?;
+        let resp = self.get(r, &format!("blobs/{d}"), None, size)?;
+        self.store.put_blob(d, size, resp.into_body())?;
         Ok(size)
     }
 
@@ -614,7 +622,9 @@ mod tests {
     fn loopback_is_plain_http() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
-        let p = Puller::new(&store).insecure(vec!["reg.lan:5000".into()]);
+        let p = Puller::new(&store)
+            .expect("puller")
+            .insecure(vec!["reg.lan:5000".into()]);
         assert_eq!(p.base("127.0.0.1:5000"), "http://127.0.0.1:5000");
         assert_eq!(p.base("localhost"), "http://localhost");
         assert_eq!(p.base("reg.lan:5000"), "http://reg.lan:5000");

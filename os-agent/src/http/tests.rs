@@ -111,90 +111,122 @@ fn meter_table() {
 }
 
 #[test]
-fn redirect_table() {
-    let u = |s: &str| url::Url::parse(s).expect("url");
-    let cases = [
+fn redirect_policy() {
+    let u = |s: &str| url::Url::parse(s).unwrap();
+    let cases: &[(&str, &str, usize, Result<(), &str>)] = &[
+        ("http://a/x", "http://a/y", 0, Ok(())),
+        ("http://a/x", "https://a/y", 0, Ok(())),
+        ("https://a/x", "https://a:8443/y", 0, Ok(())),
+        ("http://A/x", "http://a/y", 0, Ok(())),
+        ("http://a/x", "http://a/y", MAX_REDIRECTS - 1, Ok(())),
         (
-            Redirects::SameOrigin,
+            "http://a/x",
+            "http://a/y",
+            MAX_REDIRECTS,
+            Err("more than 5 redirects"),
+        ),
+        (
+            "https://a/x",
+            "http://a/y",
+            0,
+            Err("redirect from https to plain http (http://a/y) refused"),
+        ),
+        (
+            "http://127.0.0.1:1/x",
+            "http://localhost:1/x",
+            0,
+            Err("redirect from host \"127.0.0.1\" to another host \"localhost\" refused"),
+        ),
+        (
             "https://a.example/x",
-            "https://a.example/y",
-            true,
+            "https://b.example/x",
+            0,
+            Err("redirect from host \"a.example\" to another host \"b.example\" refused"),
         ),
         (
-            Redirects::SameOrigin,
-            "https://a.example/x",
-            "https://a.example:443/y",
-            true,
-        ),
-        (
-            Redirects::SameOrigin,
-            "https://a.example/x",
-            "https://b.example/y",
-            false,
-        ),
-        (
-            Redirects::SameOrigin,
-            "https://a.example/x",
-            "https://a.example:8443/y",
-            false,
-        ),
-        (
-            Redirects::SameOrigin,
-            "http://a.example/x",
-            "https://a.example/y",
-            false,
-        ),
-        (
-            Redirects::SameOrigin,
-            "https://a.example/x",
-            "http://a.example/y",
-            false,
-        ),
-        (
-            Redirects::SameOrigin,
-            "http://127.0.0.1:80/x",
-            "http://localhost:80/x",
-            false,
-        ),
-        (
-            Redirects::AnyHost,
-            "https://a.example/x",
-            "https://cdn.example/y",
-            true,
-        ),
-        (
-            Redirects::AnyHost,
-            "http://a.example/x",
-            "https://cdn.example/y",
-            true,
-        ),
-        (
-            Redirects::AnyHost,
-            "https://a.example/x",
-            "http://cdn.example/y",
-            false,
-        ),
-        (
-            Redirects::AnyHost,
-            "https://a.example/x",
-            "http://a.example/y",
-            false,
-        ),
-        (
-            Redirects::AnyHost,
-            "https://a.example/x",
+            "http://a/x",
             "file:///etc/shadow",
-            false,
+            0,
+            Err("redirect to file:///etc/shadow: only http:// and https:// URLs are supported"),
         ),
     ];
-    for (policy, from, to, followed) in cases {
-        let refused = redirect_refused(policy, &u(from), &u(to));
+    for (from, to, followed, want) in cases {
+        let got = redirect_allowed(Redirects::SameHost, &u(from), &u(to), *followed)
+            .map_err(|e| e.to_string());
         assert_eq!(
-            refused.is_none(),
-            followed,
-            "{policy:?} {from} -> {to}: {refused:?}"
+            got,
+            want.map_err(str::to_string),
+            "{from} -> {to} after {followed}"
         );
     }
+}
+
+#[test]
+fn any_host_redirects_still_refuse_downgrades() {
+    let u = |s: &str| url::Url::parse(s).unwrap();
+    let any = Redirects::AnyHost;
+    assert_eq!(
+        redirect_allowed(
+            any,
+            &u("https://r.example/v2/x"),
+            &u("https://cdn.example/b"),
+            0
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        redirect_allowed(
+            any,
+            &u("http://127.0.0.1:5000/v2"),
+            &u("http://localhost:5001/b"),
+            0
+        ),
+        Ok(())
+    );
+    assert!(matches!(
+        redirect_allowed(any, &u("https://r.example/"), &u("http://cdn.example/b"), 0),
+        Err(RedirectRefused::Downgrade { .. })
+    ));
+    assert!(matches!(
+        redirect_allowed(any, &u("https://r.example/"), &u("file:///etc/shadow"), 0),
+        Err(RedirectRefused::Scheme { .. })
+    ));
+    assert_eq!(
+        redirect_allowed(
+            any,
+            &u("https://r.example/"),
+            &u("https://r.example/"),
+            MAX_REDIRECTS
+        ),
+        Err(RedirectRefused::TooMany)
+    );
+}
+
+#[test]
+fn a_certificate_from_an_extra_root_is_trusted_and_not_without_it() {
+    let tls = tls_server::TlsServer::start("HTTP/1.0 200 OK\r\n\r\ntrusted");
+    let url = format!("https://127.0.0.1:{}/response", tls.port);
+    let mut body = String::new();
+    Client::new(&tls.client())
+        .expect("client")
+        .get(&url)
+        .send()
+        .and_then(Response::ok)
+        .expect("trusted through the extra root")
+        .into_body()
+        .read_to_string(&mut body)
+        .expect("body");
+    assert_eq!(body, "trusted");
+    // The system store alone does not know the test CA.
+    let err = client(Redirects::SameHost, quick())
+        .get(&url)
+        .send()
+        .map(|r| r.status())
+        .expect_err("unknown CA");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -258,7 +290,10 @@ fn a_silent_server_is_given_up() {
             .map(|r| r.status())
     })
     .expect_err("no response must not succeed");
-    assert!(err.to_string().contains("no response in 2 s"), "{err}");
+    assert!(
+        err.to_string().contains("timed out: no response in 2 s"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -277,7 +312,7 @@ fn redirects_follow_the_policy_and_status_errors_say_what() {
         let _sent = s.write_all(reply.as_bytes());
     });
     let url = format!("http://127.0.0.1:{port}/start");
-    let strict = client(Redirects::SameOrigin, quick());
+    let strict = client(Redirects::SameHost, quick());
     let err = strict
         .get(&url)
         .send()

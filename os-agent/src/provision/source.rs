@@ -4,6 +4,7 @@
 //! reason to try the next one: the operator meant that source.
 
 use crate::host::Host;
+use crate::http;
 use std::fmt;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -27,9 +28,6 @@ const UDEV_QUEUE: &str = "/run/udev/queue";
 /// Largest document any source may deliver; user data is text, and this
 /// bounds what a broken server or seed can make us hold.
 pub const MAX_DOC_BYTES: u64 = 16 << 20;
-/// Most redirects a user-data URL may take (each one checked by
-/// [`redirect_allowed`]).
-pub const MAX_REDIRECTS: usize = 5;
 
 /// Which source a document came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,46 +196,6 @@ impl RetryPolicy {
     }
 }
 
-/// Why a redirect of the user-data URL is not followed.
-#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
-pub enum RedirectRefused {
-    #[error("more than {MAX_REDIRECTS} redirects")]
-    TooMany,
-    #[error("redirect to {to}: only http:// and https:// URLs are supported")]
-    Scheme { to: String },
-    #[error("redirect from https to plain http ({to}) refused")]
-    Downgrade { to: String },
-    #[error("redirect from host {from:?} to another host {to:?} refused")]
-    OtherHost { from: String, to: String },
-}
-
-/// Whether a user-data fetch at `from`, having followed `followed`
-/// redirects already, may follow one to `to`: at most [`MAX_REDIRECTS`], to
-/// http(s) only, never from https to http, and only to the same host (the
-/// port may change). Another host would be a source the operator did not
-/// name on the command line, and with https the certificate checked is the
-/// one of the host the redirect names.
-pub fn redirect_allowed(from: &Url, to: &Url, followed: usize) -> Result<(), RedirectRefused> {
-    if followed >= MAX_REDIRECTS {
-        return Err(RedirectRefused::TooMany);
-    }
-    if !matches!(to.scheme(), "http" | "https") {
-        return Err(RedirectRefused::Scheme { to: to.to_string() });
-    }
-    if from.scheme() == "https" && to.scheme() == "http" {
-        return Err(RedirectRefused::Downgrade { to: to.to_string() });
-    }
-    // `Url` lower-cases host names and normalises IP addresses.
-    if from.host() != to.host() {
-        let host = |u: &Url| u.host_str().unwrap_or_default().to_string();
-        return Err(RedirectRefused::OtherHost {
-            from: host(from),
-            to: host(to),
-        });
-    }
-    Ok(())
-}
-
 /// The warning for user data fetched over plain http, if it is.
 pub fn plain_http_warning(url: &str) -> Option<String> {
     url.to_ascii_lowercase().starts_with("http://").then(|| {
@@ -258,17 +216,17 @@ enum Attempt {
 }
 
 /// Fetches `url` (http or https), retrying while the network or the server is
-/// not ready, for at most `policy.total`. Redirects are followed only as
-/// [`redirect_allowed`] allows.
+/// not ready, for at most `policy.total`. Redirects are followed only to the
+/// same host ([`http::Redirects::SameHost`]).
 pub fn fetch_url(url: &str, policy: &RetryPolicy) -> Result<Vec<u8>, SourceError> {
-    fetch_url_with(url, policy, ureq::AgentBuilder::new())
+    fetch_url_with(url, policy, http::Options::new(http::Redirects::SameHost))
 }
 
-/// [`fetch_url`] with a client built from `agent` (tests give theirs a CA).
+/// [`fetch_url`] with a client built from `opts` (tests give theirs a CA).
 pub(crate) fn fetch_url_with(
     url: &str,
     policy: &RetryPolicy,
-    agent: ureq::AgentBuilder,
+    opts: http::Options,
 ) -> Result<Vec<u8>, SourceError> {
     let bad_url = |why: String| SourceError::BadUrl {
         url: url.to_string(),
@@ -284,21 +242,36 @@ pub(crate) fn fetch_url_with(
     if let Some(warning) = plain_http_warning(url) {
         tracing::warn!("{warning}");
     }
-    // Redirects are followed here, one by one, so that each is checked.
-    let agent = agent
-        .user_agent(concat!("ballast-os-agent/", env!("CARGO_PKG_VERSION")))
-        .redirects(0)
-        .build();
     let started = Instant::now();
     let mut backoff = policy.first_backoff;
     let mut attempts = 0u32;
+    let mut last_client: Option<(Duration, http::Client)> = None;
     loop {
         attempts += 1;
         let left = policy.total.saturating_sub(started.elapsed());
         let timeout = left
             .min(policy.attempt_timeout)
             .max(Duration::from_millis(100));
-        let (last, fatal) = match attempt(&agent, &parsed, timeout) {
+        // One client per attempt length: the last attempts may be shorter.
+        let client = match &last_client {
+            Some((t, c)) if *t == timeout => c.clone(),
+            _ => {
+                let pace = http::Pace {
+                    stall: timeout,
+                    ..http::Pace::DEFAULT
+                };
+                let c =
+                    http::Client::new(&opts.clone().pace(pace)).map_err(|e| SourceError::Url {
+                        url: url.to_string(),
+                        attempts,
+                        elapsed: started.elapsed(),
+                        last: e.to_string(),
+                    })?;
+                last_client = Some((timeout, c.clone()));
+                c
+            }
+        };
+        let (last, fatal) = match attempt(&client, url) {
             Attempt::Done(body) => {
                 tracing::info!(
                     "fetched {} bytes of user data from {url} (attempt {attempts})",
@@ -324,50 +297,33 @@ pub(crate) fn fetch_url_with(
     }
 }
 
-/// One GET of `url`, following the redirects [`redirect_allowed`] allows.
-fn attempt(agent: &ureq::Agent, url: &Url, timeout: Duration) -> Attempt {
-    let mut current = url.clone();
-    let mut followed = 0;
-    loop {
-        match agent.request_url("GET", &current).timeout(timeout).call() {
-            Ok(resp) if (300..400).contains(&resp.status()) => {
-                let code = resp.status();
-                let Some(location) = resp.header("location") else {
-                    return Attempt::Fatal(format!("HTTP {code} without a Location"));
-                };
-                let next = match current.join(location) {
-                    Ok(next) => next,
-                    Err(e) => {
-                        return Attempt::Fatal(format!(
-                            "HTTP {code} to {location:?}, which is not a URL: {e}"
-                        ))
-                    }
-                };
-                if let Err(e) = redirect_allowed(&current, &next, followed) {
-                    return Attempt::Fatal(format!("HTTP {code} at {current}: {e}"));
-                }
-                tracing::info!("user data: HTTP {code} redirect from {current} to {next}");
-                current = next;
-                followed += 1;
+/// One GET of `url`, following the redirects the client's policy allows.
+fn attempt(client: &http::Client, url: &str) -> Attempt {
+    // The caller's error names the URL: these say only what happened.
+    let resp = match client.get(url).expect_size(MAX_DOC_BYTES).send() {
+        Ok(resp) => resp,
+        Err(http::Error::Redirect { message, .. }) => return Attempt::Fatal(message),
+        Err(http::Error::Transport { message, .. }) => return Attempt::Retry(message),
+        Err(e) => return Attempt::Fatal(e.to_string()),
+    };
+    let code = resp.status();
+    if !(200..300).contains(&code) {
+        let why = match resp.into_status_error() {
+            http::Error::Status { status, body, .. } if body.is_empty() => {
+                format!("HTTP {status}")
             }
-            Ok(resp) => return read_body(resp),
-            Err(ureq::Error::Status(code, resp)) => {
-                let why = format!("HTTP {code} {}", resp.status_text());
-                return if code >= 500 || code == 408 || code == 429 {
-                    Attempt::Retry(why)
-                } else {
-                    Attempt::Fatal(why)
-                };
-            }
-            Err(ureq::Error::Transport(t)) => return Attempt::Retry(describe_transport(&t)),
-        }
+            http::Error::Status { status, body, .. } => format!("HTTP {status}: {body}"),
+            other => other.to_string(),
+        };
+        return if code >= 500 || code == 408 || code == 429 {
+            Attempt::Retry(why)
+        } else {
+            Attempt::Fatal(why)
+        };
     }
-}
-
-fn read_body(resp: ureq::Response) -> Attempt {
     let mut body = Vec::new();
     let read = resp
-        .into_reader()
+        .into_body()
         .take(MAX_DOC_BYTES + 1)
         .read_to_end(&mut body);
     match read {
@@ -377,27 +333,6 @@ fn read_body(resp: ureq::Response) -> Attempt {
         }
         Ok(_) => Attempt::Done(body),
     }
-}
-
-/// "connection refused"-style text without the URL, which the caller's
-/// error already names (ureq's Display repeats it).
-fn describe_transport(t: &ureq::Transport) -> String {
-    let parts = [
-        Some(t.kind().to_string()),
-        t.message().map(str::to_string),
-        std::error::Error::source(t).map(|c| c.to_string()),
-    ];
-    // The parts often repeat each other ("Network Error: Network Error: ...").
-    let mut text = String::new();
-    for part in parts.into_iter().flatten() {
-        if part.starts_with(&text) {
-            text = part;
-        } else if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-    }
-    text
 }
 
 // ---------------------------------------------------------------------------

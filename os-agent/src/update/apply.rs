@@ -122,7 +122,7 @@ pub fn write_root(
     t: &Target,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Tree> {
-    let body = channel.open_payload(&m.root.url)?;
+    let body = channel.open_payload(&m.root.url, m.root.size)?;
     write_root_from(host, body, m, t, progress)
 }
 
@@ -344,7 +344,7 @@ pub fn set_partuuids(host: &dyn Host, t: &Target, root_hash_hex: &str) -> Result
 
 /// Downloads the UKI into memory (tens of MiB) and checks size and sha256.
 pub fn fetch_uki(channel: &Channel, m: &Manifest) -> Result<Vec<u8>> {
-    fetch_uki_from(channel.open_payload(&m.uki.url)?, m)
+    fetch_uki_from(channel.open_payload(&m.uki.url, m.uki.size)?, m)
 }
 
 pub fn fetch_uki_from(body: impl Read, m: &Manifest) -> Result<Vec<u8>> {

@@ -2,12 +2,12 @@
 //! (docs/channel.md), and the keys the image trusts to sign it.
 
 use crate::host::Host;
+use crate::http;
 use anyhow::{bail, Context, Result};
 use ballast_common::keys::PublicKey;
 use ballast_common::manifest::{self, Manifest};
 use std::io::Read;
 use std::path::Path;
-use std::time::Duration;
 
 /// Public keys baked into the image, one `<key id>.pub` each.
 pub const KEYS_DIR: &str = "/usr/lib/ballast/keys";
@@ -38,26 +38,28 @@ pub fn trusted_keys(host: &dyn Host) -> Result<Vec<PublicKey>> {
 }
 
 /// A channel directory at a base URL.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Channel {
     base: String,
     name: String,
-    agent: ureq::Agent,
+    client: http::Client,
 }
 
 impl Channel {
-    pub fn new(base: &str, name: &str) -> Channel {
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(30))
-            // Per read, not for the whole body: a large payload on a slow
-            // link is fine as long as bytes keep coming.
-            .timeout_read(Duration::from_secs(60))
-            .build();
-        Channel {
+    /// Redirects may lead anywhere (a CDN): what is fetched is verified by
+    /// signature and hash, not by where it came from.
+    pub fn new(base: &str, name: &str) -> Result<Channel> {
+        Channel::with_options(base, name, &http::Options::new(http::Redirects::AnyHost))
+    }
+
+    pub fn with_options(base: &str, name: &str, opts: &http::Options) -> Result<Channel> {
+        let client = http::Client::new(opts)
+            .with_context(|| format!("cannot set up a client for the channel at {base}"))?;
+        Ok(Channel {
             base: base.trim_end_matches('/').to_string(),
             name: name.to_string(),
-            agent,
-        }
+            client,
+        })
     }
 
     pub fn manifest_url(&self) -> String {
@@ -68,23 +70,19 @@ impl Channel {
         format!("{}/{}", self.base, rel)
     }
 
-    fn get(&self, url: &str) -> Result<ureq::Response> {
-        match self.agent.get(url).call() {
-            Ok(r) => Ok(r),
-            Err(ureq::Error::Status(code, r)) => {
-                bail!("GET {url}: HTTP {code} {}", r.status_text())
-            }
-            Err(e) => Err(anyhow::Error::new(e).context(format!("GET {url}"))),
-        }
+    /// GETs `url`, whose body should be about `size` bytes (the deadline
+    /// of the transfer follows from it).
+    fn get(&self, url: &str, size: u64) -> Result<http::Body> {
+        let resp = self.client.get(url).expect_size(size).send()?.ok()?;
+        Ok(resp.into_body())
     }
 
     /// Fetches the channel file (not yet verified).
     pub fn fetch_manifest_bytes(&self) -> Result<Vec<u8>> {
         let url = self.manifest_url();
-        let resp = self.get(&url)?;
+        let body = self.get(&url, MAX_MANIFEST_BYTES)?;
         let mut bytes = Vec::new();
-        resp.into_reader()
-            .take(MAX_MANIFEST_BYTES + 1)
+        body.take(MAX_MANIFEST_BYTES + 1)
             .read_to_end(&mut bytes)
             .with_context(|| format!("GET {url}: cannot read the body"))?;
         if bytes.len() as u64 > MAX_MANIFEST_BYTES {
@@ -100,9 +98,10 @@ impl Channel {
             .with_context(|| format!("rejected the channel file {}", self.manifest_url()))
     }
 
-    /// Opens a payload for streaming.
-    pub fn open_payload(&self, rel: &str) -> Result<Box<dyn Read + Send>> {
+    /// Opens a payload of `size` bytes (as the signed manifest says) for
+    /// streaming.
+    pub fn open_payload(&self, rel: &str, size: u64) -> Result<Box<dyn Read + Send>> {
         let url = self.payload_url(rel);
-        Ok(Box::new(self.get(&url)?.into_reader()))
+        Ok(Box::new(self.get(&url, size)?))
     }
 }

@@ -367,7 +367,7 @@ fn open_channel(settings: &UpdateSettings) -> Result<Channel> {
         "updates are off: no update.channel_url in the agent configuration \
          (/etc/ballast/agent.d/*.toml)",
     )?;
-    Ok(Channel::new(url, &settings.channel))
+    Channel::new(url, &settings.channel)
 }
 
 /// Fetches, verifies and weighs the channel's manifest. Changes nothing.

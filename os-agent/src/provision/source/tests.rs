@@ -393,56 +393,6 @@ fn bad_url_scheme_is_an_error_naming_the_url() {
 }
 
 #[test]
-fn redirect_policy() {
-    let u = |s: &str| Url::parse(s).unwrap();
-    let cases: &[(&str, &str, usize, Result<(), &str>)] = &[
-        ("http://a/x", "http://a/y", 0, Ok(())),
-        ("http://a/x", "https://a/y", 0, Ok(())),
-        ("https://a/x", "https://a:8443/y", 0, Ok(())),
-        ("http://A/x", "http://a/y", 0, Ok(())),
-        ("http://a/x", "http://a/y", MAX_REDIRECTS - 1, Ok(())),
-        (
-            "http://a/x",
-            "http://a/y",
-            MAX_REDIRECTS,
-            Err("more than 5 redirects"),
-        ),
-        (
-            "https://a/x",
-            "http://a/y",
-            0,
-            Err("redirect from https to plain http (http://a/y) refused"),
-        ),
-        (
-            "http://127.0.0.1:1/x",
-            "http://localhost:1/x",
-            0,
-            Err("redirect from host \"127.0.0.1\" to another host \"localhost\" refused"),
-        ),
-        (
-            "https://a.example/x",
-            "https://b.example/x",
-            0,
-            Err("redirect from host \"a.example\" to another host \"b.example\" refused"),
-        ),
-        (
-            "http://a/x",
-            "file:///etc/shadow",
-            0,
-            Err("redirect to file:///etc/shadow: only http:// and https:// URLs are supported"),
-        ),
-    ];
-    for (from, to, followed, want) in cases {
-        let got = redirect_allowed(&u(from), &u(to), *followed).map_err(|e| e.to_string());
-        assert_eq!(
-            got,
-            want.map_err(str::to_string),
-            "{from} -> {to} after {followed}"
-        );
-    }
-}
-
-#[test]
 fn same_host_redirects_are_followed() {
     let target = Server::serve(|_| Reply::ok(b"#cloud-config\n"));
     let to = format!("http://127.0.0.1:{}/user-data", target.port());
@@ -480,7 +430,7 @@ fn endless_redirects_stop() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("more than 5 redirects"), "{err}");
-    assert_eq!(server.requests(), MAX_REDIRECTS + 1);
+    assert_eq!(server.requests(), crate::http::MAX_REDIRECTS + 1);
 }
 
 /// What a URL serves may change (or be changed on the way): the host was
@@ -538,7 +488,7 @@ fn changed_document_under_the_same_url_is_not_a_new_instance() {
 #[test]
 fn redirect_from_https_to_http_is_refused() {
     let plain = Server::serve(|_| Reply::ok(b"#cloud-config\nruncmd: [evil]\n"));
-    let tls = TlsServer::start(&format!(
+    let tls = crate::http::tls_server::TlsServer::start(&format!(
         "HTTP/1.0 302 Found\r\nLocation: http://127.0.0.1:{}/user-data\r\n\r\n",
         plain.port()
     ));
@@ -554,158 +504,6 @@ fn redirect_from_https_to_http_is_refused() {
         "{err}"
     );
     assert_eq!(plain.requests(), 0);
-}
-
-/// `openssl s_server -HTTP` on 127.0.0.1 with a certificate from a test CA,
-/// answering every request with `response` as it is; stopped when dropped.
-struct TlsServer {
-    child: std::process::Child,
-    port: u16,
-    ca_der: Vec<u8>,
-    _dir: tempfile::TempDir,
-}
-
-impl TlsServer {
-    fn start(response: &str) -> TlsServer {
-        let dir = tempfile::tempdir().unwrap();
-        let openssl = |args: &[&str]| {
-            let out = std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(dir.path())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ];
-        openssl(
-            &[
-                &["req", "-x509"][..],
-                &ec,
-                &[
-                    "-keyout",
-                    "ca.key",
-                    "-out",
-                    "ca.pem",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=test-ca",
-                ],
-            ]
-            .concat(),
-        );
-        openssl(&["x509", "-in", "ca.pem", "-outform", "DER", "-out", "ca.der"]);
-        std::fs::write(
-            dir.path().join("server.ext"),
-            "subjectAltName=IP:127.0.0.1\n",
-        )
-        .unwrap();
-        openssl(
-            &[
-                &["req"][..],
-                &ec,
-                &[
-                    "-keyout",
-                    "server.key",
-                    "-out",
-                    "server.csr",
-                    "-subj",
-                    "/CN=127.0.0.1",
-                ],
-            ]
-            .concat(),
-        );
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ]);
-        std::fs::write(dir.path().join("response"), response).unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut child = std::process::Command::new("openssl")
-            .args([
-                "s_server",
-                "-HTTP",
-                "-cert",
-                "server.pem",
-                "-key",
-                "server.key",
-            ])
-            .args(["-accept", &format!("127.0.0.1:{port}")])
-            .current_dir(dir.path())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        // s_server says ACCEPT once it listens.
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        loop {
-            match lines.next() {
-                Some(Ok(line)) if line.starts_with("ACCEPT") => break,
-                Some(Ok(_)) => {}
-                other => panic!("openssl s_server did not start: {other:?}"),
-            }
-        }
-        let ca_der = std::fs::read(dir.path().join("ca.der")).unwrap();
-        TlsServer {
-            child,
-            port,
-            ca_der,
-            _dir: dir,
-        }
-    }
-
-    /// A client that trusts the test CA.
-    fn client(&self) -> ureq::AgentBuilder {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(rustls::pki_types::CertificateDer::from(self.ca_der.clone()))
-            .unwrap();
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        ureq::AgentBuilder::new().tls_config(Arc::new(config))
-    }
-}
-
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        if let Err(e) = self.child.kill().and_then(|()| self.child.wait().map(drop)) {
-            eprintln!("stopping openssl s_server: {e}");
-        }
-    }
 }
 
 fn fast_policy(total: Duration) -> RetryPolicy {
