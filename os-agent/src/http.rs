@@ -288,17 +288,32 @@ fn extra_roots(dir: &Path) -> Result<Vec<reqwest::Certificate>, Error> {
     for path in paths {
         let pem = std::fs::read(&path)
             .map_err(|e| Error::Setup(format!("cannot read {}: {e}", path.display())))?;
+        check_roots_pem(&pem).map_err(|why| Error::Setup(format!("{}: {why}", path.display())))?;
         let found = reqwest::Certificate::from_pem_bundle(&pem)
             .map_err(|e| Error::Setup(format!("{}: not PEM certificates: {e}", path.display())))?;
-        if found.is_empty() {
-            return Err(Error::Setup(format!(
-                "{}: holds no PEM certificate",
-                path.display()
-            )));
-        }
         certs.extend(found);
     }
     Ok(certs)
+}
+
+/// Whether `pem` holds certificates a client can trust as roots: PEM
+/// framing, at least one certificate, and each one a certificate the TLS
+/// stack accepts as a trust anchor (what [`Client::new`] will need of a file
+/// in [`EXTRA_ROOTS_DIR`]).
+pub fn check_roots_pem(pem: &[u8]) -> Result<(), String> {
+    let certs = reqwest::Certificate::from_pem_bundle(pem)
+        .map_err(|e| format!("not PEM certificates: {e}"))?;
+    if certs.is_empty() || !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+    }
+    let mut builder = reqwest::Client::builder();
+    for cert in certs {
+        builder = builder.add_root_certificate(cert);
+    }
+    builder
+        .build()
+        .map(drop)
+        .map_err(|e| format!("not a certificate that can be trusted: {}", chain(&e)))
 }
 
 impl Client {

@@ -62,7 +62,18 @@ pub struct CloudConfig {
     pub bootcmd: Option<Vec<Command>>,
     pub runcmd: Option<Vec<Command>>,
     pub network: Option<NetworkConfig>,
+    pub ca_certs: Option<CaCerts>,
     pub ballast: Option<Ballast>,
+}
+
+/// `ca_certs:` (cloud-init's cc_ca_certs): extra roots the agent trusts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaCerts {
+    #[serde(default)]
+    pub remove_defaults: bool,
+    #[serde(default)]
+    pub trusted: Vec<String>,
 }
 
 /// An item of `users:`.
@@ -175,6 +186,7 @@ const TOP_KEYS: &[&str] = &[
     "bootcmd",
     "runcmd",
     "network",
+    "ca_certs",
     "ballast",
 ];
 
@@ -213,7 +225,6 @@ const CLOUD_INIT_KEYS: &[&str] = &[
     "create_hostname_file",
     "manage_resolv_conf",
     "resolv_conf",
-    "ca_certs",
     "ca-certs",
     "disk_setup",
     "fs_setup",

@@ -968,3 +968,61 @@ fn url_instances_recorded_by_their_hash_still_count() {
     let out = run_with(&host, t(3), Ok(Some(from("https://config.example/db")))).unwrap();
     assert!(matches!(out, Outcome::Applied { .. }), "{out:?}");
 }
+
+const TEST_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBizCCATGgAwIBAgIUHSv1piJA+DKhibKMowtzgViuv+AwCgYIKoZIzj0EAwIw
+GjEYMBYGA1UEAwwPYmFsbGFzdC10ZXN0LWNhMCAXDTI2MTIwNjIzNDAxMloYDzIx
+MjYxMTEyMjM0MDEyWjAaMRgwFgYDVQQDDA9iYWxsYXN0LXRlc3QtY2EwWTATBgcq
+hkjOPQIBBggqhkjOPQMBBwNCAARahHoS0PGsUkxz3lG+nOI1TH/OnGAu4ZUeZigC
+KSFgNAPMJT0xDFFhhdzT/EiSlc5QTF71oXW92pNF4S/rIPUWo1MwUTAdBgNVHQ4E
+FgQUSv8a3SgQcIc61JkPq43PEEN9h7gwHwYDVR0jBBgwFoAUSv8a3SgQcIc61JkP
+q43PEEN9h7gwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBFAiEAi1KG
+rYAKItr1Blf5Wo7xNEX2dYtENSFfROalXIP02FsCIGv91lYjHtewAnRQM5Z0fE7R
+zTn3UilO1AwUB5UIVr13
+-----END CERTIFICATE-----
+";
+
+/// `ca_certs.trusted` becomes the agent's extra roots, each entry checked
+/// as PEM; `remove_defaults` is refused, not ignored.
+#[test]
+fn ca_certs_become_the_agents_extra_roots() {
+    let indented: String = TEST_CA.lines().map(|l| format!("      {l}\n")).collect();
+    let doc = format!("#cloud-config\nca_certs:\n  trusted:\n    - |\n{indented}");
+    let plan = plan_of(&doc).expect("valid");
+    let write = plan
+        .steps
+        .iter()
+        .find_map(|s| match &s.action {
+            Action::WriteFile(w) if s.origin == "ca_certs.trusted[0]" => Some(w.clone()),
+            _ => None,
+        })
+        .expect("a write of the certificate");
+    assert_eq!(
+        write.path,
+        Path::new(crate::http::EXTRA_ROOTS_DIR).join("user-data-0.pem")
+    );
+    assert_eq!(write.mode, 0o644);
+    assert_eq!(String::from_utf8_lossy(&write.content), TEST_CA);
+
+    for (doc, want) in [
+        (
+            "#cloud-config\nca_certs: {trusted: [\"not a certificate\"]}\n".to_string(),
+            "ca_certs.trusted[0]: holds no PEM certificate",
+        ),
+        (
+            "#cloud-config\nca_certs: {trusted: [\"-----BEGIN CERTIFICATE-----\\nAAAA\\n-----END CERTIFICATE-----\\n\"]}\n".to_string(),
+            "ca_certs.trusted[0]:",
+        ),
+        (
+            "#cloud-config\nca_certs: {remove_defaults: true}\n".to_string(),
+            "ca_certs.remove_defaults: not supported",
+        ),
+        (
+            "#cloud-config\nca_certs: {trusted: [], extra: 1}\n".to_string(),
+            "unknown field `extra`",
+        ),
+    ] {
+        let err = plan_of(&doc).expect_err(&doc);
+        assert!(err.contains(want), "{doc}: {err}");
+    }
+}

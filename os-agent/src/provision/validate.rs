@@ -629,6 +629,10 @@ pub fn validate(parsed: &Parsed, facts: &Facts, host: &dyn Host) -> Result<Plan,
         v.push("timezone", Action::SetTimezone { zone: tz.clone() });
     }
 
+    if let Some(ca) = &c.ca_certs {
+        ca_certs(&mut v, ca);
+    }
+
     v.steps.extend(group_steps);
 
     if let Some(net) = &c.network {
@@ -816,6 +820,34 @@ fn hostname(v: &mut V<'_>, hostname: Option<&str>, fqdn: Option<&str>) {
                 hostname: host,
                 fqdn: fq,
             },
+        );
+    }
+}
+
+/// `ca_certs.trusted`: each entry PEM certificates, written to the agent's
+/// extra roots ([`crate::http::EXTRA_ROOTS_DIR`]). The image's own store
+/// stays (it is on the read-only root), so `remove_defaults` is refused
+/// rather than silently ignored.
+fn ca_certs(v: &mut V<'_>, ca: &super::cloudconfig::CaCerts) {
+    if ca.remove_defaults {
+        v.errors.push(
+            "ca_certs.remove_defaults: not supported: the image's trust store is part of the verified root and stays; add roots with ca_certs.trusted".into(),
+        );
+    }
+    for (i, pem) in ca.trusted.iter().enumerate() {
+        let origin = format!("ca_certs.trusted[{i}]");
+        if let Err(why) = crate::http::check_roots_pem(pem.as_bytes()) {
+            v.errors.push(format!("{origin}: {why}"));
+        }
+        v.push(
+            origin,
+            Action::WriteFile(FileWrite {
+                path: Path::new(crate::http::EXTRA_ROOTS_DIR).join(format!("user-data-{i}.pem")),
+                content: pem.as_bytes().to_vec(),
+                mode: 0o644,
+                owner: None,
+                append: false,
+            }),
         );
     }
 }
