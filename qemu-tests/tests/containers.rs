@@ -19,6 +19,10 @@ const GROUP: &str = "qemu";
 const PORT: u16 = 8080;
 const API_PORT: u16 = 8081;
 const PRIVATE_PORT: u16 = 8082;
+/// The host container's volume: its own data directory.
+const API_VOLUME: &str = "/var/lib/ballast-volumes/api/data";
+/// A local definition that binds the agent's state, which must be refused.
+const EVIL_FILE: &str = "/etc/ballast/containers.d/evil.toml";
 /// Pull, unpack and start under TCG.
 const START_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -79,6 +83,24 @@ fn record(etcd: &LocalEtcd, machine_id: &str) -> Option<serde_json::Value> {
     serde_json::from_str(out.trim()).ok()
 }
 
+/// The host uid that container `name`'s root runs as, from its leader's
+/// uid map (`0 <base> 65536`), after checking that the leader runs as it.
+fn root_uid_on_host(vm: &Vm, name: &str) -> u64 {
+    let out = vm.ssh_ok(&format!(
+        "l=$(machinectl show -p Leader --value {name}); cat /proc/$l/uid_map; stat -c %u /proc/$l"
+    ));
+    let fields: Vec<u64> = out
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(u64::MAX))
+        .collect();
+    match fields.as_slice() {
+        [0, base, 65536, owner] if base == owner => *base,
+        _ => vm.fail(format!(
+            "container {name}: want the uid map `0 <base> 65536` and its leader running as <base>, got:\n{out}"
+        )),
+    }
+}
+
 /// Waits until the host's record counts `n` containers, all running.
 fn wait_record(vm: &Vm, etcd: &LocalEtcd, machine_id: &str, n: u32) {
     let want = serde_json::json!({"desired": n, "running": n, "failed": 0});
@@ -122,7 +144,18 @@ fn containers_declared_in_etcd_run_and_follow_their_keys() {
     let private_key = format!("{PREFIX}/containers/groups/{GROUP}/private");
     let private = image.private_container_json(PRIVATE_PORT);
     etcdctl(&etcd, &["put", &private_key, &private]);
-    etcdctl(&etcd, &["put", &host_key, &image.container_json(API_PORT)]);
+    // The host's container writes who it is into its volume before serving.
+    let mut api: serde_json::Value =
+        serde_json::from_str(&image.container_json(API_PORT)).expect("container JSON");
+    api["volumes"] = serde_json::json!([format!("{API_VOLUME}:/data")]);
+    api["command"] = serde_json::json!([
+        "/bin/sh",
+        "-c",
+        format!(
+            "/bin/busybox id -u > /data/whoami && exec /bin/busybox httpd -f -p {API_PORT} -h /www"
+        )
+    ]);
+    etcdctl(&etcd, &["put", &host_key, &api.to_string()]);
     let config = format!(
         "group = \"{GROUP}\"\n[etcd]\nendpoints = [\"http://{GUEST_ETCD}\"]\nlease_ttl_secs = 30\n{}",
         image.agent_config()
@@ -160,12 +193,67 @@ fn containers_declared_in_etcd_run_and_follow_their_keys() {
         ));
     }
 
+    // Container root is not host root: each runs as the base of a uid range
+    // of its own, at 524288 or above, on the host's network or not.
+    let bases: Vec<u64> = ["web", "api", "private"]
+        .iter()
+        .map(|n| root_uid_on_host(&vm, n))
+        .collect();
+    let distinct: std::collections::BTreeSet<&u64> = bases.iter().collect();
+    if bases.iter().any(|b| *b < 524_288) || distinct.len() != bases.len() {
+        vm.fail(format!(
+            "want three distinct uid ranges from 524288 up: {bases:?}"
+        ));
+    }
+    // Its volume is writable by its root: the file is there, written as
+    // uid 0 inside and, through the idmapped bind, owned by 0 on the disk.
+    let seen = vm.ssh_ok(&format!(
+        "cat {API_VOLUME}/whoami; stat -c %u {API_VOLUME}/whoami; stat -c '%u %a' /var/lib/ballast-volumes"
+    ));
+    if seen.split_whitespace().collect::<Vec<_>>() != ["0", "0", "0", "700"] {
+        vm.fail(format!(
+            "want whoami = 0, owned by 0, in a 0700 volumes directory: {seen}\n{}",
+            diagnose(&vm)
+        ));
+    }
+    // A definition that binds the agent's state (the host's /etc overlay)
+    // is refused, naming the container and the volume; no unit is written.
+    vm.ssh_ok(&format!(
+        "mkdir -p /etc/ballast/containers.d && cat > {EVIL_FILE} <<'EOF'\n\
+         [[containers]]\nname = \"evil\"\nimage = \"{}\"\nnetwork = \"host\"\n\
+         volumes = [\"/var/lib/ballast/etc/upper:/hostetc\"]\nEOF",
+        image.reference
+    ));
+    let list = vm.ssh_ok("osctl containers list");
+    if !list.contains(&format!(
+        "{EVIL_FILE}: container evil: volumes[0]: \"/var/lib/ballast/etc/upper:/hostetc\""
+    )) || !list.contains("/var/lib/ballast is the agent's own state")
+    {
+        vm.fail(format!("osctl does not report the refused volume:\n{list}"));
+    }
+
     // The agent stops and starts: the units are not its children.
     let (web, api) = (invocation(&vm, "web"), invocation(&vm, "api"));
     vm.ssh_ok("systemctl restart os-agent");
     wait_for(&vm, PORT, true, "after an agent restart");
     if (invocation(&vm, "web"), invocation(&vm, "api")) != (web.clone(), api.clone()) {
         vm.fail("an agent restart restarted the containers");
+    }
+    let mut journal = String::new();
+    if !poll(START_TIMEOUT, || {
+        journal = vm.ssh_ok("journalctl -b --no-pager -u os-agent --since '-3min' | tail -40");
+        journal.contains("container evil: volumes[0]")
+    }) {
+        vm.fail(format!(
+            "the agent did not report the evil volume:\n{journal}"
+        ));
+    }
+    if vm
+        .ssh("test -e /etc/systemd/system/ballast-container-evil.service")
+        .status
+        .success()
+    {
+        vm.fail("the agent wrote a unit for the refused container");
     }
 
     // etcd goes away; the agent restarts without it and keeps everything.

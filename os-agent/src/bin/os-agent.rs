@@ -36,6 +36,15 @@ enum Command {
         /// The container (machine) name.
         name: String,
     },
+    /// Make a container's volume directory on the host, refusing symbolic
+    /// links and anything outside its data directory (its unit's
+    /// ExecStartPre=).
+    ContainerVolume {
+        /// The container (machine) name.
+        name: String,
+        /// The volume's host path, under /var/lib/ballast-volumes/<name>/.
+        path: String,
+    },
 }
 
 fn health_check() -> Result<ExitCode> {
@@ -125,6 +134,12 @@ fn main() -> ExitCode {
         Command::HealthCheck => health_check(),
         Command::GrowData => grow_data(),
         Command::Provision => provision(),
+        Command::ContainerVolume { name, path } => {
+            use os_agent::containers::volume;
+            volume::create(std::path::Path::new(volume::VOLUMES_DIR), &name, &path)
+                .map(|_| ExitCode::SUCCESS)
+                .map_err(anyhow::Error::from)
+        }
         Command::ContainerNetwork { name } => {
             os_agent::containers::network::setup(&RealHost, &name).map(|addr| {
                 tracing::info!("container {name}: host0 is {addr}");

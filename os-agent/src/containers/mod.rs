@@ -6,7 +6,8 @@
 //! - [`reference`](mod@reference), [`oci`], [`registry`], [`registries`], [`store`],
 //!   [`unpack`]: images.
 //! - [`unit`](mod@unit), [`reconcile`], [`systemd`], [`agent`]: running them;
-//!   [`network`]: the container's side of a private network.
+//!   [`network`]: the container's side of a private network; [`volume`]:
+//!   which host directories a container may bind, made safely.
 //! - [`cli`]: `osctl containers`.
 //! - `local_registry`: a real registry for tests and benchmarks (with the
 //!   `testing` feature only).
@@ -27,3 +28,4 @@ pub mod store;
 pub mod systemd;
 pub mod unit;
 pub mod unpack;
+pub mod volume;

@@ -3,6 +3,7 @@
 //! validated [`Container`] the rest of the agent works with.
 
 use super::reference::Reference;
+use super::volume;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Component, Path};
@@ -160,7 +161,9 @@ fn parse_memory(v: &MemoryValue) -> Result<u64, String> {
     }
 }
 
-fn parse_volume(s: &str) -> Result<Volume, String> {
+/// One `HOST:CONTAINER[:ro|rw]` volume of container `name`; the host side
+/// must be the container's own data directory (volume.rs).
+fn parse_volume(name: &str, s: &str) -> Result<Volume, String> {
     let parts: Vec<&str> = s.split(':').collect();
     let (host, container, read_only) = match parts.as_slice() {
         [h, c] => (*h, *c, false),
@@ -168,18 +171,15 @@ fn parse_volume(s: &str) -> Result<Volume, String> {
         [h, c, "rw"] => (*h, *c, false),
         _ => return Err(format!("{s:?} is not HOST:CONTAINER[:ro|rw]")),
     };
-    if !clean_absolute(host) || !host.starts_with("/var/") {
-        return Err(format!(
-            "{s:?}: host path {host:?} must be a clean absolute path under /var/ (the rest of the host is read-only or not the container's)"
-        ));
-    }
-    if !clean_absolute(container) || container == "/" {
+    let host = volume::check_host_path(name, host).map_err(|e| format!("{s:?}: {e}"))?;
+    // nspawn reads `\.` in --bind= as `.`.
+    if !clean_absolute(container) || container == "/" || container.contains('\\') {
         return Err(format!(
             "{s:?}: container path {container:?} must be a clean absolute path other than /"
         ));
     }
     Ok(Volume {
-        host: host.to_string(),
+        host,
         container: container.to_string(),
         read_only,
     })
@@ -293,7 +293,7 @@ impl RawContainer {
         }
         let mut volumes = Vec::new();
         for (i, v) in self.volumes.iter().flatten().enumerate() {
-            match parse_volume(v) {
+            match parse_volume(&label, v) {
                 Ok(v) => volumes.push(v),
                 Err(e) => err(&format!("volumes[{i}]"), e),
             }
@@ -305,10 +305,11 @@ impl RawContainer {
                 Err(e) => err(&format!("ports[{i}]"), e),
             }
         }
-        let has_ports = self.ports.as_ref().is_some_and(|p| !p.is_empty());
+        // A network of its own unless the host's is asked for: a container
+        // on the host's network can reach every service listening there.
         let network = match self.network.as_deref() {
-            None if has_ports => Network::Private { ports },
-            None | Some("host") if !has_ports => Network::Host,
+            None | Some("private") => Network::Private { ports },
+            Some("host") if ports.is_empty() => Network::Host,
             Some("host") => {
                 err(
                     "ports",
@@ -316,12 +317,10 @@ impl RawContainer {
                 );
                 Network::Host
             }
-            Some("private") => Network::Private { ports },
             Some(other) => {
                 err("network", format!("{other:?} is not host or private"));
                 Network::Host
             }
-            None => Network::Host,
         };
         let restart = match self.restart.as_deref() {
             None | Some("always") => Restart::Always,

@@ -133,6 +133,14 @@ pub fn render(c: &Container, image: &Image) -> Result<Rendered, RenderError> {
         // The image root is shared and must stay as pulled: writes go to a
         // tmpfs overlay and are gone on restart; state belongs in volumes.
         "--volatile=overlay".into(),
+        // Container root is not host root: a user namespace with a range of
+        // 65536 host uids of its own. nspawn 252 idmaps the root only after
+        // the overlay is on it, and overlayfs cannot be idmapped, so `auto`
+        // falls back to chown: through the overlay, onto its tmpfs, never
+        // the shared image (`map` would fail; `chown` is refused with
+        // --volatile). docs/containers.md, "User namespaces".
+        "--private-users=pick".into(),
+        "--private-users-ownership=auto".into(),
         "--console=pipe".into(),
         "--link-journal=no".into(),
     ];
@@ -149,8 +157,11 @@ pub fn render(c: &Container, image: &Image) -> Result<Rendered, RenderError> {
         args.push(format!("--setenv={k}={v}"));
     }
     for v in &c.volumes {
+        // idmap: container uid N reads and writes as host uid N in the
+        // volume, so its root can write there; without it everything in
+        // the volume would be nobody's inside.
         let flag = if v.read_only { "--bind-ro" } else { "--bind" };
-        args.push(format!("{flag}={}:{}", v.host, v.container));
+        args.push(format!("{flag}={}:{}:idmap", v.host, v.container));
     }
     if let Network::Private { ports } = &c.network {
         args.push("--network-veth".into());
@@ -192,8 +203,12 @@ pub fn render(c: &Container, image: &Image) -> Result<Rendered, RenderError> {
         service.push(format!("CPUQuota={q}%"));
     }
     for v in &c.volumes {
-        // Volumes live under /var; create the host side if it is missing.
-        service.push(format!("ExecStartPre=/bin/mkdir -p {}", quote(&v.host)));
+        // Make the host side, through real directories only (volume.rs).
+        service.push(format!(
+            "ExecStartPre=/usr/bin/os-agent container-volume {} {}",
+            c.name,
+            quote(&v.host)
+        ));
     }
     service.push(format!("ExecStart={}", exec.join(" ")));
     if matches!(c.network, Network::Private { .. }) {

@@ -267,7 +267,7 @@ fn documents() {
         ("bad channel", "#cloud-config\nballast:\n  update: {channel: ftp://x}\n".into(), Err("update.channel: \"ftp://x\" is not a channel name")),
         ("bad channel URL", "#cloud-config\nballast:\n  update: {channel_url: ftp://x}\n".into(), Err("ballast.update.channel_url: \"ftp://x\" is not an http(s) URL")),
         ("container without image", "#cloud-config\nballast:\n  containers: [{name: web}]\n".into(), Err("ballast.containers[0].image: missing")),
-        ("container volume outside /var", "#cloud-config\nballast:\n  containers: [{name: web, image: r.example/web, volumes: [\"/etc:/etc\"]}]\n".into(), Err("ballast.containers[0]: container web: volumes[0]: \"/etc:/etc\": host path \"/etc\" must be a clean absolute path under /var/")),
+        ("container volume outside its data directory", "#cloud-config\nballast:\n  containers: [{name: web, image: r.example/web, volumes: [\"/etc:/etc\"]}]\n".into(), Err("ballast.containers[0]: container web: volumes[0]: \"/etc:/etc\": host path \"/etc\" must be under /var/lib/ballast-volumes/web/")),
         ("container unknown key", "#cloud-config\nballast:\n  containers: [{name: web, image: r.example/web, memroy: 1G}]\n".into(), Err("ballast.containers[0]: unknown field `memroy`")),
         ("etcd key without cert", "#cloud-config\nballast:\n  etcd: {endpoints: [\"http://e:2379\"], key: \"-----BEGIN K-----\\n-----END K-----\"}\n".into(), Err("cert and key go together")),
         ("network v1", "#cloud-config\nnetwork: {version: 1, config: []}\n".into(), Err("network config version 1 is not supported")),

@@ -16,7 +16,7 @@ fn full_definition() {
         env = { MODE = "prod", _X1 = "" }
         working_dir = "/srv"
         user = "www-data"
-        volumes = ["/var/lib/web:/data", "/var/log/web:/logs:ro"]
+        volumes = ["/var/lib/ballast-volumes/web/data:/data", "/var/lib/ballast-volumes/web/logs/:/logs:ro"]
         ports = ["8080:80", "53/udp"]
         restart = "on-failure"
         memory = "256M"
@@ -51,7 +51,7 @@ fn full_definition() {
     assert_eq!(
         c.volumes[1],
         Volume {
-            host: "/var/log/web".into(),
+            host: "/var/lib/ballast-volumes/web/logs".into(),
             container: "/logs".into(),
             read_only: true
         }
@@ -61,7 +61,8 @@ fn full_definition() {
 #[test]
 fn defaults() {
     let c = parse("name = \"a\"\nimage = \"r.example/a\"").expect("valid");
-    assert_eq!(c.network, Network::Host);
+    // The host's network only when asked for.
+    assert_eq!(c.network, Network::Private { ports: vec![] });
     assert_eq!(c.restart, Restart::Always);
     assert!(c.enabled);
     assert_eq!(
@@ -85,12 +86,14 @@ fn bad_input_names_container_and_field() {
         ("name = \"a\"\nworking_dir = \"srv\"", "working_dir: \"srv\" is not a clean absolute path"),
         ("name = \"a\"\nworking_dir = \"/a/../b\"", "working_dir:"),
         ("name = \"a\"\nuser = \"a b\"", "user: \"a b\" is not a user name"),
-        ("name = \"a\"\nvolumes = [\"/etc:/etc\"]", "volumes[0]: \"/etc:/etc\": host path \"/etc\" must be a clean absolute path under /var/"),
-        ("name = \"a\"\nvolumes = [\"/var/../etc:/x\"]", "volumes[0]:"),
-        ("name = \"a\"\nvolumes = [\"/var/x:/\"]", "container path \"/\""),
-        ("name = \"a\"\nvolumes = [\"/var/x:y\"]", "container path \"y\""),
-        ("name = \"a\"\nvolumes = [\"/var/x:/y:rx\"]", "is not HOST:CONTAINER[:ro|rw]"),
-        ("name = \"a\"\nvolumes = [\"/var/x\"]", "is not HOST:CONTAINER"),
+        ("name = \"a\"\nvolumes = [\"/etc:/etc\"]", "container a: volumes[0]: \"/etc:/etc\": host path \"/etc\" must be under /var/lib/ballast-volumes/a/"),
+        ("name = \"a\"\nvolumes = [\"/var/../etc:/x\"]", "volumes[0]: \"/var/../etc:/x\": host path \"/var/../etc\" contains `..`"),
+        ("name = \"a\"\nvolumes = [\"/var/lib/ballast-volumes/a:/\"]", "container path \"/\""),
+        ("name = \"a\"\nvolumes = [\"/var/lib/ballast-volumes/a:y\"]", "container path \"y\""),
+        ("name = \"a\"\nvolumes = ['/var/lib/ballast-volumes/a:/x/\\.\\./y']", "container path \"/x/\\\\.\\\\./y\""),
+        ("name = \"a\"\nvolumes = [\"/var/lib/ballast-volumes/a:/y:rx\"]", "is not HOST:CONTAINER[:ro|rw]"),
+        ("name = \"a\"\nvolumes = [\"/var/lib/ballast-volumes/a\"]", "is not HOST:CONTAINER"),
+        ("name = \"a\"\nnetwork = \"none\"", "network: \"none\" is not host or private"),
         ("name = \"a\"\nports = [\"0:80\"]", "ports[0]: \"0:80\": \"0\" is not a port number"),
         ("name = \"a\"\nports = [\"80:70000\"]", "ports[0]:"),
         ("name = \"a\"\nports = [\"80/sctp\"]", "protocol must be tcp or udp"),
@@ -124,4 +127,85 @@ fn unknown_keys_are_errors() {
     let r: Result<RawContainer, _> = toml::from_str("name = \"a\"\nimage = \"x\"\nmemroy = \"1G\"");
     let e = r.expect_err("unknown key").to_string();
     assert!(e.contains("memroy"), "{e}");
+}
+
+/// A volume's host side: only the container's own data directory, never the
+/// agent's state (its /etc overlay, update state, image store).
+#[test]
+fn volume_host_paths_table() {
+    let cases: &[(&str, Result<&str, &str>)] = &[
+        (
+            "/var/lib/ballast-volumes/web/data",
+            Ok("/var/lib/ballast-volumes/web/data"),
+        ),
+        (
+            "/var/lib/ballast-volumes/web",
+            Ok("/var/lib/ballast-volumes/web"),
+        ),
+        ("/var/lib/ballast/etc/upper", Err("the agent's own state")),
+        ("/var/lib/ballast/images", Err("the agent's own state")),
+        ("/var/lib/ballast/update", Err("the agent's own state")),
+        ("/var/lib/ballast/containers", Err("the agent's own state")),
+        ("/var/../etc", Err("contains `..`")),
+        (
+            "/var/lib/ballast-x",
+            Err("must be under /var/lib/ballast-volumes/web/"),
+        ),
+        (
+            "/var/lib/ballast-volumes/api/data",
+            Err("not this container's data directory"),
+        ),
+        (
+            "/var/lib/ballast-volumes/webx",
+            Err("not this container's data directory"),
+        ),
+        (
+            "/var/lib/machines/api",
+            Err("must be under /var/lib/ballast-volumes/web/"),
+        ),
+        (
+            "/var/lib/web",
+            Err("must be under /var/lib/ballast-volumes/web/"),
+        ),
+    ];
+    for (host, want) in cases {
+        let text = format!("name = \"web\"\nimage = \"r.example/a\"\nvolumes = [\"{host}:/data\"]");
+        match (parse(&text), want) {
+            (Ok(c), Ok(w)) => assert_eq!(c.volumes[0].host, *w, "{host}"),
+            (Err(errs), Err(w)) => {
+                let e = errs[0].to_string();
+                assert!(
+                    e.starts_with(&format!(
+                        "test.toml: container web: volumes[0]: \"{host}:/data\": host path \"{host}\""
+                    )) && e.contains(w),
+                    "{host}: {e}"
+                );
+            }
+            (got, want) => panic!("{host}: got {got:?}, want {want:?}"),
+        }
+    }
+}
+
+#[test]
+fn network_is_private_unless_host_is_asked_for() {
+    let net = |extra: &str| {
+        parse(&format!("name = \"a\"\nimage = \"r.example/a\"\n{extra}"))
+            .expect("valid")
+            .network
+    };
+    assert_eq!(net(""), Network::Private { ports: vec![] });
+    assert_eq!(
+        net("network = \"private\""),
+        Network::Private { ports: vec![] }
+    );
+    assert_eq!(net("network = \"host\""), Network::Host);
+    let p = Port {
+        host: 8080,
+        container: 80,
+        udp: false,
+    };
+    assert_eq!(
+        net("ports = [\"8080:80\"]"),
+        Network::Private { ports: vec![p] }
+    );
 }

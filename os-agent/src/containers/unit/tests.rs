@@ -96,7 +96,7 @@ fn quoting() {
 #[test]
 fn rendered_unit() {
     let c = container(
-        "env = { MODE = \"prod\" }\nvolumes = [\"/var/lib/web:/data:ro\"]\nports = [\"8080:80\"]\nmemory = \"64M\"\ncpus = 1.5\nrestart = \"on-failure\"",
+        "env = { MODE = \"prod\" }\nvolumes = [\"/var/lib/ballast-volumes/web/conf:/data:ro\", \"/var/lib/ballast-volumes/web/db:/db\"]\nports = [\"8080:80\"]\nmemory = \"64M\"\ncpus = 1.5\nrestart = \"on-failure\"",
     );
     let r = render(&c, &image(&["/e"], &["c"])).expect("render");
     assert_eq!(r.unit, "ballast-container-web.service");
@@ -112,7 +112,11 @@ fn rendered_unit() {
         "\"--user=1000\"",
         "\"--setenv=MODE=prod\"",
         "\"--setenv=PATH=/usr/bin\"",
-        "\"--bind-ro=/var/lib/web:/data\"",
+        "\"--bind-ro=/var/lib/ballast-volumes/web/conf:/data:idmap\"",
+        "\"--bind=/var/lib/ballast-volumes/web/db:/db:idmap\"",
+        "\"--private-users=pick\" \"--private-users-ownership=auto\"",
+        "\nExecStartPre=/usr/bin/os-agent container-volume web \"/var/lib/ballast-volumes/web/conf\"\n",
+        "\nExecStartPre=/usr/bin/os-agent container-volume web \"/var/lib/ballast-volumes/web/db\"\n",
         "\"--network-veth\" \"--port=tcp:8080:80\"",
         "\"--\" \"/e\" \"c\"",
         "\nMemoryMax=67108864\n",
@@ -150,10 +154,50 @@ fn rendered_unit() {
         render(&base, &image(&["/e"], &["c"])).expect("render").spec,
         render(&base, &other_image).expect("render").spec
     );
-    assert!(!render(&base, &image(&["/e"], &["c"]))
+    // The host's network only when asked for.
+    assert!(render(&base, &image(&["/e"], &["c"]))
         .expect("render")
         .text
-        .contains("--network-veth"));
+        .contains("\"--network-veth\""));
+    assert!(
+        !render(&container("network = \"host\""), &image(&["/e"], &["c"]))
+            .expect("render")
+            .text
+            .contains("--network-veth")
+    );
+}
+
+/// Every container runs in a user namespace of its own, whatever else it
+/// sets; the image root is never chowned in place: nspawn's `auto` ownership
+/// can only fall back to chown through the volatile overlay (whose writes
+/// go to a tmpfs), so the two always go together.
+#[test]
+fn every_unit_runs_in_a_user_namespace_over_an_overlay() {
+    let img = image(&["/e"], &["c"]);
+    for extra in [
+        "",
+        "network = \"host\"",
+        "user = \"0\"",
+        "volumes = [\"/var/lib/ballast-volumes/web:/data\"]",
+    ] {
+        let text = render(&container(extra), &img).expect("render").text;
+        let exec = text
+            .lines()
+            .find(|l| l.starts_with("ExecStart="))
+            .expect("ExecStart=");
+        for want in [
+            "\"--private-users=pick\"",
+            "\"--private-users-ownership=auto\"",
+            "\"--volatile=overlay\"",
+        ] {
+            assert_eq!(exec.matches(want).count(), 1, "{extra}: {want} in {exec}");
+        }
+        assert!(
+            !exec.contains("--bind") || exec.contains(":idmap\""),
+            "{extra}: {exec}"
+        );
+        assert!(!text.contains("/bin/mkdir"), "{extra}: {text}");
+    }
 }
 
 /// No value, from the container or from the image, can end a unit line
