@@ -233,6 +233,16 @@ pub struct Options {
     pub pace: Pace,
     /// Also trust the certificates in the PEM files of this directory.
     pub extra_roots: Option<std::path::PathBuf>,
+    /// The agent's `[http] proxy`: before the environment's.
+    pub proxy: Option<ProxySettings>,
+}
+
+/// A proxy for every request, and the hosts it does not apply to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxySettings {
+    pub url: String,
+    /// Comma-separated, as curl's `no_proxy`.
+    pub no_proxy: String,
 }
 
 impl Options {
@@ -241,6 +251,7 @@ impl Options {
             redirects,
             pace: Pace::DEFAULT,
             extra_roots: Some(EXTRA_ROOTS_DIR.into()),
+            proxy: None,
         }
     }
 
@@ -335,6 +346,12 @@ impl Client {
             .connect_timeout(CONNECT_TIMEOUT)
             .redirect(redirect)
             .user_agent(concat!("ballast-os-agent/", env!("CARGO_PKG_VERSION")));
+        if let Some(p) = &opts.proxy {
+            let proxy = reqwest::Proxy::all(&p.url)
+                .map_err(|e| Error::Setup(format!("proxy {}: {}", p.url, chain(&e))))?
+                .no_proxy(reqwest::NoProxy::from_string(&p.no_proxy));
+            builder = builder.proxy(proxy);
+        }
         if let Some(dir) = &opts.extra_roots {
             for cert in extra_roots(dir)? {
                 builder = builder.add_root_certificate(cert);

@@ -7,6 +7,7 @@
 
 pub mod files;
 pub mod fleet;
+pub mod http;
 pub mod update;
 
 pub use update::{Strategy, UpdateSettings};
@@ -40,6 +41,7 @@ pub struct Settings {
     /// (containers/desired.rs), so a bad container fails that layer and not
     /// the agent's whole configuration.
     pub containers: Option<ConfiguredContainers>,
+    pub http: http::HttpSettings,
 }
 
 /// A `containers` list and the file it came from.
@@ -74,6 +76,7 @@ impl Default for Settings {
             fleet: None,
             registries: BTreeMap::new(),
             containers: None,
+            http: http::HttpSettings::default(),
         }
     }
 }
@@ -89,6 +92,8 @@ struct Partial {
     group: Option<String>,
     #[serde(default)]
     etcd: fleet_config::PartialFleet,
+    #[serde(default)]
+    http: http::PartialHttp,
     /// Checked by [`registries::parse`] when the file is read.
     #[serde(default, skip)]
     registries: BTreeMap<String, RegistrySettings>,
@@ -154,6 +159,7 @@ fn unknown_keys(table: &toml::Table, prefix: &str, file: &Path, out: &mut Vec<Un
         if !KNOWN_KEYS.contains(&key.as_str())
             && !update::KNOWN_KEYS.contains(&key.as_str())
             && !fleet_config::KNOWN_KEYS.contains(&key.as_str())
+            && !http::KNOWN_KEYS.contains(&key.as_str())
         {
             out.push(UnknownKey {
                 file: file.to_path_buf(),
@@ -277,6 +283,7 @@ fn load_files(
     let mut merged = PartialHealth::default();
     let mut merged_update = update::PartialUpdate::default();
     let mut merged_fleet = fleet_config::PartialFleet::default();
+    let mut merged_http = http::PartialHttp::default();
     let mut merged_registries = BTreeMap::new();
     let mut containers = None;
     let mut unknown = Vec::new();
@@ -297,11 +304,17 @@ fn load_files(
         }
         merge(&mut merged, partial.health);
         update::merge(&mut merged_update, partial.update);
+        http::merge(&mut merged_http, partial.http);
         let mut fleet = partial.etcd;
         fleet.group = partial.group;
         fleet_config::merge(&mut merged_fleet, fleet, path);
     }
     let mut settings = validate(merged, merged_update, merged_fleet, merged_registries)
+        .and_then(|mut s| {
+            s.http = http::validate(merged_http)?;
+            s.update.http = s.http.clone();
+            Ok(s)
+        })
         .with_context(|| {
             let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
             format!("invalid agent configuration (from {})", names.join(", "))

@@ -45,6 +45,10 @@ pub struct UpdateSettings {
     /// Up to this much is added to each wait, so a fleet does not poll in step.
     pub jitter: Duration,
     pub strategy: Strategy,
+    /// The `[http]` section (proxy), for the channel's client: a copy of
+    /// [`super::Settings::http`], so the update code needs no other part of
+    /// the settings.
+    pub http: super::http::HttpSettings,
 }
 
 impl Default for UpdateSettings {
@@ -55,6 +59,7 @@ impl Default for UpdateSettings {
             interval: DEFAULT_INTERVAL,
             jitter: DEFAULT_JITTER,
             strategy: Strategy::Immediate,
+            http: super::http::HttpSettings::default(),
         }
     }
 }

@@ -200,8 +200,10 @@ pub fn prepare(
     let loaded = desired::load_all(&sources, &saved);
     let mut problems = loaded.problems;
     let store = Store::open(&paths.store)?;
-    let registries = crate::config::load(host)?.settings.registries;
-    let puller = super::registries::configure(Puller::new(&store)?, &registries);
+    let settings = crate::config::load(host)?.settings;
+    let client = crate::http::Client::new(&settings.http.options(crate::http::Redirects::AnyHost))?;
+    let puller =
+        super::registries::configure(Puller::with_client(&store, client), &settings.registries);
     let mut want = BTreeMap::new();
     let mut rendered = BTreeMap::new();
     let mut keep = BTreeSet::new();

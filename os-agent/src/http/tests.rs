@@ -354,3 +354,45 @@ fn extra_roots_that_do_not_parse_are_named() {
     let err = Client::new(&opts).expect_err("bad PEM");
     assert!(err.to_string().contains("corp.pem"), "{err}");
 }
+
+#[test]
+fn the_agents_proxy_is_used_except_for_no_proxy_hosts() {
+    let (proxy, proxy_rx) = serve(|_, mut s| {
+        let _sent = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nproxied");
+    });
+    let (direct, direct_rx) = serve(|_, mut s| {
+        let _sent = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\ndirect");
+    });
+    let body = |c: &Client, url: &str| {
+        let mut text = String::new();
+        c.get(url)
+            .send()
+            .and_then(Response::ok)
+            .expect("response")
+            .into_body()
+            .read_to_string(&mut text)
+            .expect("body");
+        text
+    };
+    let mut opts = Options::new(Redirects::AnyHost).pace(quick());
+    opts.extra_roots = None;
+    opts.proxy = Some(ProxySettings {
+        url: format!("http://127.0.0.1:{proxy}"),
+        no_proxy: "localhost".into(),
+    });
+    let c = Client::new(&opts).expect("client");
+    // Through the proxy: it sees the absolute URL; the target is not asked.
+    assert_eq!(body(&c, &format!("http://127.0.0.1:{direct}/x")), "proxied");
+    assert_eq!(
+        proxy_rx.try_recv().expect("the proxy was asked"),
+        format!("GET http://127.0.0.1:{direct}/x HTTP/1.1")
+    );
+    assert!(direct_rx.try_recv().is_err());
+    // A no_proxy host goes direct.
+    assert_eq!(body(&c, &format!("http://localhost:{direct}/y")), "direct");
+    assert_eq!(
+        direct_rx.try_recv().expect("asked directly"),
+        "GET /y HTTP/1.1"
+    );
+    assert!(proxy_rx.try_recv().is_err());
+}

@@ -24,6 +24,8 @@ pub struct Ballast {
     /// `host[:port]` → settings, as `[registries."host:port"]` of the agent
     /// configuration (docs/containers.md).
     pub registries: Option<Value>,
+    /// `proxy`, `no_proxy`: the agent configuration's `[http]`.
+    pub http: Option<Value>,
     pub units: Option<Vec<Unit>>,
 }
 
@@ -89,6 +91,7 @@ pub(crate) fn check_keys_of(v: &Value, warnings: &mut Vec<String>) {
         "etcd",
         "containers",
         "registries",
+        "http",
         "units",
     ];
     check_keys(v, "ballast", &keys, &[], warnings);
@@ -347,6 +350,20 @@ pub fn validate(
             (_, Ok(_)) => errors.push(
                 "ballast.registries: must be a mapping of host[:port] to settings".to_string(),
             ),
+        }
+    }
+
+    if let Some(h) = &b.http {
+        // Checked with the rest of the drop-in by the agent's configuration
+        // code (config/http.rs).
+        match (h, yaml_to_toml(h, "ballast.http")) {
+            (Value::Mapping(_), Ok(t)) => {
+                agent.insert("http".into(), t);
+            }
+            (_, Err(why)) => errors.push(why),
+            (_, Ok(_)) => {
+                errors.push("ballast.http: must be a mapping (proxy, no_proxy)".to_string())
+            }
         }
     }
 

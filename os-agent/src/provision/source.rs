@@ -143,7 +143,16 @@ pub fn discover_with(
         })?;
     if let Some(url) = config_url(&cmdline) {
         tracing::info!("user data source: {CMDLINE_URL_KEY}={url}");
-        let user_data = fetch_url(&url, &RetryPolicy::new(opts.url_timeout))?;
+        // The image's own `[http]` (a proxy): user data cannot set the
+        // proxy it is fetched through.
+        let http = match crate::config::load(host) {
+            Ok(loaded) => loaded.settings.http.options(http::Redirects::SameHost),
+            Err(e) => {
+                tracing::warn!("fetching user data without the agent's [http] settings: {e:#}");
+                http::Options::new(http::Redirects::SameHost)
+            }
+        };
+        let user_data = fetch_url_with(&url, &RetryPolicy::new(opts.url_timeout), http)?;
         let warnings = plain_http_warning(&url).into_iter().collect();
         return Ok(Some(UserDataDoc {
             source: SourceKind::KernelCmdlineUrl(url),

@@ -340,6 +340,20 @@ fn a_ballast_section_the_agent_would_refuse_is_refused() {
     assert!(e.contains("ballast.registries: must be a mapping"), "{e}");
     steps_of("#cloud-config\nballast:\n  registries: {\"reg.lan:5000\": {insecure: true}}\n")
         .unwrap();
+    // The proxy goes to the drop-in's [http], checked by config/http.rs.
+    let e =
+        steps_of("#cloud-config\nballast:\n  http: {proxy: \"socks5://p:1080\"}\n").unwrap_err();
+    assert!(
+        e.contains("http.proxy: \"socks5://p:1080\" must be an http"),
+        "{e}"
+    );
+    let e = steps_of("#cloud-config\nballast:\n  http: [a]\n").unwrap_err();
+    assert!(e.contains("ballast.http: must be a mapping"), "{e}");
+    let s = steps_of(
+        "#cloud-config\nballast:\n  http: {proxy: \"http://proxy.lan:3128\", no_proxy: [10.0.0.0/8, .lan]}\n",
+    )
+    .unwrap();
+    assert!(s[0].contains("50-user-data.toml"), "{s:?}");
     // A registry password makes the drop-in the root's alone.
     let s = steps_of(
         "#cloud-config\nballast:\n  registries: {\"reg.lan:5000\": {username: u, password: p}}\n",

@@ -367,7 +367,10 @@ fn open_channel(settings: &UpdateSettings) -> Result<Channel> {
         "updates are off: no update.channel_url in the agent configuration \
          (/etc/ballast/agent.d/*.toml)",
     )?;
-    Channel::new(url, &settings.channel)
+    // Redirects may lead anywhere (a CDN): what is fetched is verified by
+    // signature and hash, not by where it came from.
+    let opts = settings.http.options(crate::http::Redirects::AnyHost);
+    Channel::with_options(url, &settings.channel, &opts)
 }
 
 /// Fetches, verifies and weighs the channel's manifest. Changes nothing.
