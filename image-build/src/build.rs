@@ -53,6 +53,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildInfo> {
                 spec: &opts.spec,
                 agent_dir: &opts.agent_dir,
                 units_dir: &opts.units_dir,
+                epoch: opts.epoch,
             },
         )
     })?;

@@ -15,6 +15,8 @@ pub struct Inputs<'a> {
     pub agent_dir: &'a Path,
     /// The repository's `units/` tree, copied to the image's /usr/lib.
     pub units_dir: &'a Path,
+    /// SOURCE_DATE_EPOCH: when the image was built, for os-release.
+    pub epoch: u64,
 }
 
 /// What customizing takes out of the tree for other stages.
@@ -34,7 +36,7 @@ pub fn customize(stage: &Stage, root: &Path, work: &Path, inp: &Inputs) -> Resul
             .arg(inp.units_dir.join("."))
             .arg(root.join("usr/lib")),
     )?;
-    write_os_release(root, &inp.spec.spec.name, &inp.spec.spec.version)?;
+    write_os_release(root, &inp.spec.spec.name, &inp.spec.spec.version, inp.epoch)?;
     install_files(root, inp.spec)?;
     install_trusted_keys(root, inp.spec)?;
     forget_machine(root)?;
@@ -101,8 +103,9 @@ fn install_agent(root: &Path, agent_dir: &Path) -> Result<()> {
 }
 
 /// Adds the image's identity to Debian's os-release (IMAGE_ID/IMAGE_VERSION
-/// are what systemd-boot and the agent read).
-pub fn write_os_release(root: &Path, name: &str, version: &str) -> Result<()> {
+/// are what systemd-boot and the agent read), and BALLAST_BUILD_EPOCH: a
+/// clock before it is certainly wrong (docs/update.md).
+pub fn write_os_release(root: &Path, name: &str, version: &str, epoch: u64) -> Result<()> {
     let path = root.join("usr/lib/os-release");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
@@ -116,7 +119,12 @@ pub fn write_os_release(root: &Path, name: &str, version: &str) -> Result<()> {
         let key = line.split('=').next().unwrap_or_default();
         if !matches!(
             key,
-            "PRETTY_NAME" | "IMAGE_ID" | "IMAGE_VERSION" | "VARIANT" | "VARIANT_ID"
+            "PRETTY_NAME"
+                | "IMAGE_ID"
+                | "IMAGE_VERSION"
+                | "VARIANT"
+                | "VARIANT_ID"
+                | "BALLAST_BUILD_EPOCH"
         ) {
             out.push_str(line);
             out.push('\n');
@@ -128,6 +136,7 @@ pub fn write_os_release(root: &Path, name: &str, version: &str) -> Result<()> {
     ));
     out.push_str("VARIANT=Ballast\nVARIANT_ID=ballast\n");
     out.push_str(&format!("IMAGE_ID={}\n", os_release::quote(name)));
+    out.push_str(&format!("BALLAST_BUILD_EPOCH={epoch}\n"));
     out.push_str(&format!("IMAGE_VERSION={}\n", os_release::quote(version)));
     std::fs::write(&path, out)?;
     Ok(())
@@ -276,7 +285,7 @@ mod tests {
             "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nID=debian\nIMAGE_ID=old\n",
         )
         .unwrap();
-        write_os_release(dir.path(), "ballast", "1.2.3").unwrap();
+        write_os_release(dir.path(), "ballast", "1.2.3", 1_700_000_000).unwrap();
         let m = os_release::parse(
             &std::fs::read_to_string(dir.path().join("usr/lib/os-release")).unwrap(),
         );

@@ -13,6 +13,8 @@ pub const BASE_PACKAGES: &[&str] = &[
     "systemd-boot",
     "systemd-container",
     "systemd-resolved",
+    // Time from DHCP's servers, cloud-config `ntp:`, or Debian's pool.
+    "systemd-timesyncd",
     "dbus",
     "udev",
     "kmod",

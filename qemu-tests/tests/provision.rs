@@ -161,7 +161,11 @@ fn documented_example() -> String {
 /// entry is blessed and no unit failed.
 #[test]
 fn the_documented_example_over_fw_cfg_gives_a_healthy_blessed_host() {
-    let doc = format!("{}{}", documented_example(), root_fixture_key());
+    // Beside the example: time from the host (the only address a guest may
+    // reach) and an extra root for the agent.
+    let ca: String = TEST_CA.lines().map(|l| format!("      {l}\n")).collect();
+    let extra = format!("ntp:\n  servers: [10.0.2.2]\nca_certs:\n  trusted:\n    - |\n{ca}");
+    let doc = format!("{}{extra}{}", documented_example(), root_fixture_key());
     let fw = FwCfg::new(&UserData::new(doc, "iid-docs-example"));
     let vm = Vm::boot(VmOptions {
         extra_args: fw.qemu_args(),
@@ -194,6 +198,18 @@ fn the_documented_example_over_fw_cfg_gives_a_healthy_blessed_host() {
     );
     expect_eq(&vm, "systemctl is-active app.service", "active");
     expect_eq(&vm, "test -e /var/lib/app-provisioned && echo yes", "yes");
+    // ntp: and ca_certs:.
+    expect_unit(&vm, "systemd-timesyncd.service", "active");
+    expect_eq(
+        &vm,
+        "grep -x 'NTP=10.0.2.2' /etc/systemd/timesyncd.conf.d/50-user-data.conf",
+        "NTP=10.0.2.2",
+    );
+    expect_eq(
+        &vm,
+        "stat -c '%U %a' /etc/ballast/ca-certificates/user-data-0.pem",
+        "root 644",
+    );
     // The ballast: section became the agent's drop-in, and the agent runs
     // with it (it refused the same section before user data was checked by
     // the agent's own configuration code).
@@ -366,3 +382,17 @@ fn expect_status(vm: &Vm, status: &Value, source: &str, instance_id: &str, last_
         ));
     }
 }
+
+/// A throwaway CA certificate for `ca_certs` (no key is kept anywhere).
+const TEST_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBizCCATGgAwIBAgIUHSv1piJA+DKhibKMowtzgViuv+AwCgYIKoZIzj0EAwIw
+GjEYMBYGA1UEAwwPYmFsbGFzdC10ZXN0LWNhMCAXDTI2MTIwNjIzNDAxMloYDzIx
+MjYxMTEyMjM0MDEyWjAaMRgwFgYDVQQDDA9iYWxsYXN0LXRlc3QtY2EwWTATBgcq
+hkjOPQIBBggqhkjOPQMBBwNCAARahHoS0PGsUkxz3lG+nOI1TH/OnGAu4ZUeZigC
+KSFgNAPMJT0xDFFhhdzT/EiSlc5QTF71oXW92pNF4S/rIPUWo1MwUTAdBgNVHQ4E
+FgQUSv8a3SgQcIc61JkPq43PEEN9h7gwHwYDVR0jBBgwFoAUSv8a3SgQcIc61JkP
+q43PEEN9h7gwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBFAiEAi1KG
+rYAKItr1Blf5Wo7xNEX2dYtENSFfROalXIP02FsCIGv91lYjHtewAnRQM5Z0fE7R
+zTn3UilO1AwUB5UIVr13
+-----END CERTIFICATE-----
+";

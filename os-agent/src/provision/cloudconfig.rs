@@ -63,7 +63,19 @@ pub struct CloudConfig {
     pub runcmd: Option<Vec<Command>>,
     pub network: Option<NetworkConfig>,
     pub ca_certs: Option<CaCerts>,
+    pub ntp: Option<Ntp>,
     pub ballast: Option<Ballast>,
+}
+
+/// `ntp:` (cloud-init's cc_ntp), for systemd-timesyncd.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ntp {
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub servers: Vec<String>,
+    #[serde(default)]
+    pub pools: Vec<String>,
 }
 
 /// `ca_certs:` (cloud-init's cc_ca_certs): extra roots the agent trusts.
@@ -187,6 +199,7 @@ const TOP_KEYS: &[&str] = &[
     "runcmd",
     "network",
     "ca_certs",
+    "ntp",
     "ballast",
 ];
 
@@ -212,7 +225,6 @@ const CLOUD_INIT_KEYS: &[&str] = &[
     "mounts",
     "mount_default_fields",
     "swap",
-    "ntp",
     "locale",
     "locale_configfile",
     "keyboard",

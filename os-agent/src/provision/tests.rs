@@ -1040,3 +1040,43 @@ fn ca_certs_become_the_agents_extra_roots() {
         assert!(err.contains(want), "{doc}: {err}");
     }
 }
+
+/// `ntp:` becomes a timesyncd drop-in and a restart; bad names are errors
+/// naming the entry.
+#[test]
+fn ntp_servers_go_to_timesyncd() {
+    let steps =
+        steps_of("#cloud-config\nntp: {servers: [10.0.0.1, ntp.lan], pools: [pool.ntp.org]}\n")
+            .unwrap();
+    assert_eq!(steps.len(), 2, "{steps:?}");
+    assert!(
+        steps[0].starts_with("ntp: write /etc/systemd/timesyncd.conf.d/50-user-data.conf"),
+        "{steps:?}"
+    );
+    assert_eq!(steps[1], "ntp: restart systemd-timesyncd.service");
+    let plan =
+        plan_of("#cloud-config\nntp: {servers: [10.0.0.1], pools: [pool.ntp.org]}\n").unwrap();
+    let Action::WriteFile(w) = &plan.steps[0].action else {
+        panic!("{plan:?}")
+    };
+    assert!(String::from_utf8_lossy(&w.content).contains("\nNTP=10.0.0.1 pool.ntp.org\n"));
+    assert!(plan_of("#cloud-config\nntp: {enabled: false}\n")
+        .unwrap()
+        .steps
+        .is_empty());
+    for (doc, want) in [
+        (
+            "#cloud-config\nntp: {servers: [\"a b\"]}\n",
+            "ntp.servers[0]: \"a b\" is not a host name",
+        ),
+        ("#cloud-config\nntp: {pools: [\"x\\ny\"]}\n", "ntp.pools[0]"),
+        ("#cloud-config\nntp: {}\n", "ntp: neither servers nor pools"),
+        (
+            "#cloud-config\nntp: {ntp_client: chrony, servers: [a]}\n",
+            "unknown field `ntp_client`",
+        ),
+    ] {
+        let err = plan_of(doc).expect_err(doc);
+        assert!(err.contains(want), "{doc}: {err}");
+    }
+}

@@ -632,6 +632,9 @@ pub fn validate(parsed: &Parsed, facts: &Facts, host: &dyn Host) -> Result<Plan,
     if let Some(ca) = &c.ca_certs {
         ca_certs(&mut v, ca);
     }
+    if let Some(ntp) = &c.ntp {
+        ntp_servers(&mut v, ntp);
+    }
 
     v.steps.extend(group_steps);
 
@@ -850,4 +853,61 @@ fn ca_certs(v: &mut V<'_>, ca: &super::cloudconfig::CaCerts) {
             }),
         );
     }
+}
+
+/// Where `ntp:` goes: a timesyncd drop-in, read before the image's own.
+pub const TIMESYNCD_DROPIN: &str = "/etc/systemd/timesyncd.conf.d/50-user-data.conf";
+
+/// `ntp:` → systemd-timesyncd's `NTP=` (servers and pools alike: timesyncd
+/// resolves a name and uses its addresses), then a restart of the service.
+/// `enabled: false` writes nothing: the image's time sync stays as it is.
+fn ntp_servers(v: &mut V<'_>, ntp: &super::cloudconfig::Ntp) {
+    if ntp.enabled == Some(false) {
+        v.warnings.push(
+            "ntp.enabled: false: nothing is written; systemd-timesyncd keeps the image's settings and DHCP's servers".into(),
+        );
+        return;
+    }
+    let mut names = Vec::new();
+    for (key, list) in [("servers", &ntp.servers), ("pools", &ntp.pools)] {
+        for (i, name) in list.iter().enumerate() {
+            let ok = !name.is_empty()
+                && name.len() <= 253
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+            if !ok {
+                v.errors.push(format!(
+                    "ntp.{key}[{i}]: {name:?} is not a host name or IP address"
+                ));
+            }
+            names.push(name.clone());
+        }
+    }
+    if names.is_empty() {
+        v.errors
+            .push("ntp: neither servers nor pools are given (or use enabled: false)".into());
+        return;
+    }
+    v.push(
+        "ntp",
+        Action::WriteFile(FileWrite {
+            path: PathBuf::from(TIMESYNCD_DROPIN),
+            content: format!(
+                "# Written by os-agent provision from the user data's ntp: section.\n[Time]\nNTP={}\n",
+                names.join(" ")
+            )
+            .into_bytes(),
+            mode: 0o644,
+            owner: None,
+            append: false,
+        }),
+    );
+    v.push(
+        "ntp",
+        Action::Systemctl {
+            verb: super::plan::UnitVerb::Restart,
+            unit: "systemd-timesyncd.service".into(),
+        },
+    );
 }

@@ -40,6 +40,10 @@ pub struct HostStatus {
     pub agent_pid: Option<u32>,
     /// When it was gathered, in seconds since the epoch.
     pub gathered_at_unix: u64,
+    /// When the booted image was built (os-release BALLAST_BUILD_EPOCH);
+    /// `None` for images from before it was recorded.
+    #[serde(default)]
+    pub image_built_at_unix: Option<u64>,
 }
 
 fn read(host: &dyn Host, path: &str) -> Result<String> {
@@ -59,6 +63,12 @@ pub fn gather(host: &dyn Host) -> Result<HostStatus> {
     };
     let image_name = field("IMAGE_ID")?;
     let image_version = field("IMAGE_VERSION")?;
+    let image_built_at_unix = match os.get("BALLAST_BUILD_EPOCH") {
+        Some(v) => Some(v.parse::<u64>().with_context(|| {
+            format!("{OS_RELEASE}: BALLAST_BUILD_EPOCH={v:?} is not a number of seconds")
+        })?),
+        None => None,
+    };
     let kernel_release = read(host, "/proc/sys/kernel/osrelease")?.trim().to_string();
     let data = disk::locate_by_partlabel(host, DATA_LABEL)?;
     let slot = disk::slot::booted_slot(host, &data.disk, &root)?;
@@ -85,6 +95,7 @@ pub fn gather(host: &dyn Host) -> Result<HostStatus> {
         disk: data.disk_dev_path().display().to_string(),
         agent_pid: None,
         gathered_at_unix,
+        image_built_at_unix,
     })
 }
 
@@ -174,6 +185,25 @@ pub(crate) mod tests {
         assert!(
             e.contains("/usr/lib/os-release has no IMAGE_VERSION="),
             "{e}"
+        );
+        write(
+            dir.path(),
+            "usr/lib/os-release",
+            "ID=debian\nIMAGE_ID=ballast\nIMAGE_VERSION=1\nBALLAST_BUILD_EPOCH=soon\n",
+        );
+        let e = format!("{:#}", gather(&host).unwrap_err());
+        assert!(
+            e.contains("BALLAST_BUILD_EPOCH=\"soon\" is not a number"),
+            "{e}"
+        );
+        write(
+            dir.path(),
+            "usr/lib/os-release",
+            "ID=debian\nIMAGE_ID=ballast\nIMAGE_VERSION=1\nBALLAST_BUILD_EPOCH=1760000000\n",
+        );
+        assert_eq!(
+            gather(&host).unwrap().image_built_at_unix,
+            Some(1_760_000_000)
         );
 
         write(dir.path(), "proc/cmdline", "ro console=ttyS0\n");

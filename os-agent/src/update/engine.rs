@@ -381,13 +381,15 @@ pub fn check(
     b: &Booted,
     failed_extra: Option<&str>,
 ) -> Result<Checked> {
+    let now = now_unix();
+    clock_is_plausible(now, b.status.image_built_at_unix)?;
     let channel = open_channel(settings)?;
     let keys = channel::trusted_keys(host)?;
     let m = channel.fetch_manifest(&keys)?;
     let mut failed = st.failed_versions.clone();
     failed.extend(failed_extra.map(str::to_string));
     let facts = HostFacts {
-        now: now_unix(),
+        now,
         channel: &settings.channel,
         name: &b.status.image_name,
         architecture: architecture(),
@@ -403,6 +405,20 @@ pub fn check(
         verdict,
         due_at,
     })
+}
+
+/// A clock before the booted image was built is wrong (no RTC, no time
+/// sync yet): expiry and rollout times, and TLS certificates, cannot be
+/// judged by it, so the check waits for the time instead of failing on
+/// whatever a wrong clock makes of them.
+pub fn clock_is_plausible(now: u64, built: Option<u64>) -> Result<()> {
+    match built {
+        Some(built) if now < built => bail!(
+            "the clock says {now} (unix), before this image was built ({built}): not checking \
+             for updates until the time is set (systemd-timesyncd, docs/update.md)"
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// How an update run was started.

@@ -1233,3 +1233,17 @@ fn random_jitter_of_any_size() {
         std::time::Duration::ZERO
     );
 }
+
+#[test]
+fn a_clock_before_the_image_was_built_does_not_check() {
+    let built = 1_760_000_000;
+    let e = engine::clock_is_plausible(1_000, Some(built)).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("before this image was built (1760000000)"),
+        "{e}"
+    );
+    engine::clock_is_plausible(built, Some(built)).unwrap();
+    engine::clock_is_plausible(built + 1, Some(built)).unwrap();
+    engine::clock_is_plausible(1_000, None).unwrap();
+}
