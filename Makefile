@@ -103,7 +103,7 @@ test: unit-test qemu-test fuzz-smoke
 FUZZ_SECONDS ?= 600
 FUZZ_SMOKE_SECONDS ?= 10
 FUZZ_WORK ?= $(abspath target/fuzz-corpus)
-FUZZ_RUN = $(CARGO) +nightly fuzz run --features libfuzzer $(FUZZ_FLAGS)
+FUZZ_RUN = CARGO_PROFILE_RELEASE_LTO=false $(CARGO) +nightly fuzz run --features libfuzzer $(FUZZ_FLAGS)
 fuzz-deps:
 	@rustup run nightly rustc --version >/dev/null 2>&1 || { echo "fuzzing needs a nightly Rust toolchain: rustup toolchain install nightly" >&2; exit 1; }
 	@$(CARGO) +nightly fuzz --version >/dev/null 2>&1 || $(CARGO) +nightly install --locked cargo-fuzz
