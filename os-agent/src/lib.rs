@@ -15,6 +15,8 @@ pub mod logging;
 pub mod mountinfo;
 pub mod provision;
 pub mod status;
+#[cfg(feature = "testing")]
+pub mod test_certs;
 pub mod update;
 
 /// Prints an error and every cause under it, one per line, to stderr.

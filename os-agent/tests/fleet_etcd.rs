@@ -14,7 +14,6 @@ use os_agent::fleet::sim::{HolderWatch, SimEnd, SimHost, SimParams};
 use os_agent::fleet::view::GroupWatch;
 use os_agent::fleet::{admin, connect, Fleet, FleetSettings, Keys};
 use os_agent::update::fleet_lock::Released;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -526,94 +525,12 @@ async fn hosts_survive_an_etcd_restart_and_never_reboot_without_the_lock() {
         .all(|(h, e)| *e == SimEnd::Updated && h.reboots == 1));
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, a server certificate for 127.0.0.1 and a client certificate.
-fn make_certs(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=test-ca",
-        ],
-    );
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    for (name, cn) in [("server", "127.0.0.1"), ("client", "agent")] {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &format!("{name}.pem"),
-                "-days",
-                "2",
-                "-extfile",
-                &format!("{name}.ext"),
-            ],
-        );
-    }
-}
-
 #[tokio::test]
 async fn tls_with_client_certificates() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let certs = dir.path().join("certs");
     std::fs::create_dir(&certs)?;
-    make_certs(&certs);
+    os_agent::test_certs::make(&certs);
     let etcd = LocalEtcd::start(
         dir.path(),
         Some(ServerTls {

@@ -163,7 +163,10 @@ fn documented_example() -> String {
 fn the_documented_example_over_fw_cfg_gives_a_healthy_blessed_host() {
     // Beside the example: time from the host (the only address a guest may
     // reach) and an extra root for the agent.
-    let ca: String = TEST_CA.lines().map(|l| format!("      {l}\n")).collect();
+    let certs = tempfile::tempdir().expect("tempdir");
+    os_agent::test_certs::make(certs.path());
+    let ca_pem = std::fs::read_to_string(certs.path().join("ca.pem")).expect("ca.pem");
+    let ca: String = ca_pem.lines().map(|l| format!("      {l}\n")).collect();
     let extra = format!("ntp:\n  servers: [10.0.2.2]\nca_certs:\n  trusted:\n    - |\n{ca}");
     let doc = format!("{}{extra}{}", documented_example(), root_fixture_key());
     let fw = FwCfg::new(&UserData::new(doc, "iid-docs-example"));
@@ -382,17 +385,3 @@ fn expect_status(vm: &Vm, status: &Value, source: &str, instance_id: &str, last_
         ));
     }
 }
-
-/// A throwaway CA certificate for `ca_certs` (no key is kept anywhere).
-const TEST_CA: &str = "-----BEGIN CERTIFICATE-----
-MIIBizCCATGgAwIBAgIUHSv1piJA+DKhibKMowtzgViuv+AwCgYIKoZIzj0EAwIw
-GjEYMBYGA1UEAwwPYmFsbGFzdC10ZXN0LWNhMCAXDTI2MTIwNjIzNDAxMloYDzIx
-MjYxMTEyMjM0MDEyWjAaMRgwFgYDVQQDDA9iYWxsYXN0LXRlc3QtY2EwWTATBgcq
-hkjOPQIBBggqhkjOPQMBBwNCAARahHoS0PGsUkxz3lG+nOI1TH/OnGAu4ZUeZigC
-KSFgNAPMJT0xDFFhhdzT/EiSlc5QTF71oXW92pNF4S/rIPUWo1MwUTAdBgNVHQ4E
-FgQUSv8a3SgQcIc61JkPq43PEEN9h7gwHwYDVR0jBBgwFoAUSv8a3SgQcIc61JkP
-q43PEEN9h7gwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBFAiEAi1KG
-rYAKItr1Blf5Wo7xNEX2dYtENSFfROalXIP02FsCIGv91lYjHtewAnRQM5Z0fE7R
-zTn3UilO1AwUB5UIVr13
------END CERTIFICATE-----
-";

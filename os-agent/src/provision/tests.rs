@@ -983,24 +983,14 @@ fn url_instances_recorded_by_their_hash_still_count() {
     assert!(matches!(out, Outcome::Applied { .. }), "{out:?}");
 }
 
-const TEST_CA: &str = "-----BEGIN CERTIFICATE-----
-MIIBizCCATGgAwIBAgIUHSv1piJA+DKhibKMowtzgViuv+AwCgYIKoZIzj0EAwIw
-GjEYMBYGA1UEAwwPYmFsbGFzdC10ZXN0LWNhMCAXDTI2MTIwNjIzNDAxMloYDzIx
-MjYxMTEyMjM0MDEyWjAaMRgwFgYDVQQDDA9iYWxsYXN0LXRlc3QtY2EwWTATBgcq
-hkjOPQIBBggqhkjOPQMBBwNCAARahHoS0PGsUkxz3lG+nOI1TH/OnGAu4ZUeZigC
-KSFgNAPMJT0xDFFhhdzT/EiSlc5QTF71oXW92pNF4S/rIPUWo1MwUTAdBgNVHQ4E
-FgQUSv8a3SgQcIc61JkPq43PEEN9h7gwHwYDVR0jBBgwFoAUSv8a3SgQcIc61JkP
-q43PEEN9h7gwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBFAiEAi1KG
-rYAKItr1Blf5Wo7xNEX2dYtENSFfROalXIP02FsCIGv91lYjHtewAnRQM5Z0fE7R
-zTn3UilO1AwUB5UIVr13
------END CERTIFICATE-----
-";
-
 /// `ca_certs.trusted` becomes the agent's extra roots, each entry checked
 /// as PEM; `remove_defaults` is refused, not ignored.
 #[test]
 fn ca_certs_become_the_agents_extra_roots() {
-    let indented: String = TEST_CA.lines().map(|l| format!("      {l}\n")).collect();
+    let certs = tempfile::tempdir().unwrap();
+    crate::test_certs::make(certs.path());
+    let test_ca = std::fs::read_to_string(certs.path().join("ca.pem")).unwrap();
+    let indented: String = test_ca.lines().map(|l| format!("      {l}\n")).collect();
     let doc = format!("#cloud-config\nca_certs:\n  trusted:\n    - |\n{indented}");
     let plan = plan_of(&doc).expect("valid");
     let write = plan
@@ -1016,7 +1006,7 @@ fn ca_certs_become_the_agents_extra_roots() {
         Path::new(crate::http::EXTRA_ROOTS_DIR).join("user-data-0.pem")
     );
     assert_eq!(write.mode, 0o644);
-    assert_eq!(String::from_utf8_lossy(&write.content), TEST_CA);
+    assert_eq!(String::from_utf8_lossy(&write.content), test_ca);
 
     for (doc, want) in [
         (
