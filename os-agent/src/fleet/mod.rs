@@ -193,13 +193,19 @@ impl Backoff {
     }
 }
 
-/// A random duration in [0, max] at millisecond resolution.
+/// A random duration in [0, max] at millisecond resolution (jitter of the
+/// update checks, spreads of the fleet's retries), for any `max`.
 pub fn random_up_to(max: Duration) -> Duration {
-    let ms = max.as_millis() as u64;
+    let ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
     if ms == 0 {
         return Duration::ZERO;
     }
-    let r = (uuid::Uuid::new_v4().as_u128() as u64) % (ms + 1);
+    // uuid's v4 generator is the random source the agent already has.
+    let r = uuid::Uuid::new_v4().as_u128() as u64;
+    let r = match ms.checked_add(1) {
+        Some(n) => r % n,
+        None => r,
+    };
     Duration::from_millis(r)
 }
 

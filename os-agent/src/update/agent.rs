@@ -25,19 +25,7 @@ pub struct Tick {
     pub jitter: Duration,
 }
 
-/// A random duration in [0, max], for jitter.
-pub fn random_up_to(max: Duration) -> Duration {
-    let secs = max.as_secs();
-    if secs == 0 {
-        return Duration::ZERO;
-    }
-    // uuid's v4 generator is the random source the agent already has.
-    let r = match secs.checked_add(1) {
-        Some(n) => (uuid::Uuid::new_v4().as_u128() as u64) % n,
-        None => uuid::Uuid::new_v4().as_u128() as u64,
-    };
-    Duration::from_secs(r)
-}
+pub use crate::fleet::random_up_to;
 
 pub fn tick(host: &dyn Host, fleet: &dyn RebootLock, check_due: bool) -> Result<Tick> {
     let settings = config::load_and_warn(host)?.update;
