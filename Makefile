@@ -13,8 +13,10 @@ export SOURCE_DATE_EPOCH
 # slot and its verity tree, dosfstools/mtools the ESP, binutils (objcopy) and
 # systemd-boot-efi the UKI, e2fsprogs/fdisk the data partition and the table,
 # qemu-utils (qemu-img) the qcow2, zstd the payload; protobuf-compiler builds
-# the etcd client.
+# the etcd client; openssl and sbsigntool make Secure Boot keys and sign
+# (faketime pins the signing time to SOURCE_DATE_EPOCH).
 BUILD_PACKAGES := mmdebstrap erofs-utils cryptsetup-bin dosfstools mtools binutils \
+	sbsigntool faketime openssl \
 	e2fsprogs fdisk qemu-utils systemd-boot-efi zstd ca-certificates protobuf-compiler
 # Testing: QEMU + OVMF boot the image, openssh-client logs in,
 # cloud-image-utils (cloud-localds) makes NoCloud seeds, netcat-openbsd forwards

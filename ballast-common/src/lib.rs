@@ -6,6 +6,7 @@ pub mod gpt;
 pub mod keys;
 pub mod manifest;
 pub mod os_release;
+pub mod pe;
 pub mod verity;
 pub mod version;
 

@@ -3,7 +3,7 @@
 use crate::customize::{self, Inputs};
 use crate::spec::LoadedSpec;
 use crate::stage::Stages;
-use crate::{disk, esp, initrd, rootfs, tools, uki};
+use crate::{disk, esp, initrd, rootfs, secure_boot, tools, uki};
 use anyhow::{Context, Result};
 use ballast_common::build_info::{
     self, BuildInfo, Images, Package, PartitionInfo, Payload, Payloads,
@@ -37,7 +37,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildInfo> {
     let base_name = format!("{}-{}", spec.name, spec.version);
     let seed = format!("{}/{}/{}", spec.name, spec.version, opts.epoch);
 
-    stages.run("check-host-tools", |_| tools::check())?;
+    let sb_keys = opts.spec.secure_boot_keys()?;
+    stages.run("check-host-tools", |_| {
+        tools::check()?;
+        if sb_keys.is_some() {
+            tools::check_list(secure_boot::TOOLS)?;
+        }
+        Ok(())
+    })?;
     let base = stages.run("bootstrap-rootfs", |s| {
         rootfs::base(s, spec, &opts.cache_dir, opts.epoch)
     })?;
@@ -121,12 +128,33 @@ pub fn build(opts: &BuildOptions) -> Result<BuildInfo> {
             },
             &uki_file,
             &work,
-        )
+        )?;
+        if let Some(keys) = &sb_keys {
+            secure_boot::sign(s, keys, &uki_file, &uki_file, opts.epoch)?;
+        }
+        Ok(())
     })?;
 
     let uki_entry = esp::uki_entry_name(&spec.name, &spec.version);
     let esp_img = work.join("esp.img");
     stages.run("esp", |s| {
+        let stock_boot = root.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
+        let systemd_boot = match &sb_keys {
+            Some(keys) => {
+                let signed = work.join("systemd-bootx64.efi.signed");
+                secure_boot::sign(s, keys, &stock_boot, &signed, opts.epoch)?;
+                signed
+            }
+            None => stock_boot,
+        };
+        let enroll = spec.secure_boot.as_ref().map(|sb| sb.enroll);
+        let enroll_keys: Vec<PathBuf> = match (&sb_keys, enroll) {
+            (Some(keys), Some(e)) if e != crate::spec::Enroll::Off => secure_boot::ENROLL_FILES
+                .iter()
+                .map(|f| keys.file(f))
+                .collect(),
+            _ => Vec::new(),
+        };
         let vol_uuid = derived_uuid(&format!("{seed}/esp-volume"));
         let vol = vol_uuid.as_bytes();
         esp::build(
@@ -134,10 +162,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildInfo> {
             &esp::EspInputs {
                 size_mib: spec.partitions.esp_mib,
                 volume_id: u32::from_le_bytes([vol[0], vol[1], vol[2], vol[3]]),
-                systemd_boot: &root.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi"),
+                systemd_boot: &systemd_boot,
                 uki: &uki_file,
                 uki_entry: &uki_entry,
-                loader_conf: &esp::loader_conf(&spec.name),
+                loader_conf: &esp::loader_conf(
+                    &spec.name,
+                    enroll.map(crate::spec::Enroll::loader_value),
+                ),
+                enroll_keys: &enroll_keys,
                 epoch: opts.epoch,
             },
             &esp_img,

@@ -4,7 +4,7 @@
 
 use crate::stage::Stage;
 use anyhow::Result;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Boot attempts a new entry gets before systemd-boot falls back.
@@ -16,8 +16,14 @@ pub fn uki_entry_name(name: &str, version: &str) -> String {
 
 /// loader.conf: boot at once, no editor, the newest entry of this image that
 /// has tries left. systemd-boot 252 keeps `+N-M` in entry ids, hence the glob.
-pub fn loader_conf(name: &str) -> String {
-    format!("timeout 0\ndefault {name}-*\neditor no\nconsole-mode keep\nauto-entries no\nauto-firmware no\n")
+/// `secure_boot_enroll` is systemd-boot's `secure-boot-enroll` when the
+/// image carries keys to enroll.
+pub fn loader_conf(name: &str, secure_boot_enroll: Option<&str>) -> String {
+    let mut conf = format!("timeout 0\ndefault {name}-*\neditor no\nconsole-mode keep\nauto-entries no\nauto-firmware no\n");
+    if let Some(enroll) = secure_boot_enroll {
+        conf.push_str(&format!("secure-boot-enroll {enroll}\n"));
+    }
+    conf
 }
 
 pub struct EspInputs<'a> {
@@ -27,6 +33,9 @@ pub struct EspInputs<'a> {
     pub uki: &'a Path,
     pub uki_entry: &'a str,
     pub loader_conf: &'a str,
+    /// Signed variable updates for systemd-boot to enroll, copied to
+    /// `loader/keys/auto/` under their file names.
+    pub enroll_keys: &'a [PathBuf],
     pub epoch: u64,
 }
 
@@ -68,6 +77,17 @@ pub fn build(stage: &Stage, inp: &EspInputs, out: &Path, work: &Path) -> Result<
             .arg("::/EFI/systemd/systemd-bootx64.efi"),
     )?;
     stage.cmd(mtools("mcopy").arg(&conf).arg("::/loader/loader.conf"))?;
+    if !inp.enroll_keys.is_empty() {
+        stage.cmd(mtools("mmd").args(["::/loader/keys", "::/loader/keys/auto"]))?;
+        for key in inp.enroll_keys {
+            let name = key.file_name().unwrap_or_default().to_string_lossy();
+            stage.cmd(
+                mtools("mcopy")
+                    .arg(key)
+                    .arg(format!("::/loader/keys/auto/{name}")),
+            )?;
+        }
+    }
     stage.cmd(
         mtools("mcopy")
             .arg(inp.uki)
@@ -83,6 +103,8 @@ mod tests {
     #[test]
     fn entry_names_carry_three_tries() {
         assert_eq!(uki_entry_name("ballast", "1.2"), "ballast-1.2+3.efi");
-        assert!(loader_conf("ballast").contains("default ballast-*\n"));
+        assert!(loader_conf("ballast", None).contains("default ballast-*\n"));
+        assert!(!loader_conf("ballast", None).contains("secure-boot"));
+        assert!(loader_conf("ballast", Some("force")).ends_with("\nsecure-boot-enroll force\n"));
     }
 }

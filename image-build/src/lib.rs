@@ -8,6 +8,7 @@ pub mod esp;
 pub mod initrd;
 pub mod release;
 pub mod rootfs;
+pub mod secure_boot;
 pub mod spec;
 pub mod stage;
 pub mod tools;

@@ -30,12 +30,17 @@ enum Cmd {
         #[arg(long, default_value = "units")]
         units_dir: PathBuf,
     },
-    /// Make an ed25519 key pair for signing releases: <out>/<name>.secret and <out>/<name>.pub.
+    /// Make an ed25519 key pair for signing releases: <out>/<name>.secret and
+    /// <out>/<name>.pub. With --secure-boot: a Secure Boot key set (PK, KEK,
+    /// db and their enrolment files) in the new directory <out>.
     Keygen {
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value = "release")]
-        name: String,
+        /// File name of a release key; common name of Secure Boot certificates.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        secure_boot: bool,
     },
     /// Publish a build into a channel directory: content-addressed payloads and the signed manifest.
     Release {
@@ -109,8 +114,25 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Keygen { out, name } => {
-            let (secret, public) = image_build::release::keygen(&out, &name)?;
+        Cmd::Keygen {
+            out,
+            name,
+            secure_boot: true,
+        } => {
+            image_build::secure_boot::keygen(&out, name.as_deref().unwrap_or("Ballast"))?;
+            println!(
+                "Secure Boot keys in {}: put PK.key and KEK.key offline; builds need db.key, db.crt and the .auth files",
+                out.display()
+            );
+            Ok(())
+        }
+        Cmd::Keygen {
+            out,
+            name,
+            secure_boot: false,
+        } => {
+            let (secret, public) =
+                image_build::release::keygen(&out, name.as_deref().unwrap_or("release"))?;
             println!(
                 "secret key: {}\npublic key: {}",
                 secret.display(),

@@ -49,6 +49,45 @@ pub struct Spec {
     /// zstd level of the root payload an update channel serves (1-22).
     #[serde(default = "default_zstd_level")]
     pub payload_zstd_level: i32,
+    /// Sign systemd-boot and the UKI for Secure Boot, and carry the keys for
+    /// enrolment (docs/image.md, "Secure Boot").
+    #[serde(default)]
+    pub secure_boot: Option<SecureBootSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecureBootSpec {
+    /// A key directory made by `image-build keygen --secure-boot`, relative
+    /// to the spec. Its db key signs; its `.auth` files go on the ESP.
+    pub keys: PathBuf,
+    /// What systemd-boot does on a machine in setup mode (no keys enrolled).
+    #[serde(default)]
+    pub enroll: Enroll,
+}
+
+/// systemd-boot's `secure-boot-enroll` (loader.conf(5)).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Enroll {
+    /// Enroll the image's keys at once (in a VM without waiting; on bare
+    /// metal after a 15 s countdown that a key press aborts).
+    #[default]
+    Force,
+    /// Offer "Enroll Secure Boot keys: auto" in the boot menu.
+    Manual,
+    /// Leave the firmware's keys to the operator.
+    Off,
+}
+
+impl Enroll {
+    pub fn loader_value(self) -> &'static str {
+        match self {
+            Enroll::Force => "force",
+            Enroll::Manual => "manual",
+            Enroll::Off => "off",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -158,6 +197,23 @@ fn default_zstd_level() -> i32 {
 pub struct LoadedSpec {
     pub spec: Spec,
     pub path: PathBuf,
+}
+
+impl LoadedSpec {
+    /// A path the spec names, relative to the spec file's directory.
+    pub fn resolve(&self, rel: &Path) -> PathBuf {
+        self.path.parent().unwrap_or(Path::new(".")).join(rel)
+    }
+
+    /// The Secure Boot keys, opened and checked, when the spec signs.
+    pub fn secure_boot_keys(&self) -> Result<Option<crate::secure_boot::Keys>> {
+        let Some(sb) = &self.spec.secure_boot else {
+            return Ok(None);
+        };
+        crate::secure_boot::Keys::open(&self.resolve(&sb.keys))
+            .context("secure_boot.keys")
+            .map(Some)
+    }
 }
 
 impl Spec {
@@ -334,10 +390,14 @@ pub fn load(path: &Path) -> Result<LoadedSpec> {
         // Straight from the text, so errors carry their line and column.
         Spec::parse(&std::fs::read_to_string(path)?, &origin)?
     };
-    Ok(LoadedSpec {
+    let loaded = LoadedSpec {
         spec,
         path: path.to_path_buf(),
-    })
+    };
+    loaded
+        .secure_boot_keys()
+        .with_context(|| format!("{origin}: invalid spec"))?;
+    Ok(loaded)
 }
 
 fn load_value(path: &Path, depth: usize) -> Result<serde_yaml_ng::Value> {
@@ -410,6 +470,8 @@ mod tests {
             ("name: a\nversion: '1'\ndebian: {kernel: cloud, packages: [Foo]}", "debian.packages[0]"),
             ("name: a\nversion: '1'\ndebian: {kernel: cloud, mirror: ftp://x}", "debian.mirror"),
             ("name: a\nversion: '1'\ndebian: {kernel: cloud}\nbogus: 1", "unknown field `bogus`"),
+            ("name: a\nversion: '1'\ndebian: {kernel: cloud}\nsecure_boot: {}", "secure_boot: missing field `keys`"),
+            ("name: a\nversion: '1'\ndebian: {kernel: cloud}\nsecure_boot: {keys: k, enroll: always}", "secure_boot.enroll: unknown variant `always`"),
             ("name: a\nversion: '1'\ndebian: {kernel: cloud}\npartitions: {slot_mib: 10}", "partitions.slot_mib"),
             ("name: a\nversion: '1'\ndebian: {kernel: cloud}\npartitions: {esp: 10}", "unknown field `esp`"),
             ("name: a\nversion: '1'\ndebian: {kernel: cloud}\nkernel_cmdline: ['a b']", "kernel_cmdline[0]"),

@@ -35,7 +35,7 @@ pub fn check() -> Result<()> {
     check_list(REQUIRED)
 }
 
-fn check_list(list: &[(&str, &str)]) -> Result<()> {
+pub fn check_list(list: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<_> = list.iter().filter(|(t, _)| which(t).is_none()).collect();
     if missing.is_empty() {
         return Ok(());

@@ -3,88 +3,10 @@
 //! objcopy from binutils.
 
 use crate::stage::Stage;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use ballast_common::pe::parse as parse_pe;
 use std::path::Path;
 use std::process::Command;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Section {
-    pub name: String,
-    pub virtual_size: u32,
-    pub virtual_address: u32,
-    pub raw_size: u32,
-}
-
-#[derive(Debug, Clone)]
-pub struct PeInfo {
-    pub image_base: u64,
-    pub section_alignment: u32,
-    pub size_of_image: u32,
-    pub timestamp_offset: usize,
-    pub checksum_offset: usize,
-    pub sections: Vec<Section>,
-}
-
-fn u16_at(b: &[u8], o: usize) -> Result<u16> {
-    let s = b.get(o..o + 2).context("PE file truncated")?;
-    Ok(u16::from_le_bytes([s[0], s[1]]))
-}
-fn u32_at(b: &[u8], o: usize) -> Result<u32> {
-    let s = b.get(o..o + 4).context("PE file truncated")?;
-    Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-}
-fn u64_at(b: &[u8], o: usize) -> Result<u64> {
-    let s = b.get(o..o + 8).context("PE file truncated")?;
-    let mut a = [0u8; 8];
-    a.copy_from_slice(s);
-    Ok(u64::from_le_bytes(a))
-}
-
-/// Reads the headers of a PE32+ file.
-pub fn parse_pe(b: &[u8]) -> Result<PeInfo> {
-    if b.get(0..2) != Some(b"MZ") {
-        bail!("not a PE file (no MZ header)");
-    }
-    let pe = u32_at(b, 0x3c)? as usize;
-    if b.get(pe..pe + 4) != Some(b"PE\0\0") {
-        bail!("not a PE file (no PE signature)");
-    }
-    let coff = pe + 4;
-    let nsections = u16_at(b, coff + 2)? as usize;
-    let opt_size = u16_at(b, coff + 16)? as usize;
-    let opt = coff + 20;
-    if u16_at(b, opt)? != 0x20b {
-        bail!("not a PE32+ (64-bit) image");
-    }
-    let image_base = u64_at(b, opt + 24)?;
-    let section_alignment = u32_at(b, opt + 32)?;
-    let size_of_image = u32_at(b, opt + 56)?;
-    let mut sections = Vec::with_capacity(nsections);
-    for i in 0..nsections {
-        let s = opt + opt_size + 40 * i;
-        let raw = b.get(s..s + 8).context("PE section table truncated")?;
-        let name = String::from_utf8_lossy(raw)
-            .trim_end_matches('\0')
-            .to_string();
-        sections.push(Section {
-            name,
-            virtual_size: u32_at(b, s + 8)?,
-            virtual_address: u32_at(b, s + 12)?,
-            raw_size: u32_at(b, s + 16)?,
-        });
-    }
-    if section_alignment == 0 {
-        bail!("PE section alignment is 0");
-    }
-    Ok(PeInfo {
-        image_base,
-        section_alignment,
-        size_of_image,
-        timestamp_offset: coff + 4,
-        checksum_offset: opt + 64,
-        sections,
-    })
-}
 
 pub struct UkiParts<'a> {
     pub stub: &'a Path,

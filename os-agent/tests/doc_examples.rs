@@ -422,6 +422,10 @@ fn check_image_spec(text: &str) -> Result<()> {
     let base = repo_root().join("configs/image.yaml");
     std::fs::copy(&base, dir.path().join("image.yaml"))
         .with_context(|| format!("cannot copy {}", base.display()))?;
+    if text.contains("secure_boot:") {
+        // As the docs say to make them, where the example names them.
+        image_build::secure_boot::keygen(&dir.path().join("keys/secure-boot"), "doc example")?;
+    }
     let spec = dir.path().join("doc.yaml");
     std::fs::write(&spec, text)?;
     image_build::spec::load(&spec)?;

@@ -4,6 +4,7 @@
 //! write the agent makes to them.
 
 pub mod entries;
+pub mod secure_boot;
 
 use crate::host::Host;
 use anyhow::{bail, Context, Result};

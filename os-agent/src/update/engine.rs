@@ -23,7 +23,7 @@ use super::channel::{self, Channel};
 use super::fleet_lock::{RebootLock, Released};
 use super::state::{Event, State};
 use super::store::{self, now_unix, Rollback, Staged, UpdateState};
-use crate::boot::entries;
+use crate::boot::{entries, secure_boot};
 use crate::config::{Strategy, UpdateSettings};
 use crate::host::Host;
 use crate::status::{self, HostStatus};
@@ -546,6 +546,10 @@ pub fn apply_release_from(
     }
     let target = apply::target(host, b.status.slot)?;
     apply::check_fits(m, &target)?;
+    // The UKI first (it is small): a release this host's firmware would
+    // refuse is refused before the idle slot is touched.
+    let uki = apply::fetch_uki(channel, m)?;
+    secure_boot::check_uki(host, &uki, &format!("the UKI of {} {}", m.name, m.version))?;
     let keep = entries::booted_file(host).context("cannot tell which UKI is running")?;
     tracing::info!(
         "applying {} {} (sequence {}) to slot {} ({})",
@@ -594,7 +598,6 @@ pub fn apply_release_from(
 
     // 6. Only a verified slot gets a boot entry. A copy stays on /var until
     // the update settles, to put the entry back if a power cut takes it.
-    let uki = apply::fetch_uki(channel, m)?;
     host.write_atomic(Path::new(store::STAGED_UKI), &uki)
         .with_context(|| format!("cannot write {}", store::STAGED_UKI))?;
     let uki_file = entries::install(host, &m.name, &m.version, &uki)?;
