@@ -62,6 +62,10 @@ enum Cmd {
         /// Days until the manifest expires; republish before then.
         #[arg(long, default_value_t = 30)]
         expires_days: u64,
+        /// Sign the published UKI with this Secure Boot key directory's db
+        /// key, unless the build signed it with that key already.
+        #[arg(long)]
+        secure_boot_keys: Option<PathBuf>,
     },
     /// Check a spec and print it with defaults filled in.
     Validate {
@@ -147,6 +151,7 @@ fn run(cli: Cli) -> Result<()> {
             keys,
             rollout_hours,
             expires_days,
+            secure_boot_keys,
         } => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
@@ -159,6 +164,7 @@ fn run(cli: Cli) -> Result<()> {
                 rollout_hours,
                 expires_days,
                 now,
+                secure_boot_keys: secure_boot_keys.as_deref(),
             })?;
             println!(
                 "published {} {} to channel {} (sequence {}) in {}",

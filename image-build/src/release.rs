@@ -40,6 +40,9 @@ pub struct ReleaseOptions<'a> {
     pub rollout_hours: f64,
     pub expires_days: u64,
     pub now: u64,
+    /// A Secure Boot key directory: the published UKI is signed with its db
+    /// key (unless the build signed it with that key already).
+    pub secure_boot_keys: Option<&'a Path>,
 }
 
 pub fn channel_file(channel_dir: &Path, channel: &str) -> PathBuf {
@@ -153,11 +156,12 @@ pub fn release(o: &ReleaseOptions) -> Result<Manifest> {
         &o.build_dir.join(&info.payloads.root_zst.file),
         &info.payloads.root_zst.sha256,
     )?;
-    let uki_url = publish_payload(
-        o.channel_dir,
-        &o.build_dir.join(&info.payloads.uki.file),
-        &info.payloads.uki.sha256,
-    )?;
+    let uki = uki_to_publish(o, &info)?;
+    let uki_url = publish_payload(o.channel_dir, &uki.file, &uki.sha256);
+    if let Some(tmp) = &uki.temporary {
+        std::fs::remove_file(tmp)?;
+    }
+    let uki_url = uki_url?;
     let m = Manifest {
         channel: o.channel.to_string(),
         name: info.name.clone(),
@@ -181,8 +185,8 @@ pub fn release(o: &ReleaseOptions) -> Result<Manifest> {
         },
         uki: Payload {
             url: uki_url,
-            size: info.payloads.uki.size,
-            sha256: info.payloads.uki.sha256.clone(),
+            size: uki.size,
+            sha256: uki.sha256.clone(),
         },
         rollout: Rollout {
             start: o.now,
@@ -197,6 +201,49 @@ pub fn release(o: &ReleaseOptions) -> Result<Manifest> {
     // The manifest goes last: payloads are in place before anyone can see it.
     std::fs::rename(&tmp, &file)?;
     Ok(m)
+}
+
+/// The UKI a release publishes: the build's, or a copy signed for Secure Boot.
+struct PublishedUki {
+    file: PathBuf,
+    size: u64,
+    sha256: String,
+    /// A signed copy to remove once it is published.
+    temporary: Option<PathBuf>,
+}
+
+fn uki_to_publish(o: &ReleaseOptions, info: &BuildInfo) -> Result<PublishedUki> {
+    let built = o.build_dir.join(&info.payloads.uki.file);
+    let as_built = PublishedUki {
+        file: built.clone(),
+        size: info.payloads.uki.size,
+        sha256: info.payloads.uki.sha256.clone(),
+        temporary: None,
+    };
+    let Some(dir) = o.secure_boot_keys else {
+        return Ok(as_built);
+    };
+    let keys = crate::secure_boot::Keys::open(dir).context("--secure-boot-keys")?;
+    let bytes = std::fs::read(&built)?;
+    let signed_already = ballast_common::pe::signed_with(&bytes, &keys.db_cert_der()?)
+        .with_context(|| format!("{} is not an EFI binary", built.display()))?;
+    if signed_already {
+        return Ok(as_built);
+    }
+    let payloads = o.channel_dir.join("payloads");
+    std::fs::create_dir_all(&payloads)?;
+    let signed = payloads.join(format!(".{}.signed.efi", info.payloads.uki.sha256));
+    let mut stages = crate::stage::Stages::new(&o.build_dir.join("logs/release"), 1)?;
+    // Signed at the build's time, so two releases of one build agree.
+    stages.run("sign-uki", |s| {
+        crate::secure_boot::sign(s, &keys, &built, &signed, info.source_date_epoch)
+    })?;
+    Ok(PublishedUki {
+        size: std::fs::metadata(&signed)?.len(),
+        sha256: sha256_file(&signed)?,
+        file: signed.clone(),
+        temporary: Some(signed),
+    })
 }
 
 #[cfg(test)]
@@ -284,6 +331,7 @@ mod tests {
                 rollout_hours: 2.0,
                 expires_days: 30,
                 now: 1000,
+                secure_boot_keys: None,
             })
             .unwrap();
             assert_eq!(m.sequence, i as u64 + 1);
@@ -312,11 +360,105 @@ mod tests {
             rollout_hours: 0.0,
             expires_days: 1,
             now: 5,
+            secure_boot_keys: None,
         };
         assert!(format!("{:#}", release(&opts("../x")).unwrap_err()).contains("channel name"));
         std::fs::write(t.path().join("u.efi"), "evil").unwrap();
         let err = format!("{:#}", release(&opts("stable")).unwrap_err());
         assert!(err.contains("does not match build.json"), "{err}");
         assert!(!channel_file(&t.path().join("ch"), "stable").exists());
+    }
+
+    /// `release --secure-boot-keys` publishes a signed UKI (the manifest
+    /// names the signed file's hash), and twice the same bytes; a UKI the
+    /// build signed with that key already is published as it is.
+    #[test]
+    fn release_signs_the_uki_for_secure_boot() {
+        let t = tempfile::tempdir().unwrap();
+        let (secret, public) = keygen(t.path(), "k").unwrap();
+        let pubkey = PublicKey::parse(&std::fs::read_to_string(&public).unwrap()).unwrap();
+        let sb = t.path().join("sb");
+        crate::secure_boot::keygen(&sb, "release test").unwrap();
+        let db = crate::secure_boot::Keys::open(&sb)
+            .unwrap()
+            .db_cert_der()
+            .unwrap();
+        let b = t.path().join("build");
+        std::fs::create_dir(&b).unwrap();
+        fake_build(&b, "0.1.0");
+        let stub = std::fs::read("/usr/lib/systemd/boot/efi/linuxx64.efi.stub").unwrap();
+        std::fs::write(b.join("u.efi"), &stub).unwrap();
+        let mut info: BuildInfo =
+            serde_json::from_str(&std::fs::read_to_string(b.join("build.json")).unwrap()).unwrap();
+        info.payloads.uki.size = stub.len() as u64;
+        info.payloads.uki.sha256 = sha256_file(&b.join("u.efi")).unwrap();
+        std::fs::write(b.join("build.json"), serde_json::to_string(&info).unwrap()).unwrap();
+
+        let ch = t.path().join("ch");
+        let mut published = Vec::new();
+        for _ in 0..2 {
+            let m = release(&ReleaseOptions {
+                build_dir: &b,
+                channel_dir: &ch,
+                channel: "stable",
+                keys: std::slice::from_ref(&secret),
+                rollout_hours: 0.0,
+                expires_days: 1,
+                now: 5,
+                secure_boot_keys: Some(&sb),
+            })
+            .unwrap();
+            let bytes = std::fs::read(channel_file(&ch, "stable")).unwrap();
+            assert_eq!(
+                manifest::open(&bytes, std::slice::from_ref(&pubkey)).unwrap(),
+                m
+            );
+            let uki = std::fs::read(ch.join(&m.uki.url)).unwrap();
+            assert!(ballast_common::pe::signed_with(&uki, &db).unwrap());
+            assert_eq!(m.uki.size, uki.len() as u64);
+            assert_ne!(m.uki.sha256, info.payloads.uki.sha256);
+            published.push(m.uki.sha256);
+        }
+        assert_eq!(
+            published[0], published[1],
+            "two signings of one build differ"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(ch.join("payloads"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+
+        // Signed by the build already: published as built.
+        let signed = ch.join("payloads").join(&published[0]);
+        std::fs::copy(&signed, b.join("u.efi")).unwrap();
+        info.payloads.uki.size = std::fs::metadata(&signed).unwrap().len();
+        info.payloads.uki.sha256 = published[0].clone();
+        std::fs::write(b.join("build.json"), serde_json::to_string(&info).unwrap()).unwrap();
+        let m = release(&ReleaseOptions {
+            build_dir: &b,
+            channel_dir: &ch,
+            channel: "stable",
+            keys: std::slice::from_ref(&secret),
+            rollout_hours: 0.0,
+            expires_days: 1,
+            now: 5,
+            secure_boot_keys: Some(&sb),
+        })
+        .unwrap();
+        assert_eq!(m.uki.sha256, published[0]);
+        let e = release(&ReleaseOptions {
+            build_dir: &b,
+            channel_dir: &ch,
+            channel: "stable",
+            keys: std::slice::from_ref(&secret),
+            rollout_hours: 0.0,
+            expires_days: 1,
+            now: 5,
+            secure_boot_keys: Some(&t.path().join("nokeys")),
+        })
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("--secure-boot-keys"), "{e:#}");
     }
 }

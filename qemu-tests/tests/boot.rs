@@ -1,9 +1,11 @@
-//! Boot the test image: verity root, data partition, /etc overlay, agent,
-//! boot assessment, and persistence across a reboot.
+//! Boot the test image: Secure Boot enrolment and enforcement, verity root,
+//! data partition, /etc overlay, agent, boot assessment, and persistence
+//! across a reboot.
 //!
 //! Each VM boot costs about a minute under TCG, so one VM (with a disk
 //! larger than the image, for the data partition to grow into) goes through
-//! all of it: the first boot, a reboot, then failing health checks.
+//! all of it: the first boot, a reboot, failing health checks, then a UKI
+//! the firmware refuses.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,9 +25,101 @@ fn boots_grows_survives_a_reboot_and_assesses_its_boots() {
         ..VmOptions::default()
     });
     vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
+    enrolled_its_keys_and_boots_with_secure_boot_on(&vm);
     boots_to_agent_ready_with_verity_root_and_blessed_entry(&vm, image);
     data_partition_grows_and_var_and_etc_survive_reboot(&vm, built_data);
     failed_health_check_leaves_the_entry_unblessed(&vm, image);
+    an_altered_uki_is_refused_by_the_firmware(&vm, image);
+}
+
+/// The VM's firmware variables start empty (OVMF in setup mode): on the first
+/// boot systemd-boot enrolled the keys the image carries on its ESP and reset
+/// the machine, which has booted with Secure Boot enforcing since: the
+/// firmware checked systemd-boot's and the UKI's signatures.
+fn enrolled_its_keys_and_boots_with_secure_boot_on(vm: &Vm) {
+    vm.wait_console(
+        "Enrolling secure boot keys from directory",
+        Duration::from_secs(1),
+    );
+    let status = vm.ssh_ok("bootctl status --no-pager 2>&1");
+    if !status
+        .lines()
+        .any(|l| l.trim() == "Secure Boot: enabled (user)")
+    {
+        vm.fail(format!(
+            "bootctl status does not say `Secure Boot: enabled (user)`:\n{status}"
+        ));
+    }
+    // Debian's kernel locks itself down when the firmware enforces Secure Boot.
+    let lockdown = vm.ssh_ok("cat /sys/kernel/security/lockdown");
+    if !lockdown.contains("[integrity]") {
+        vm.fail(format!("kernel lockdown is {lockdown:?}, want [integrity]"));
+    }
+}
+
+/// An altered UKI on the ESP: a copy of the good one whose os-release says
+/// a newer version, so systemd-boot prefers it, but whose bytes no longer
+/// match their signature. The firmware refuses to start it. systemd-boot
+/// counted the entry's one try before, so from the next reset on the entry
+/// sorts last and the good entry boots again.
+fn an_altered_uki_is_refused_by_the_firmware(vm: &Vm, image: &TestImage) {
+    let blessed = image.blessed_uki_entry();
+    let v = &image.info.version;
+    let newer: String = v
+        .chars()
+        .map(|c| if c.is_ascii_digit() { '9' } else { c })
+        .collect();
+    let bad = format!("{}-{newer}+1.efi", image.info.name);
+    vm.ssh_ok(&format!(
+        "set -e; cd /efi/EFI/Linux; \
+         off=$(grep -obUa 'IMAGE_VERSION={v}' {blessed} | head -n 1 | cut -d: -f1); \
+         test -n \"$off\"; cp {blessed} .altered.tmp; \
+         printf '%s' 'IMAGE_VERSION={newer}' | dd of=.altered.tmp bs=1 seek=$off conv=notrunc status=none; \
+         mv .altered.tmp {bad}; sync"
+    ));
+    let mark = vm.console_mark();
+    let out = vm.ssh("systemctl reboot");
+    if !out.status.success() && out.status.code() != Some(255) {
+        vm.fail(format!("systemctl reboot: {}", out.status));
+    }
+    let line = vm.wait_console_since(mark, "Error loading", Duration::from_secs(300));
+    if !line.contains(&newer)
+        || !(line.contains("Security Violation") || line.contains("Access Denied"))
+    {
+        vm.fail(format!(
+            "systemd-boot should fail to load the altered {bad} for a security violation: {line:?}"
+        ));
+    }
+    // systemd-boot 252 hands the failure back to the firmware, which has
+    // nothing else to boot: the reset button (or a watchdog) starts again.
+    std::thread::sleep(Duration::from_secs(5));
+    vm.reset_hard();
+    vm.wait_ssh(DEFAULT_SSH_TIMEOUT);
+    let selected = vm.ssh_ok(
+        "tail -c +5 /sys/firmware/efi/efivars/LoaderEntrySelected-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f | tr -d '\\0'",
+    );
+    if selected.trim() != blessed {
+        vm.fail(format!(
+            "after the refused entry the host booted {selected:?}, want {blessed}"
+        ));
+    }
+    let spent = bad.replace("+1.efi", "+0-1.efi");
+    wait_listing_has(vm, &[&blessed, &spent]);
+    vm.ssh_ok(&format!("rm /efi/EFI/Linux/{spent} && sync"));
+}
+
+/// Waits until /efi/EFI/Linux holds exactly the files `want` (any order).
+fn wait_listing_has(vm: &Vm, want: &[&str]) {
+    let mut listing = String::new();
+    poll(SETTLE_TIMEOUT, || {
+        listing = vm.ssh_ok("ls /efi/EFI/Linux/");
+        let mut got: Vec<&str> = listing.lines().collect();
+        let mut w = want.to_vec();
+        got.sort();
+        w.sort();
+        got == w
+    })
+    .unwrap_or_else(|| vm.fail(format!("/efi/EFI/Linux has {listing:?}, want {want:?}")));
 }
 
 fn boots_to_agent_ready_with_verity_root_and_blessed_entry(vm: &Vm, image: &TestImage) {

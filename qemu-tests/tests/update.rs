@@ -333,6 +333,72 @@ fn refuses_untrusted_and_tampered_releases(vm: &Vm, ch: &ChannelServer, v1: &str
     // The payload as published again, for what follows.
     bytes[mid] ^= 0x01;
     std::fs::write(&payload, &bytes).expect("payload");
+
+    // Signed by the trusted channel key, but its UKI carries no Secure Boot
+    // signature (a publisher who forgot to sign): this host's firmware would
+    // refuse it, so the host refuses it first, before slot B is touched.
+    let unsigned = unsigned_build(&update_build("v2"));
+    ch.publish(unsigned.path(), TEST_KEY.as_ref())
+        .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
+    let Some((log, code)) = run_detached(vm, "osctl update apply", APPLY_TIMEOUT) else {
+        vm.fail("the host rebooted into a release with an unsigned UKI");
+    };
+    if code == 0 || !log.contains("is not signed, and this host boots with Secure Boot on") {
+        vm.fail(format!(
+            "osctl update apply should refuse the unsigned UKI (exit {code}):\n{log}"
+        ));
+    }
+    let st = json(vm, "osctl update status --json");
+    if !st["staged"].is_null() || st["state"]["bytes"].as_u64().unwrap_or(0) != 0 {
+        vm.fail(format!("update status after the refusal: {st:#}"));
+    }
+    let entries = esp(vm);
+    if entries != [format!("ballast-{v1}.efi")] {
+        vm.fail(format!("/efi/EFI/Linux has {entries:?}"));
+    }
+    // The signed release again, for what follows.
+    ch.publish(&update_build("v2"), TEST_KEY.as_ref())
+        .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
+}
+
+/// A copy of the build in `dir` whose UKI has had its Secure Boot signature
+/// removed (sbattach), with build.json saying so; the large payloads are
+/// hard links.
+fn unsigned_build(dir: &std::path::Path) -> tempfile::TempDir {
+    let copy = tempfile::tempdir_in(dir.parent().expect("build dir parent")).expect("tempdir");
+    let mut info: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("build.json")).expect("build.json"))
+            .expect("build.json");
+    for key in ["root", "root_zst", "verity"] {
+        let f = info["payloads"][key]["file"]
+            .as_str()
+            .expect("payload file");
+        std::fs::hard_link(dir.join(f), copy.path().join(f)).expect("hard link");
+    }
+    let uki = info["payloads"]["uki"]["file"]
+        .as_str()
+        .expect("uki file")
+        .to_string();
+    let dst = copy.path().join(&uki);
+    std::fs::copy(dir.join(&uki), &dst).expect("copy the UKI");
+    let out = std::process::Command::new("sbattach")
+        .arg("--remove")
+        .arg(&dst)
+        .output()
+        .expect("sbattach (sbsigntool)");
+    assert!(
+        out.status.success(),
+        "sbattach --remove: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&dst).expect("the UKI");
+    let sigs = ballast_common::pe::signatures(&bytes).expect("a PE file");
+    assert!(sigs.is_empty(), "sbattach left {} signatures", sigs.len());
+    info["payloads"]["uki"]["sha256"] =
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)).into();
+    info["payloads"]["uki"]["size"] = bytes.len().into();
+    std::fs::write(copy.path().join("build.json"), info.to_string()).expect("build.json");
+    copy
 }
 
 /// Updates on one VM, A → B → A → B, through refusals and power cuts: the
