@@ -29,6 +29,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("etcd_values", etcd_values),
     ("kernel_cmdline", kernel_cmdline),
     ("registry_headers", registry_headers),
+    ("efi_signatures", efi_signatures),
 ];
 
 /// The key the fuzzer signs its manifests with: fixed, so a finding replays.
@@ -181,6 +182,14 @@ pub fn kernel_cmdline(data: &[u8]) {
         let _root = os_agent::cmdline::parse(text);
         let _url = os_agent::provision::source::config_url(text);
     }
+}
+
+/// A UKI's PE headers and Authenticode certificate table, and (the same
+/// bytes) the firmware's db as a run of EFI signature lists.
+pub fn efi_signatures(data: &[u8]) {
+    let _info = ballast_common::pe::parse(data);
+    let _signed = ballast_common::pe::signed_with(data, b"\x30\x82");
+    let _certs = os_agent::boot::secure_boot::x509_certs(data);
 }
 
 /// A registry's `WWW-Authenticate` challenge and an image reference.
