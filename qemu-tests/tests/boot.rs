@@ -156,6 +156,12 @@ fn boots_to_agent_ready_with_verity_root_and_blessed_entry(vm: &Vm, image: &Test
         }
     }
 
+    if status.get("secure_boot") != Some(&Value::Bool(true)) {
+        vm.fail(format!(
+            "osctl status does not report Secure Boot on: {status:#}"
+        ));
+    }
+
     // / is the erofs behind dm-verity, read-only.
     let root = vm.ssh_ok("findmnt -no SOURCE,FSTYPE,OPTIONS /");
     let fields: Vec<&str> = root.split_whitespace().collect();

@@ -105,6 +105,10 @@ pub fn render(v: &StatusView) -> String {
     line("Root hash", &s.root_hash);
     line("Kernel", &s.kernel_release);
     line("Boot entry", s.boot_entry.as_deref().unwrap_or("unknown"));
+    line(
+        "Secure Boot",
+        if s.secure_boot { "enforcing" } else { "off" },
+    );
     if let Some(p) = &s.uki_path {
         line("UKI", p);
     }

@@ -44,6 +44,9 @@ pub struct HostStatus {
     /// `None` for images from before it was recorded.
     #[serde(default)]
     pub image_built_at_unix: Option<u64>,
+    /// Whether the firmware booted with Secure Boot enforcing.
+    #[serde(default)]
+    pub secure_boot: bool,
 }
 
 fn read(host: &dyn Host, path: &str) -> Result<String> {
@@ -78,6 +81,7 @@ pub fn gather(host: &dyn Host) -> Result<HostStatus> {
         Some(e) => crate::boot::entries::find_entry_file(host, e)?.map(|p| p.display().to_string()),
         None => None,
     };
+    let secure_boot = crate::boot::secure_boot::enabled(host)?;
     let gathered_at_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .context("the clock is before 1970")?
@@ -96,6 +100,7 @@ pub fn gather(host: &dyn Host) -> Result<HostStatus> {
         agent_pid: None,
         gathered_at_unix,
         image_built_at_unix,
+        secure_boot,
     })
 }
 
