@@ -29,6 +29,9 @@ use tokio::time::Instant;
 
 const GROUP: &str = "web";
 const HOSTS: usize = 6;
+/// Hosts already on 2.0, registered through every fault: their streams are
+/// spread over the members at random, so some are on the member that fails.
+const BYSTANDERS: usize = 8;
 const MAX_HOLDERS: u32 = 2;
 /// Short, so faults outlast them, but long enough that a renewal has room
 /// for a few retries (a quarter of the 4 s margin each: 1 s).
@@ -70,6 +73,20 @@ async fn fleet(s: &FleetSettings, i: usize) -> Fleet {
     Fleet::new(client, s, &machine_id(i)).with_members(members.as_ref())
 }
 
+/// The agent's logs, on stdout, at the level `RUST_LOG` asks for (only
+/// errors without it): `RUST_LOG=os_agent=info` shows what the hosts did.
+fn logs() {
+    let filter = tracing_subscriber::EnvFilter::from_default_env();
+    // Each test of the binary tries; the first one sets it.
+    if tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .try_init()
+        .is_err()
+    {
+        tracing::debug!("the log subscriber is set already");
+    }
+}
+
 /// Polls `cond` every 50 ms until it holds; fails with `what` after `within`.
 async fn wait_until<F, Fut>(within: Duration, what: &str, mut cond: F)
 where
@@ -88,10 +105,14 @@ struct Rollout {
     cluster: LocalCluster,
     s: FleetSettings,
     watch: HolderWatch,
+    /// The host records as an independent client sees them: on which
+    /// leases each host registered.
+    registrations: HolderWatch,
     policy: Policy,
     /// A host that took a slot and went away for good: its slot must be
     /// freed by its lease.
     gone: SimHost,
+    bystanders: Vec<SimHost>,
     rolling: tokio::task::JoinHandle<Vec<(SimHost, SimEnd)>>,
 }
 
@@ -120,6 +141,7 @@ async fn slot_owners(f: &Fleet) -> Option<Vec<String>> {
 /// rollout of the others; returns once it is under way (hosts beyond the
 /// gone one hold slots).
 async fn start(dir: &std::path::Path) -> Rollout {
+    logs();
     let cluster = tokio::task::block_in_place(|| LocalCluster::start(dir)).unwrap();
     let s = settings(&cluster);
     let admin_client = connect(&s).await.unwrap();
@@ -144,9 +166,9 @@ async fn start(dir: &std::path::Path) -> Rollout {
         .await
         .unwrap();
     // An independent client: not one of the hosts', no failover helper.
-    let watch = HolderWatch::start(&connect(&s).await.unwrap(), &keys, GROUP)
-        .await
-        .unwrap();
+    let outside = connect(&s).await.unwrap();
+    let watch = HolderWatch::start(&outside, &keys, GROUP).await.unwrap();
+    let registrations = HolderWatch::registrations(&outside, &keys).await.unwrap();
 
     let gone = SimHost::start(fleet(&s, 99).await, "1.0");
     gone.registration.wait_sessions(1).await;
@@ -161,7 +183,11 @@ async fn start(dir: &std::path::Path) -> Rollout {
     for i in 0..HOSTS {
         hosts.push(SimHost::start(fleet(&s, i).await, "1.0"));
     }
-    for h in &hosts {
+    let mut bystanders = Vec::new();
+    for i in HOSTS..HOSTS + BYSTANDERS {
+        bystanders.push(SimHost::start(fleet(&s, i).await, "2.0"));
+    }
+    for h in hosts.iter().chain(&bystanders) {
         tokio::time::timeout(Duration::from_secs(20), h.registration.wait_sessions(1))
             .await
             .expect("host registered");
@@ -189,8 +215,10 @@ async fn start(dir: &std::path::Path) -> Rollout {
         cluster,
         s,
         watch,
+        registrations,
         policy,
         gone,
+        bystanders,
         rolling,
     }
 }
@@ -205,8 +233,10 @@ impl Rollout {
             cluster,
             s,
             watch,
+            registrations,
             policy,
             gone,
+            bystanders,
             rolling,
         } = self;
         let ended = rolling.await.unwrap();
@@ -219,14 +249,40 @@ impl Rollout {
             assert_eq!(h.booted_version(), "2.0", "{id}");
         }
         // Registered once per boot: the hosts kept their leases through the
-        // fault rather than registering again.
-        for (h, _) in &ended {
+        // fault rather than registering again. From etcd's side: each host's
+        // record was written on two leases, one per boot.
+        for h in ended.iter().map(|(h, _)| h).chain(&bystanders) {
             tokio::time::timeout(Duration::from_secs(20), h.registration.wait_sessions(1))
                 .await
                 .unwrap_or_else(|_| panic!("{} is not registered", h.fleet.machine_id));
             let r = h.registration.registered();
             assert_eq!(r.sessions, 1, "{} registered again", h.fleet.machine_id);
         }
+        let leases = |i: usize| {
+            let key = keys.host(&machine_id(i));
+            registrations
+                .snapshot()
+                .leases
+                .get(&key)
+                .map_or(0, |l| l.len())
+        };
+        wait_until(
+            Duration::from_secs(30),
+            "the registration watch did not see every host's second boot",
+            || async { (0..HOSTS).all(|i| leases(i) >= 2) },
+        )
+        .await;
+        for i in 0..HOSTS {
+            assert_eq!(
+                leases(i),
+                2,
+                "host {i} registered on more leases than it booted"
+            );
+        }
+        for i in HOSTS..HOSTS + BYSTANDERS {
+            assert_eq!(leases(i), 1, "host {i} registered again without a reboot");
+        }
+        assert_eq!(leases(99), 1, "the gone host registered again");
 
         // The gone host's slot, holder key and record go with their leases.
         let f = fleet(&s, 92).await;
@@ -243,7 +299,7 @@ impl Rollout {
             o.groups
                 .iter()
                 .any(|g| g.name == GROUP && g.holders.is_empty())
-                && o.hosts.len() == HOSTS
+                && o.hosts.len() == HOSTS + BYSTANDERS
                 && o.hosts.iter().all(|h| h.booted_version == "2.0")
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -331,10 +387,50 @@ async fn a_member_paused_longer_than_a_lease() {
     let paused = (leader + 1) % 3;
     r.cluster.pause(paused).unwrap();
     let since = Instant::now();
-    tokio::time::sleep(LEASE_TTL + Duration::from_secs(2)).await;
+    // A client that fails over as the hosts' do, told that a request
+    // failed: the paused member is taken out of it, and then no request
+    // waits on it (a third of them would, for their whole timeout,
+    // otherwise).
+    let client = connect(&r.s).await.unwrap();
+    let members = Members::start(&client, &r.s).await.unwrap().unwrap();
+    let hung = r.cluster.members[paused].endpoint();
+    members.suspect();
+    wait_until(
+        Duration::from_secs(5),
+        "the paused member is still in use",
+        || async { members.out().contains(&hung) },
+    )
+    .await;
+    eprintln!(
+        "member {paused} taken out {:?} after the pause",
+        since.elapsed()
+    );
+    assert_eq!(members.out().len(), 1, "{:?}", members.out());
+    let mut c = client.clone();
+    for i in 0..30 {
+        let get = c.get(r.s.prefix.as_str(), None);
+        let answered = tokio::time::timeout(Duration::from_secs(1), get).await;
+        assert!(answered.is_ok(), "request {i} went to the paused member");
+        answered.unwrap().unwrap();
+    }
+    tokio::time::sleep(
+        (since + LEASE_TTL + Duration::from_secs(2)).saturating_duration_since(Instant::now()),
+    )
+    .await;
     r.cluster.resume(paused).unwrap();
+    let resumed = Instant::now();
     eprintln!("member {paused} paused for {:?}", since.elapsed());
-    r.check(Instant::now()).await;
+    wait_until(
+        Duration::from_secs(20),
+        "the continued member is not used again",
+        || async { members.out().is_empty() },
+    )
+    .await;
+    eprintln!(
+        "member {paused} in use again {:?} after it continued",
+        resumed.elapsed()
+    );
+    r.check(resumed).await;
 }
 
 // Several workers: the cluster's start and restarts block one while they

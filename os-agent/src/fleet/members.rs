@@ -83,7 +83,10 @@ impl Members {
 }
 
 async fn run(client: Client, endpoints: Vec<String>, opts: ConnectOptions, shared: Arc<Shared>) {
-    let mut recheck = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    // While a member is out: 1 s, doubling to 10 s (a member that is back
+    // is used again within about 15 s; a dead one costs each host a refused
+    // connection per 10 s).
+    let mut recheck = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
     loop {
         if lock(&shared.out).is_empty() {
             recheck.reset();

@@ -123,29 +123,25 @@ impl Drop for Registration {
 async fn run(fleet: Fleet, mut rx: watch::Receiver<HostRecord>, state: watch::Sender<Registered>) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
-        let lease = match register(&fleet, &mut rx).await {
-            Ok(lease) => lease,
+        let lease = match fleet
+            .client
+            .clone()
+            .lease_grant(fleet.lease_ttl.as_secs().max(1) as i64, None)
+            .await
+        {
+            Ok(granted) => granted.id(),
             Err(e) => {
                 fleet.suspect();
                 let wait = backoff.next_wait();
                 tracing::warn!(
-                    "cannot register {} in the fleet ({e:#}); again in {wait:?}",
+                    "cannot grant the registration lease of {} ({e}); again in {wait:?}",
                     fleet.machine_id
                 );
                 tokio::time::sleep(wait).await;
                 continue;
             }
         };
-        state.send_modify(|s| {
-            s.lease = Some(lease);
-            s.sessions += 1;
-        });
         backoff.reset();
-        tracing::info!(
-            "registered {} (lease {lease:x}, TTL {} s)",
-            fleet.keys.host(&fleet.machine_id),
-            fleet.lease_ttl.as_secs()
-        );
         let why = keep(&fleet, lease, &mut rx, &state).await;
         state.send_modify(|s| s.lease = None);
         tracing::warn!(
@@ -153,30 +149,6 @@ async fn run(fleet: Fleet, mut rx: watch::Receiver<HostRecord>, state: watch::Se
             fleet.machine_id
         );
     }
-}
-
-fn ttl_secs(fleet: &Fleet) -> i64 {
-    fleet.lease_ttl.as_secs().max(1) as i64
-}
-
-/// Grants a lease and writes the record on it; the lease.
-async fn register(fleet: &Fleet, rx: &mut watch::Receiver<HostRecord>) -> Result<i64> {
-    let mut c = fleet.client.clone();
-    let lease = c
-        .lease_grant(ttl_secs(fleet), None)
-        .await
-        .context("cannot grant the registration lease")?
-        .id();
-    let record = rx.borrow_and_update().clone();
-    let key = fleet.keys.host(&fleet.machine_id);
-    c.put(
-        key.as_str(),
-        model::to_json(&record),
-        Some(PutOptions::new().with_lease(lease)),
-    )
-    .await
-    .with_context(|| format!("cannot write {key}"))?;
-    Ok(lease)
 }
 
 /// How long a renewal or a write of the record may take before it is
@@ -247,8 +219,9 @@ async fn renew(
     Ok(())
 }
 
-/// Keeps `lease` alive and the record on it up to date until etcd says the
-/// lease is gone; returns why. A renewal or write that fails or is not
+/// Writes the record on `lease` (a new one), then keeps the lease alive and
+/// the record up to date until etcd says the lease is gone; returns why. A
+/// renewal or write (the first included) that fails or is not
 /// answered in time (a member killed or hung, no quorum) is retried with
 /// backoff on a new stream, which the client may send to another member,
 /// under the same lease: the host stays registered once, on one lease, for
@@ -265,11 +238,20 @@ async fn keep(
     let key = fleet.keys.host(&fleet.machine_id);
     let within = answer_timeout(fleet.lease_ttl);
     let mut stream: Option<KeepAlive> = None;
-    let mut retry = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    // Retries come at least every half margin, jitter included under 3/4:
+    // when etcd is back (a new leader gives every lease its whole TTL
+    // again), the lease is renewed before it runs out.
+    let margin = fleet.lease_ttl - keep_alive_interval(fleet.lease_ttl).min(fleet.lease_ttl);
+    let mut retry = Backoff::new(
+        Duration::from_millis(100),
+        (margin / 2).max(Duration::from_millis(100)),
+    );
     let mut tick = tokio::time::interval(keep_alive_interval(fleet.lease_ttl));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
-    let (mut renew_due, mut write_due) = (false, false);
+    // The first write registers the host.
+    let (mut renew_due, mut write_due) = (false, true);
+    let mut registered = false;
     loop {
         if !renew_due && !write_due {
             tokio::select! {
@@ -308,6 +290,20 @@ async fn keep(
             write_due = outcome.is_err();
         }
         match outcome {
+            Ok(()) if !registered => {
+                registered = true;
+                // Open the keep-alive stream now, as the first renewal.
+                renew_due = true;
+                retry.reset();
+                state.send_modify(|s| {
+                    s.lease = Some(lease);
+                    s.sessions += 1;
+                });
+                tracing::info!(
+                    "registered {key} (lease {lease:x}, TTL {} s)",
+                    fleet.lease_ttl.as_secs()
+                );
+            }
             Ok(()) => {
                 retry.reset();
                 state.send_if_modified(|s| {
@@ -321,7 +317,6 @@ async fn keep(
             }
             Err(Keep::Gone(why)) => return why,
             Err(Keep::Failed(e)) => {
-                // The next try opens a new stream, maybe on another member.
                 stream = None;
                 fleet.suspect();
                 state.send_if_modified(|s| s.lease.take().is_some());

@@ -179,6 +179,8 @@ pub struct HolderStats {
     pub current: BTreeSet<String>,
     pub max_seen: usize,
     pub ever: BTreeSet<String>,
+    /// For each key, the leases it was written on (a host's registrations).
+    pub leases: std::collections::BTreeMap<String, BTreeSet<i64>>,
     pub events: u64,
     /// The integral of the holder count over time, in holder-seconds.
     pub holder_seconds: f64,
@@ -228,6 +230,7 @@ async fn follow(
             s.events += 1;
             match ev.event_type() {
                 EventType::Put => {
+                    s.leases.entry(k.clone()).or_default().insert(kv.lease());
                     if let Some(t) = s.freed.pop_front() {
                         s.refill_secs.push(t.elapsed().as_secs_f64());
                     }
@@ -246,8 +249,18 @@ async fn follow(
 }
 
 impl HolderWatch {
+    /// Counts the holders of `group`'s reboot slots.
     pub async fn start(client: &Client, keys: &Keys, group: &str) -> Result<HolderWatch> {
-        let prefix = keys.holders(group);
+        Self::on_prefix(client, keys.holders(group)).await
+    }
+
+    /// Counts the registered hosts the same way; [`HolderStats::leases`]
+    /// then tells how many times each host registered.
+    pub async fn registrations(client: &Client, keys: &Keys) -> Result<HolderWatch> {
+        Self::on_prefix(client, keys.hosts()).await
+    }
+
+    async fn on_prefix(client: &Client, prefix: String) -> Result<HolderWatch> {
         let mut c = client.clone();
         let now = c
             .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
@@ -259,6 +272,7 @@ impl HolderWatch {
             let mut s = lock(&stats);
             for kv in now.kvs() {
                 let k = String::from_utf8_lossy(kv.key()).into_owned();
+                s.leases.entry(k.clone()).or_default().insert(kv.lease());
                 s.ever.insert(k.clone());
                 s.current.insert(k);
             }
