@@ -100,6 +100,22 @@ where
     }
 }
 
+/// `f`'s answer to a request for a slot for 2.0, asked again while it is
+/// an error (the client may pick a member that is still catching up).
+async fn ask(f: &Fleet) -> Acquire {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match f.try_acquire("2.0").await {
+            Ok(a) => return a,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("{}: {e:#}; asking again", f.machine_id);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{}: {e:#}", f.machine_id),
+        }
+    }
+}
+
 /// What every test starts from and checks at its end.
 struct Rollout {
     cluster: LocalCluster,
@@ -468,10 +484,31 @@ async fn quorum_lost_and_regained() {
         .await
         .unwrap();
     let other = (leader + 1) % 3;
+    // Another group on its own: one host holds its slot, one waits.
+    let db = FleetSettings {
+        group: "db".into(),
+        ..r.s.clone()
+    };
+    let (holder, waiter) = (fleet(&db, 93).await, fleet(&db, 94).await);
+    assert_eq!(holder.try_acquire("2.0").await.unwrap(), Acquire::Granted);
+    assert!(matches!(
+        waiter.try_acquire("2.0").await.unwrap(),
+        Acquire::Wait(_)
+    ));
     r.cluster.kill(leader).unwrap();
     r.cluster.kill(other).unwrap();
     let lost = Instant::now();
-    tokio::time::sleep(LEASE_TTL + Duration::from_secs(2)).await;
+    // Without a quorum no question is answered, so none is a grant: not a
+    // waiting host's, nor a holder's (which asks again before it reboots).
+    for f in [&holder, &waiter] {
+        let asked = f.try_acquire("2.0").await;
+        assert!(
+            asked.is_err(),
+            "{}: {asked:?} without a quorum",
+            f.machine_id
+        );
+    }
+    tokio::time::sleep_until(lost + LEASE_TTL + Duration::from_secs(2)).await;
     tokio::task::block_in_place(|| r.cluster.restart(&[leader, other])).unwrap();
     let regained = Instant::now();
     let next = r
@@ -484,5 +521,14 @@ async fn quorum_lost_and_regained() {
         regained - lost,
         regained.elapsed()
     );
+    // The holder's slot outlived the outage, longer than its lease's TTL:
+    // without a leader no lease runs out, and a new leader gives each its
+    // whole TTL again.
+    assert_eq!(
+        ask(&holder).await,
+        Acquire::Granted,
+        "the holder lost its slot"
+    );
+    assert!(matches!(ask(&waiter).await, Acquire::Wait(_)));
     r.check(regained).await;
 }
