@@ -15,7 +15,8 @@
 //!   member is taken out of the client's balancer);
 //! - [`admin`]: the operator's view and actions, [`cli`]: `osctl fleet`;
 //! - `sim`: a simulated host, for the tests and the fleet bench;
-//! - `server`: a throwaway local etcd for the tests and the bench.
+//! - `server`: a throwaway local etcd, or a three-member cluster of them,
+//!   for the tests and the bench.
 //!
 //! (Those two only with the `testing` feature: not in the agent users run.)
 //!
