@@ -161,7 +161,9 @@ async fn join_fleet(host: Arc<dyn Host + Send + Sync>) -> Result<Option<FleetSta
     };
     let id = fleet::agent::machine_id(&*host)?;
     let client = fleet::connect(&fs).await?;
-    let f = Fleet::new(client, &fs, &id);
+    // A hung member is taken out of the client when a request fails.
+    let members = fleet::members::Members::start(&client, &fs).await?;
+    let f = Fleet::new(client, &fs, &id).with_members(members.as_ref());
     let h = host.clone();
     let (group, mid) = (fs.group.clone(), id.clone());
     let record = tokio::task::spawn_blocking(move || fleet::agent::record(&*h, &group, &mid))

@@ -96,6 +96,7 @@ pub async fn watch_policy(fleet: Fleet, wake: Arc<Notify>) {
             Ok(()) => anyhow::anyhow!("etcd ended the watch"),
             Err(e) => e,
         };
+        fleet.suspect();
         let wait = backoff.next_wait();
         tracing::warn!("watching the group policy: {e:#}; again in {wait:?}");
         tokio::time::sleep(wait).await;

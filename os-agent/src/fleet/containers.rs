@@ -178,6 +178,7 @@ pub async fn watch_desired(fleet: Fleet, shared: Shared) {
             Ok(true) => continue,
             Ok(false) => {}
             Err(e) => {
+                fleet.suspect();
                 let wait = backoff.next_wait();
                 tracing::warn!("watching the desired containers: {e:#}; again in {wait:?}");
                 tokio::time::sleep(wait).await;

@@ -182,8 +182,17 @@ impl Fleet {
     }
 
     /// Takes a reboot slot to boot `version`, if the group's policy and the
-    /// number of holders allow it.
+    /// number of holders allow it. An error (etcd unreachable, no quorum)
+    /// is never a grant: the host does not reboot on it.
     pub async fn try_acquire(&self, version: &str) -> Result<Acquire> {
+        let answer = self.decide_and_take(version).await;
+        if answer.is_err() {
+            self.suspect();
+        }
+        answer
+    }
+
+    async fn decide_and_take(&self, version: &str) -> Result<Acquire> {
         model::check_version(version).map_err(anyhow::Error::msg)?;
         // A view that shows a free slot is as good a start as a read: the
         // take checks in etcd everything that makes it safe, and a failed
@@ -277,14 +286,14 @@ impl Fleet {
         if resp.succeeded() {
             return Ok(None);
         }
-        *lock_spare(&self.spare_lease) = Some((lease, granted));
+        *super::lock(&self.spare_lease) = Some((lease, granted));
         Ok(Some(self.parse_state(resp)?))
     }
 
     /// The spare lease, if it still has nearly all of its TTL. An older one
     /// is left to expire: it holds no keys.
     fn take_spare_lease(&self) -> Option<(i64, std::time::Instant)> {
-        let (id, granted) = lock_spare(&self.spare_lease).take()?;
+        let (id, granted) = super::lock(&self.spare_lease).take()?;
         if granted.elapsed() < self.lock_ttl / 20 {
             Some((id, granted))
         } else {
@@ -297,6 +306,14 @@ impl Fleet {
     /// blessed boot proves it (ending safe mode), a rollback files a failure
     /// report and may pause the group.
     pub async fn release(&self, outcome: &Released) -> Result<()> {
+        let done = self.give_back(outcome).await;
+        if done.is_err() {
+            self.suspect();
+        }
+        done
+    }
+
+    async fn give_back(&self, outcome: &Released) -> Result<()> {
         let prove = match outcome {
             Released::Blessed { version } => Some(version.as_str()),
             Released::NeverBooted { .. } => None,
@@ -570,11 +587,6 @@ pub async fn free_slot(
 /// A random number in `0..n` (`n` > 0).
 fn random_below(n: usize) -> usize {
     (uuid::Uuid::new_v4().as_u128() % n.max(1) as u128) as usize
-}
-
-fn lock_spare<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Holding the lock never panics; a poisoned one still holds a valid value.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What to do about a request for a slot for `version`, given the lock

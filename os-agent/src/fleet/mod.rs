@@ -11,9 +11,12 @@
 //!   [`crate::update::fleet_lock::RebootLock`] the update engine calls;
 //! - [`view`]: a watched view of the group's lock, to wait for a free slot
 //!   without polling;
+//! - [`members`]: failover between the members of an etcd cluster (a hung
+//!   member is taken out of the client's balancer);
 //! - [`admin`]: the operator's view and actions, [`cli`]: `osctl fleet`;
 //! - `sim`: a simulated host, for the tests and the fleet bench;
-//! - `server`: a throwaway local etcd for the tests and the bench.
+//! - `server`: a throwaway local etcd, or a three-member cluster of them,
+//!   for the tests and the bench.
 //!
 //! (Those two only with the `testing` feature: not in the agent users run.)
 //!
@@ -25,6 +28,7 @@ pub mod cli;
 
 pub mod containers;
 pub mod lock;
+pub mod members;
 pub mod model;
 pub mod register;
 #[cfg(any(test, feature = "testing"))]
@@ -49,8 +53,24 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A client for etcd as `settings` describe it. The connection is made
 /// lazily and re-made after failures, so this succeeds with etcd down as
-/// long as the settings (certificates included) are usable.
+/// long as the settings (certificates included) are usable. With several
+/// endpoints it spreads requests over them; [`members::Members`] takes
+/// the hung ones out.
 pub async fn connect(settings: &FleetSettings) -> Result<Client> {
+    let opts = connect_options(settings, true).await?;
+    Client::connect(&settings.endpoints, Some(opts))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to etcd at {}",
+                settings.endpoints.join(", ")
+            )
+        })
+}
+
+/// The client options `settings` describe; the user and password only
+/// `with_user`.
+async fn connect_options(settings: &FleetSettings, with_user: bool) -> Result<ConnectOptions> {
     let mut opts = ConnectOptions::new()
         .with_timeout(REQUEST_TIMEOUT)
         .with_connect_timeout(CONNECT_TIMEOUT)
@@ -74,17 +94,10 @@ pub async fn connect(settings: &FleetSettings) -> Result<Client> {
         }
         opts = opts.with_tls(t);
     }
-    if let Some((user, password)) = &settings.user {
+    if let Some((user, password)) = settings.user.as_ref().filter(|_| with_user) {
         opts = opts.with_user(user.clone(), password.clone());
     }
-    Client::connect(&settings.endpoints, Some(opts))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to etcd at {}",
-                settings.endpoints.join(", ")
-            )
-        })
+    Ok(opts)
 }
 
 /// One host's handle on the fleet: a client, where its keys are, who it is.
@@ -104,6 +117,8 @@ pub struct Fleet {
     /// The group as a watch sees it: when it says a slot is free, a take is
     /// tried on it without reading first ([`lock`]).
     pub(crate) view: Option<tokio::sync::watch::Receiver<view::GroupView>>,
+    /// The watch over the cluster's members, told when a request failed.
+    pub(crate) members: Option<members::Members>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -127,6 +142,21 @@ impl Fleet {
             lock_ttl: settings.lock_ttl,
             spare_lease: Arc::new(Mutex::new(None)),
             view: None,
+            members: None,
+        }
+    }
+
+    /// Tells `members` when a request fails, so a hung member is taken
+    /// out of the client (which must be the one `members` watches).
+    pub fn with_members(mut self, members: Option<&members::Members>) -> Fleet {
+        self.members = members.cloned();
+        self
+    }
+
+    /// A request failed or was not answered: have the members checked.
+    pub fn suspect(&self) {
+        if let Some(m) = &self.members {
+            m.suspect();
         }
     }
 
@@ -137,6 +167,22 @@ impl Fleet {
         self.view = Some(watch.subscribe());
         self
     }
+}
+
+/// A task that is aborted when this is dropped.
+#[derive(Debug)]
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Locks `m`; a poisoned mutex still holds a valid value here (nothing in
+/// the fleet panics while holding one).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Options that watch `key` (a prefix if `prefix`) from just after `rev`,

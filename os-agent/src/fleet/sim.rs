@@ -11,7 +11,7 @@ use super::lock::Acquire;
 use super::model::{HostRecord, Keys};
 use super::register::Registration;
 use super::view::{self, GroupView, GroupWatch};
-use super::Fleet;
+use super::{lock, Fleet};
 use crate::update::fleet_lock::Released;
 use anyhow::{Context, Result};
 use etcd_client::{Client, EventType, GetOptions};
@@ -171,12 +171,16 @@ impl SimHost {
 }
 
 /// Counts a group's lock holders from etcd's watch stream and remembers the
-/// most seen at once, and every host that ever held a slot.
+/// most seen at once, and every host that ever held a slot. The counts are
+/// exact across failed members: a broken watch resumes from the revision
+/// after the last event it saw.
 #[derive(Debug, Clone, Default)]
 pub struct HolderStats {
     pub current: BTreeSet<String>,
     pub max_seen: usize,
     pub ever: BTreeSet<String>,
+    /// For each key, the leases it was written on (a host's registrations).
+    pub leases: std::collections::BTreeMap<String, BTreeSet<i64>>,
     pub events: u64,
     /// The integral of the holder count over time, in holder-seconds.
     pub holder_seconds: f64,
@@ -201,12 +205,62 @@ impl HolderStats {
 
 pub struct HolderWatch {
     pub stats: Arc<Mutex<HolderStats>>,
-    task: tokio::task::JoinHandle<Result<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Counts the events of one watch into `stats` until it fails or ends;
+/// `last`: the revision of the last event counted.
+async fn follow(
+    _watcher: etcd_client::Watcher,
+    mut stream: etcd_client::WatchStream,
+    stats: &Mutex<HolderStats>,
+    last: &mut i64,
+) -> Result<()> {
+    // The watcher cancels the watch when dropped: it is kept until here.
+    while let Some(resp) = stream.message().await.context("the holder watch failed")? {
+        if resp.canceled() {
+            anyhow::bail!("etcd cancelled the holder watch: {}", resp.cancel_reason());
+        }
+        let mut s = lock(stats);
+        s.account();
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            *last = (*last).max(kv.mod_revision());
+            let k = String::from_utf8_lossy(kv.key()).into_owned();
+            s.events += 1;
+            match ev.event_type() {
+                EventType::Put => {
+                    s.leases.entry(k.clone()).or_default().insert(kv.lease());
+                    if let Some(t) = s.freed.pop_front() {
+                        s.refill_secs.push(t.elapsed().as_secs_f64());
+                    }
+                    s.ever.insert(k.clone());
+                    s.current.insert(k);
+                }
+                EventType::Delete => {
+                    s.freed.push_back(std::time::Instant::now());
+                    s.current.remove(&k);
+                }
+            }
+        }
+        s.max_seen = s.max_seen.max(s.current.len());
+    }
+    Ok(())
 }
 
 impl HolderWatch {
+    /// Counts the holders of `group`'s reboot slots.
     pub async fn start(client: &Client, keys: &Keys, group: &str) -> Result<HolderWatch> {
-        let prefix = keys.holders(group);
+        Self::on_prefix(client, keys.holders(group)).await
+    }
+
+    /// Counts the registered hosts the same way; [`HolderStats::leases`]
+    /// then tells how many times each host registered.
+    pub async fn registrations(client: &Client, keys: &Keys) -> Result<HolderWatch> {
+        Self::on_prefix(client, keys.hosts()).await
+    }
+
+    async fn on_prefix(client: &Client, prefix: String) -> Result<HolderWatch> {
         let mut c = client.clone();
         let now = c
             .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
@@ -218,40 +272,36 @@ impl HolderWatch {
             let mut s = lock(&stats);
             for kv in now.kvs() {
                 let k = String::from_utf8_lossy(kv.key()).into_owned();
+                s.leases.entry(k.clone()).or_default().insert(kv.lease());
                 s.ever.insert(k.clone());
                 s.current.insert(k);
             }
             s.max_seen = s.current.len();
         }
-        let (_watcher, mut stream) = super::watch_after(&mut c, &prefix, true, rev).await?;
         let st = stats.clone();
+        let mut last = rev;
+        // The first watch is made here, so a test that starts the watch
+        // sees its errors.
+        let mut first = Some(super::watch_after(&mut c, &prefix, true, rev).await?);
         let task = tokio::spawn(async move {
-            // The watcher cancels the watch when dropped: keep it here.
-            let _watcher = _watcher;
-            while let Some(resp) = stream.message().await.context("the holder watch failed")? {
-                let mut s = lock(&st);
-                s.account();
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let k = String::from_utf8_lossy(kv.key()).into_owned();
-                    s.events += 1;
-                    match ev.event_type() {
-                        EventType::Put => {
-                            if let Some(t) = s.freed.pop_front() {
-                                s.refill_secs.push(t.elapsed().as_secs_f64());
-                            }
-                            s.ever.insert(k.clone());
-                            s.current.insert(k);
-                        }
-                        EventType::Delete => {
-                            s.freed.push_back(std::time::Instant::now());
-                            s.current.remove(&k);
-                        }
-                    }
-                }
-                s.max_seen = s.max_seen.max(s.current.len());
+            loop {
+                let watched = match first.take() {
+                    Some(w) => Ok(w),
+                    None => super::watch_after(&mut c, &prefix, true, last).await,
+                };
+                let e = match watched {
+                    Ok((watcher, stream)) => follow(watcher, stream, &st, &mut last).await.err(),
+                    Err(e) => Some(e),
+                };
+                // A member died or hung: watch again from the last revision
+                // seen, on whichever member answers, so no event is missed
+                // and the counts stay exact.
+                tracing::debug!(
+                    "holder watch: {}; again from revision {last}",
+                    e.map_or("ended".into(), |e| format!("{e:#}"))
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Ok(())
         });
         Ok(HolderWatch { stats, task })
     }
@@ -262,7 +312,8 @@ impl HolderWatch {
         s.clone()
     }
 
-    /// Whether the watch task died (etcd went away, say).
+    /// Whether the watch task died (it outlives members that die: it
+    /// watches again from where it was).
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
     }
@@ -272,8 +323,4 @@ impl Drop for HolderWatch {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -14,7 +14,7 @@
 
 use super::lock::LockState;
 use super::model::{HostRecord, Keys, Policy};
-use super::Backoff;
+use super::{AbortOnDrop, Backoff};
 use anyhow::{Context, Result};
 use etcd_client::{Client, EventType, GetOptions};
 use std::collections::{BTreeMap, BTreeSet};
@@ -170,15 +170,6 @@ pub struct Held {
 pub struct GroupWatch {
     rx: watch::Receiver<GroupView>,
     _task: Arc<AbortOnDrop>,
-}
-
-#[derive(Debug)]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl GroupWatch {
