@@ -1,8 +1,8 @@
 //! Secure Boot as the host sees it: whether the firmware enforces it, which
 //! certificates its db allows, and whether a release's UKI is signed by one
 //! of them. A host with Secure Boot on never stages a UKI its firmware would
-//! refuse: that entry would cost a try and leave the machine in the
-//! firmware's boot menu until someone resets it (docs/update.md).
+//! refuse: that entry would cost a try and hand the machine back to the
+//! firmware's other boot options (docs/update.md).
 
 use super::EFIVARS;
 use crate::host::Host;

@@ -546,10 +546,6 @@ pub fn apply_release_from(
     }
     let target = apply::target(host, b.status.slot)?;
     apply::check_fits(m, &target)?;
-    // The UKI first (it is small): a release this host's firmware would
-    // refuse is refused before the idle slot is touched.
-    let uki = apply::fetch_uki(channel, m)?;
-    secure_boot::check_uki(host, &uki, &format!("the UKI of {} {}", m.name, m.version))?;
     let keep = entries::booted_file(host).context("cannot tell which UKI is running")?;
     tracing::info!(
         "applying {} {} (sequence {}) to slot {} ({})",
@@ -596,8 +592,11 @@ pub fn apply_release_from(
     // 5. The slot answers to its new root hash.
     apply::set_partuuids(host, &target, &m.root_hash)?;
 
-    // 6. Only a verified slot gets a boot entry. A copy stays on /var until
-    // the update settles, to put the entry back if a power cut takes it.
+    // 6. Only a verified slot gets a boot entry, and only for a UKI this
+    // host's firmware will start. A copy stays on /var until the update
+    // settles, to put the entry back if a power cut takes it.
+    let uki = apply::fetch_uki(channel, m)?;
+    secure_boot::check_uki(host, &uki, &format!("the UKI of {} {}", m.name, m.version))?;
     host.write_atomic(Path::new(store::STAGED_UKI), &uki)
         .with_context(|| format!("cannot write {}", store::STAGED_UKI))?;
     let uki_file = entries::install(host, &m.name, &m.version, &uki)?;
