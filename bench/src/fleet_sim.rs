@@ -6,6 +6,12 @@
 //! whether each target of docs/etcd.md was met; asserts nothing.
 //!
 //! Usage: fleet-sim [HOSTS] [MAX] [REBOOT_SECS]   (defaults 1000 50 2)
+//!
+//! `fleet-sim failing [HOSTS] [MAX] [REBOOT_SECS] [FAIL_PERCENT]` (FAIL_PERCENT
+//! default 10) rolls out a release that fails its health check on that
+//! share of the hosts: the group pauses itself at its failure threshold (1%
+//! of the hosts, at least 3), the others stay on the old version, and an
+//! operator's resume with a fixed release completes the rollout.
 
 use anyhow::{bail, Context, Result};
 use os_agent::fleet::members::Members;
@@ -262,13 +268,21 @@ fn report(r: &Rolled, hosts: usize, max: u32, reboot: Duration, target: &str, li
     ratio <= limit && never_over && r.updated == hosts
 }
 
-async fn run() -> Result<()> {
-    let hosts: usize = arg(1, 1000)?;
-    let max: u32 = arg(2, 50)?;
-    let reboot = Duration::from_secs_f64(arg(3, 2.0)?);
-    if hosts < 2 || max == 0 {
-        bail!("HOSTS must be at least 2 and MAX at least 1");
-    }
+/// The cluster, the registered hosts and what keeps them going.
+struct Fleetup {
+    cluster: LocalCluster,
+    settings: FleetSettings,
+    keys: Keys,
+    admin: etcd_client::Client,
+    sims: Vec<SimHost>,
+    /// The group watches the hosts wait on: they stop when dropped.
+    _views: Vec<GroupWatch>,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts the cluster, sets the group's maximum, registers `hosts` hosts
+/// on 1.0 and prints how long that took.
+async fn setup(hosts: usize, max: u32, reboot: Duration) -> Result<Fleetup> {
     let dir = tempfile::tempdir().context("cannot make a temporary directory")?;
     let cluster = LocalCluster::start(dir.path())?;
     let settings = FleetSettings {
@@ -293,7 +307,6 @@ async fn run() -> Result<()> {
          keep-alive stream and its own requests per host"
     );
 
-    // Registration.
     let started = Instant::now();
     let mut clients = Vec::new();
     for _ in 0..connections {
@@ -327,6 +340,42 @@ async fn run() -> Result<()> {
         registration.as_secs_f64(),
         hosts as f64 / registration.as_secs_f64()
     );
+    Ok(Fleetup {
+        cluster,
+        settings,
+        keys,
+        admin: admin_client,
+        sims,
+        _views: views,
+        _dir: dir,
+    })
+}
+
+/// The arguments after the mode's name (`failing` shifts them by one).
+fn args(shift: usize) -> Result<(usize, u32, Duration)> {
+    let hosts: usize = arg(1 + shift, 1000)?;
+    let max: u32 = arg(2 + shift, 50)?;
+    let reboot = Duration::from_secs_f64(arg(3 + shift, 2.0)?);
+    if hosts < 2 || max == 0 {
+        bail!("HOSTS must be at least 2 and MAX at least 1");
+    }
+    Ok((hosts, max, reboot))
+}
+
+async fn run() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("failing") {
+        return failing().await;
+    }
+    let (hosts, max, reboot) = args(0)?;
+    let Fleetup {
+        cluster,
+        keys,
+        admin: admin_client,
+        sims,
+        _views,
+        _dir,
+        ..
+    } = setup(hosts, max, reboot).await?;
 
     // Steady state: registered, nothing to do but keep leases alive.
     let every = register::keep_alive_interval(LEASE_TTL);
@@ -392,6 +441,156 @@ async fn run() -> Result<()> {
         }
     );
     drop((sims, cluster));
+    Ok(())
+}
+
+/// `fleet-sim failing`: see the module's doc.
+async fn failing() -> Result<()> {
+    let (hosts, max, reboot) = args(1)?;
+    let pct: usize = arg(5, 10)?;
+    if pct > 100 {
+        bail!("FAIL_PERCENT is at most 100");
+    }
+    let f = setup(hosts, max, reboot).await?;
+    let threshold = (hosts / 100).max(3) as u32;
+    admin::modify_policy(&f.admin, &f.keys, GROUP, |p| {
+        p.failure_threshold = threshold;
+        Ok(())
+    })
+    .await?;
+    let failing = (0..hosts).filter(|i| i % 100 < pct).count();
+    println!(
+        "release 2.0 fails its health check on {failing} of {hosts} hosts ({pct}%); failure \
+         threshold {threshold}"
+    );
+    let operator = Fleet::new(f.admin.clone(), &f.settings, "operator");
+    let watch = HolderWatch::start(&f.admin, &f.keys, GROUP).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(3600);
+    let done = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = f
+        .sims
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut h)| {
+            let p = SimParams {
+                reboot,
+                poll: Duration::from_secs(30),
+                fails: i % 100 < pct,
+            };
+            let (mut stopped, done) = (stopped.clone(), done.clone());
+            tokio::spawn(async move {
+                // A host still waiting when the fixed release comes stages
+                // that instead: its wait for 2.0 ends.
+                let end = tokio::select! {
+                    end = h.roll("2.0", &p, deadline) => Some(end),
+                    _ = stopped.wait_for(|s| *s) => None,
+                };
+                done.fetch_add(1, Ordering::Relaxed);
+                (h, end)
+            })
+        })
+        .collect();
+    // Until the group pauses itself and the hosts that held a slot then
+    // are back: from there on no host may take one.
+    let mut paused_after = None;
+    loop {
+        if paused_after.is_none() && operator.policy().await?.paused {
+            paused_after = Some(started.elapsed());
+        }
+        let drained = watch.snapshot().current.is_empty();
+        if (paused_after.is_some() && drained) || done.load(Ordering::Relaxed) == hosts {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the group neither paused nor finished within an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(paused_after) = paused_after else {
+        bail!("every host rolled without the group pausing: the threshold was never reached");
+    };
+    let settled = started.elapsed();
+    let o = admin::overview(&f.admin, &f.keys).await?;
+    println!(
+        "the group paused itself {:.2} s into the rollout; the last holder was back {:.2} s in",
+        paused_after.as_secs_f64(),
+        settled.as_secs_f64()
+    );
+    println!("osctl fleet status (one line per group):");
+    print!("  {}", os_agent::fleet::cli::render_lines(&o));
+    if let Some(g) = o.groups.iter().find(|g| g.name == GROUP) {
+        println!(
+            "  hosts by version: {:?}; failure reports: {} (threshold {threshold}; the rest came \
+             from hosts that held a slot when it paused)",
+            g.versions,
+            g.failures.get("2.0").map_or(0, Vec::len)
+        );
+    }
+    let stats = watch.snapshot();
+    println!(
+        "  peak lock holders: {} (max {max}); {} hosts took 2.0",
+        stats.max_seen,
+        stats.ever.len()
+    );
+    // The fixed release: every host stages 2.1 (those still waiting for 2.0
+    // drop it), then an operator resumes the group.
+    stop.send_replace(true);
+    let mut sims = Vec::new();
+    let mut ends = std::collections::BTreeMap::<String, usize>::new();
+    for t in tasks {
+        let (h, end) = t.await.context("a simulated host panicked")?;
+        let what = match end {
+            Some(end) => format!("{:?}", end?),
+            None => "waiting (paused)".into(),
+        };
+        *ends.entry(what).or_default() += 1;
+        sims.push(h);
+    }
+    println!("  how the hosts' rollout of 2.0 ended: {ends:?}");
+    drop(watch);
+    let watch = HolderWatch::start(&f.admin, &f.keys, GROUP).await?;
+    let params = SimParams {
+        reboot,
+        poll: Duration::from_secs(30),
+        fails: false,
+    };
+    let tasks: Vec<_> = sims
+        .into_iter()
+        .map(|mut h| {
+            let p = params.clone();
+            tokio::spawn(async move {
+                let end = h
+                    .roll("2.1", &p, Instant::now() + Duration::from_secs(3600))
+                    .await;
+                (h, end)
+            })
+        })
+        .collect();
+    let resumed = Instant::now();
+    admin::resume(&f.admin, &f.keys, GROUP).await?;
+    let mut updated = 0;
+    let mut sims = Vec::new();
+    for t in tasks {
+        let (h, end) = t.await.context("a simulated host panicked")?;
+        if end? == SimEnd::Updated {
+            updated += 1;
+        }
+        sims.push(h);
+    }
+    let took = resumed.elapsed().as_secs_f64();
+    let ideal = hosts.div_ceil(max as usize) as f64 * reboot.as_secs_f64();
+    let stats = watch.snapshot();
+    println!(
+        "resumed with the fixed release 2.1: {updated} of {hosts} hosts on 2.1 in {took:.2} s \
+         (ideal {ideal:.1} s, ratio {:.3}); peak lock holders {} (max {max})",
+        took / ideal,
+        stats.max_seen
+    );
+    let o = admin::overview(&f.admin, &f.keys).await?;
+    print!("  {}", os_agent::fleet::cli::render_lines(&o));
+    drop((sims, f.cluster));
     Ok(())
 }
 
