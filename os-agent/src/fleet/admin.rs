@@ -22,6 +22,20 @@ pub struct GroupView {
     /// Registered hosts per booted version.
     pub versions: BTreeMap<String, usize>,
     pub hosts: usize,
+    /// The holders that have held their slot longest (their reboot or
+    /// health check is the slowest), oldest first, at most [`SLOWEST`].
+    pub slowest: Vec<Slow>,
+}
+
+/// How many of the slowest holders a group's view names.
+pub const SLOWEST: usize = 5;
+
+/// A holder and how long it has held its slot.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Slow {
+    pub machine_id: String,
+    pub version: String,
+    pub held_secs: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -30,6 +44,8 @@ pub struct Overview {
     pub groups: Vec<GroupView>,
     /// Values in etcd that could not be read, each naming its key.
     pub problems: Vec<String>,
+    /// The etcd revision this was read at (a watch goes on from it).
+    pub revision: i64,
 }
 
 fn key_str(kv: &etcd_client::KeyValue) -> String {
@@ -54,10 +70,16 @@ pub async fn overview(client: &Client, keys: &Keys) -> Result<Overview> {
         .await
         .context("cannot read the registered hosts")?;
     let groups = c
-        .get(keys.groups(), Some(prefix))
+        .get(
+            keys.groups(),
+            Some(prefix.with_revision(hosts.header().map_or(0, |h| h.revision()))),
+        )
         .await
         .context("cannot read the groups")?;
-    let mut o = Overview::default();
+    let mut o = Overview {
+        revision: hosts.header().map_or(0, |h| h.revision()),
+        ..Overview::default()
+    };
     let mut by_name: BTreeMap<String, GroupView> = BTreeMap::new();
     for kv in hosts.kvs() {
         match HostRecord::parse(&key_str(kv), kv.value()) {
@@ -104,6 +126,20 @@ pub async fn overview(client: &Client, keys: &Keys) -> Result<Overview> {
         if let Err(e) = result {
             o.problems.push(e.to_string());
         }
+    }
+    let now = super::now_unix();
+    for g in by_name.values_mut() {
+        g.holders.sort_by_key(|h| h.since);
+        g.slowest = g
+            .holders
+            .iter()
+            .take(SLOWEST)
+            .map(|h| Slow {
+                machine_id: h.machine_id.clone(),
+                version: h.version.clone(),
+                held_secs: now.saturating_sub(h.since),
+            })
+            .collect();
     }
     o.groups = by_name.into_values().collect();
     Ok(o)

@@ -39,6 +39,13 @@ pub enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// `status`, redrawn as it changes: a progress bar per group on a
+    /// terminal, a line per group and change otherwise.
+    Watch {
+        /// Redraw at most this often, in seconds.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
     /// Stop a group's hosts from starting reboots into updates.
     Pause { group: String },
     /// Let a paused group go on.
@@ -113,6 +120,12 @@ async fn run_async(s: &FleetSettings, cmd: FleetCommand) -> Result<()> {
             let o = admin::overview(&client, &keys).await?;
             crate::print_view(json, "the fleet status", &o, render)?;
         }
+        FleetCommand::Watch { interval } => {
+            if !(interval.is_finite() && interval > 0.0) {
+                bail!("--interval must be a positive number of seconds");
+            }
+            watch(&client, &keys, std::time::Duration::from_secs_f64(interval)).await?
+        }
         FleetCommand::Pause { group } => show(admin::pause(&client, &keys, &group).await?),
         FleetCommand::Resume { group } => show(admin::resume(&client, &keys, &group).await?),
         FleetCommand::Pin {
@@ -136,16 +149,85 @@ async fn run_async(s: &FleetSettings, cmd: FleetCommand) -> Result<()> {
     Ok(())
 }
 
-/// The newest version the group's hosts are on or heading for.
-fn newest(g: &GroupView) -> Option<String> {
-    g.versions
-        .keys()
-        .chain(g.holders.iter().map(|h| &h.version))
-        .max_by(|a, b| version::compare(a, b))
-        .cloned()
+/// Redraws the fleet's state whenever etcd says it changed, at most every
+/// `interval` (and every 10 s on a terminal, for the holders' ages). Runs
+/// until interrupted; a broken watch is made again.
+async fn watch(
+    client: &etcd_client::Client,
+    keys: &Keys,
+    interval: std::time::Duration,
+) -> Result<()> {
+    use std::io::{IsTerminal, Write};
+    use std::time::Duration;
+    let tty = std::io::stdout().is_terminal();
+    let mut c = client.clone();
+    let mut stream = None;
+    let mut last = String::new();
+    loop {
+        let o = admin::overview(client, keys).await?;
+        let rev = o.revision;
+        let text = if tty {
+            render_bars(&o, 40)
+        } else {
+            render_lines(&o)
+        };
+        let mut out = std::io::stdout().lock();
+        if tty {
+            // Home, clear, draw.
+            write!(out, "\x1b[H\x1b[2J{text}")?;
+        } else if text != last {
+            write!(out, "{text}")?;
+        }
+        out.flush()?;
+        drop(out);
+        last = text;
+        if stream.is_none() {
+            match super::watch_after(&mut c, &keys.root(), true, rev).await {
+                Ok(s) => stream = Some(s),
+                Err(e) => tracing::warn!("{e:#}; reading again in {interval:?}"),
+            }
+        }
+        let changed = async {
+            match stream.as_mut() {
+                Some((_, s)) => s.message().await.map(|m| m.is_some()).unwrap_or(false),
+                None => false,
+            }
+        };
+        let quiet = if tty {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_secs(3600)
+        };
+        match tokio::time::timeout(quiet, changed).await {
+            // A change, or a quiet terminal to refresh.
+            Ok(true) | Err(_) => {}
+            // The watch ended or failed: make it again after the next read.
+            Ok(false) => stream = None,
+        }
+        tokio::time::sleep(interval).await;
+    }
 }
 
-fn render_group(g: &GroupView, out: &mut String) {
+/// The version a group is rolling out (the newest it has), how many hosts
+/// are on it, and of how many.
+fn progress(g: &GroupView) -> Option<(String, usize)> {
+    let v = newest(g)?;
+    let on = g.versions.get(&v).copied().unwrap_or(0);
+    Some((v, on))
+}
+
+fn failures_by_version(g: &GroupView) -> String {
+    if g.failures.is_empty() {
+        return "none".into();
+    }
+    g.failures
+        .iter()
+        .map(|(v, r)| format!("{v}: {}", r.len()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn state(g: &GroupView) -> String {
     let p = &g.policy;
     let mut state = if p.paused {
         format!(
@@ -158,6 +240,72 @@ fn render_group(g: &GroupView, out: &mut String) {
     if let Some(v) = &p.pinned_version {
         state.push_str(&format!(", pinned to {v}"));
     }
+    state
+}
+
+/// One line per group, for logs and pipes.
+pub fn render_lines(o: &Overview) -> String {
+    let mut out = String::new();
+    for g in &o.groups {
+        let (v, on) = progress(g).unwrap_or_default();
+        out.push_str(&format!(
+            "group {}: {on} of {} hosts on {v}; {} of max {} slots held; failures {}; {}\n",
+            g.name,
+            g.hosts,
+            g.holders.len(),
+            g.policy.max_holders,
+            failures_by_version(g),
+            state(g)
+        ));
+    }
+    out
+}
+
+/// A progress bar per group, for a terminal.
+pub fn render_bars(o: &Overview, width: usize) -> String {
+    let mut out = String::new();
+    for g in &o.groups {
+        let (v, on) = progress(g).unwrap_or_default();
+        let filled = (on * width).checked_div(g.hosts).unwrap_or(0).min(width);
+        out.push_str(&format!(
+            "{:<12} [{}{}] {on}/{} on {v}\n",
+            g.name,
+            "#".repeat(filled),
+            "-".repeat(width - filled),
+            g.hosts
+        ));
+        out.push_str(&format!(
+            "             holders {}/{}, failures {}, {}\n",
+            g.holders.len(),
+            g.policy.max_holders,
+            failures_by_version(g),
+            state(g)
+        ));
+        for s in &g.slowest {
+            out.push_str(&format!(
+                "             slow: {} -> {} for {} s\n",
+                s.machine_id, s.version, s.held_secs
+            ));
+        }
+    }
+    if o.groups.is_empty() {
+        out.push_str("no groups in etcd\n");
+    }
+    out
+}
+
+/// The newest version the group's hosts are on or heading for.
+fn newest(g: &GroupView) -> Option<String> {
+    g.versions
+        .keys()
+        .chain(g.holders.iter().map(|h| &h.version))
+        .max_by(|a, b| version::compare(a, b))
+        .cloned()
+}
+
+fn render_group(g: &GroupView, out: &mut String) {
+    let p = &g.policy;
+    let state = state(g);
     out.push_str(&format!(
         "group {}: {state}; {} of max {} reboot slots held; failure threshold {}\n",
         g.name,
@@ -184,6 +332,12 @@ fn render_group(g: &GroupView, out: &mut String) {
         out.push_str(&format!(
             "  holder {} -> {} since {}\n",
             h.machine_id, h.version, h.since
+        ));
+    }
+    for s in &g.slowest {
+        out.push_str(&format!(
+            "  slowest: {} -> {} held for {} s\n",
+            s.machine_id, s.version, s.held_secs
         ));
     }
     for (v, reports) in &g.failures {
@@ -275,6 +429,7 @@ mod tests {
             }],
             groups: vec![g],
             problems: vec!["/ballast/groups/web/policy: invalid group policy".into()],
+            revision: 0,
         };
         let text = render(&o);
         for want in [

@@ -48,6 +48,9 @@ use std::collections::BTreeSet;
 /// before it waits for its next turn. A lost take costs no extra read.
 const CAS_ATTEMPTS: u32 = 5;
 
+/// How long a release is retried before the error goes to the caller.
+pub const RELEASE_RETRIES_FOR: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// The answer to a request for a reboot slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Acquire {
@@ -305,12 +308,37 @@ impl Fleet {
     /// Gives the slot back and tells the group how the version did: a
     /// blessed boot proves it (ending safe mode), a rollback files a failure
     /// report and may pause the group.
+    ///
+    /// A failed try is retried with backoff for up to [`RELEASE_RETRIES_FOR`]:
+    /// a member killed or hung fails the request sent to it, and the next
+    /// try goes to another. Without the retry the host would keep a slot the
+    /// group needs until its next update round (minutes), and a leader
+    /// change in a rollout strands every slot whose release it caught.
+    /// Giving back is idempotent (the report is a put, the pause and the
+    /// deletes compare-and-swap), so a try that was done but not answered
+    /// does no harm when repeated.
     pub async fn release(&self, outcome: &Released) -> Result<()> {
-        let done = self.give_back(outcome).await;
-        if done.is_err() {
+        let deadline = std::time::Instant::now() + RELEASE_RETRIES_FOR;
+        let mut backoff = super::Backoff::new(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(2),
+        );
+        loop {
+            let e = match self.give_back(outcome).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
             self.suspect();
+            let wait = backoff.next_wait();
+            if std::time::Instant::now() + wait >= deadline {
+                return Err(e);
+            }
+            tracing::warn!(
+                "cannot release the reboot slot of group {}: {e:#}; again in {wait:?}",
+                self.group
+            );
+            tokio::time::sleep(wait).await;
         }
-        done
     }
 
     async fn give_back(&self, outcome: &Released) -> Result<()> {

@@ -46,6 +46,11 @@ impl Keys {
         }
     }
 
+    /// Everything the fleet keeps.
+    pub fn root(&self) -> String {
+        format!("{}/", self.prefix)
+    }
+
     pub fn hosts(&self) -> String {
         format!("{}/hosts/", self.prefix)
     }
