@@ -369,6 +369,19 @@ mod tests {
         assert!(!channel_file(&t.path().join("ch"), "stable").exists());
     }
 
+    fn publish_signed(b: &Path, ch: &Path, keys: &[PathBuf], sb: &Path) -> Result<Manifest> {
+        release(&ReleaseOptions {
+            build_dir: b,
+            channel_dir: ch,
+            channel: "stable",
+            keys,
+            rollout_hours: 0.0,
+            expires_days: 1,
+            now: 5,
+            secure_boot_keys: Some(sb),
+        })
+    }
+
     /// `release --secure-boot-keys` publishes a signed UKI (the manifest
     /// names the signed file's hash), and twice the same bytes; a UKI the
     /// build signed with that key already is published as it is.
@@ -395,19 +408,11 @@ mod tests {
         std::fs::write(b.join("build.json"), serde_json::to_string(&info).unwrap()).unwrap();
 
         let ch = t.path().join("ch");
+        let secrets = std::slice::from_ref(&secret);
+        let opts = |sb| publish_signed(&b, &ch, secrets, sb);
         let mut published = Vec::new();
         for _ in 0..2 {
-            let m = release(&ReleaseOptions {
-                build_dir: &b,
-                channel_dir: &ch,
-                channel: "stable",
-                keys: std::slice::from_ref(&secret),
-                rollout_hours: 0.0,
-                expires_days: 1,
-                now: 5,
-                secure_boot_keys: Some(&sb),
-            })
-            .unwrap();
+            let m = opts(&sb).unwrap();
             let bytes = std::fs::read(channel_file(&ch, "stable")).unwrap();
             assert_eq!(
                 manifest::open(&bytes, std::slice::from_ref(&pubkey)).unwrap(),
@@ -436,29 +441,9 @@ mod tests {
         info.payloads.uki.size = std::fs::metadata(&signed).unwrap().len();
         info.payloads.uki.sha256 = published[0].clone();
         std::fs::write(b.join("build.json"), serde_json::to_string(&info).unwrap()).unwrap();
-        let m = release(&ReleaseOptions {
-            build_dir: &b,
-            channel_dir: &ch,
-            channel: "stable",
-            keys: std::slice::from_ref(&secret),
-            rollout_hours: 0.0,
-            expires_days: 1,
-            now: 5,
-            secure_boot_keys: Some(&sb),
-        })
-        .unwrap();
+        let m = opts(&sb).unwrap();
         assert_eq!(m.uki.sha256, published[0]);
-        let e = release(&ReleaseOptions {
-            build_dir: &b,
-            channel_dir: &ch,
-            channel: "stable",
-            keys: std::slice::from_ref(&secret),
-            rollout_hours: 0.0,
-            expires_days: 1,
-            now: 5,
-            secure_boot_keys: Some(&t.path().join("nokeys")),
-        })
-        .unwrap_err();
+        let e = opts(&t.path().join("nokeys")).unwrap_err();
         assert!(format!("{e:#}").contains("--secure-boot-keys"), "{e:#}");
     }
 }

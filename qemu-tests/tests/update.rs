@@ -314,22 +314,7 @@ fn refuses_untrusted_and_tampered_releases(vm: &Vm, ch: &ChannelServer, v1: &str
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
     std::fs::write(&payload, &bytes).expect("payload");
-    let Some((log, code)) = run_detached(vm, "osctl update apply", APPLY_TIMEOUT) else {
-        vm.fail("the host rebooted into a tampered payload");
-    };
-    if code == 0 || !log.contains("root payload") {
-        vm.fail(format!(
-            "osctl update apply should refuse the payload (exit {code}):\n{log}"
-        ));
-    }
-    let st = json(vm, "osctl update status --json");
-    if st["state"]["name"] != "failed" || !st["staged"].is_null() {
-        vm.fail(format!("update status after the refusal: {st:#}"));
-    }
-    let entries = esp(vm);
-    if entries != [format!("ballast-{v1}.efi")] {
-        vm.fail(format!("/efi/EFI/Linux has {entries:?}"));
-    }
+    expect_apply_refused(vm, v1, "a tampered payload", "root payload");
     // The payload as published again, for what follows.
     bytes[mid] ^= 0x01;
     std::fs::write(&payload, &bytes).expect("payload");
@@ -340,25 +325,36 @@ fn refuses_untrusted_and_tampered_releases(vm: &Vm, ch: &ChannelServer, v1: &str
     let unsigned = unsigned_build(&update_build("v2"));
     ch.publish(unsigned.path(), TEST_KEY.as_ref())
         .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
+    expect_apply_refused(
+        vm,
+        v1,
+        "a release with an unsigned UKI",
+        "is not signed, and this host boots with Secure Boot on",
+    );
+    // The signed release again, for what follows.
+    ch.publish(&update_build("v2"), TEST_KEY.as_ref())
+        .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
+}
+
+/// `osctl update apply` refuses `what` with an error containing `why`: the
+/// update fails, nothing is staged, and the ESP keeps only the booted entry.
+fn expect_apply_refused(vm: &Vm, v1: &str, what: &str, why: &str) {
     let Some((log, code)) = run_detached(vm, "osctl update apply", APPLY_TIMEOUT) else {
-        vm.fail("the host rebooted into a release with an unsigned UKI");
+        vm.fail(format!("the host rebooted into {what}"));
     };
-    if code == 0 || !log.contains("is not signed, and this host boots with Secure Boot on") {
+    if code == 0 || !log.contains(why) {
         vm.fail(format!(
-            "osctl update apply should refuse the unsigned UKI (exit {code}):\n{log}"
+            "osctl update apply should refuse {what} with {why:?} (exit {code}):\n{log}"
         ));
     }
     let st = json(vm, "osctl update status --json");
     if st["state"]["name"] != "failed" || !st["staged"].is_null() {
-        vm.fail(format!("update status after the refusal: {st:#}"));
+        vm.fail(format!("update status after refusing {what}: {st:#}"));
     }
     let entries = esp(vm);
     if entries != [format!("ballast-{v1}.efi")] {
         vm.fail(format!("/efi/EFI/Linux has {entries:?}"));
     }
-    // The signed release again, for what follows.
-    ch.publish(&update_build("v2"), TEST_KEY.as_ref())
-        .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
 }
 
 /// A copy of the build in `dir` whose UKI has had its Secure Boot signature
