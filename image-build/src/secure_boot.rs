@@ -96,36 +96,10 @@ pub fn pem_to_der(pem: &str) -> Result<Vec<u8>> {
         .chars()
         .filter(|c| !c.is_whitespace())
         .collect();
-    base64_decode(&b64).context("the PEM certificate is not valid base64")
-}
-
-fn base64_decode(s: &str) -> Result<Vec<u8>> {
-    let val = |c: u8| -> Result<u32> {
-        Ok(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => bail!("bad base64 character {:?}", c as char),
-        } as u32)
-    };
-    let bytes = s.trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
-    for chunk in bytes.chunks(4) {
-        let mut n = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            n |= val(c)? << (18 - 6 * i);
-        }
-        let take = match chunk.len() {
-            4 => 3,
-            3 => 2,
-            2 => 1,
-            _ => bail!("truncated base64"),
-        };
-        out.extend_from_slice(&n.to_be_bytes()[1..1 + take]);
-    }
-    Ok(out)
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .context("the PEM certificate is not valid base64")
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -243,24 +217,8 @@ pub fn sign(stage: &Stage, keys: &Keys, input: &Path, output: &Path, epoch: u64)
 
 /// `YYYY-MM-DD hh:mm:ss` in UTC (libfaketime's absolute format).
 fn utc_datetime(epoch: u64) -> String {
-    let days = (epoch / 86_400) as i64;
-    let secs = epoch % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    let iso = ballast_common::rfc3339(epoch);
+    format!("{} {}", &iso[..10], &iso[11..19])
 }
 
 /// Checks that `file` carries a signature of the db key.
@@ -340,15 +298,6 @@ mod tests {
         assert_eq!(utc_datetime(0), "1970-01-01 00:00:00");
         assert_eq!(utc_datetime(1_700_000_000), "2023-11-14 22:13:20");
         assert_eq!(utc_datetime(951_782_400), "2000-02-29 00:00:00");
-    }
-
-    #[test]
-    fn base64_decodes_with_and_without_padding() {
-        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
-        assert_eq!(base64_decode("aGVsbG8h").unwrap(), b"hello!");
-        assert_eq!(base64_decode("aGk=").unwrap(), b"hi");
-        assert!(base64_decode("a*").is_err());
-        assert!(base64_decode("a").is_err());
     }
 
     #[test]
