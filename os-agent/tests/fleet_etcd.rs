@@ -6,6 +6,8 @@
 // The helpers below are test code too (clippy only knows #[test] functions).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use anyhow::Result;
 use os_agent::config::fleet::Tls;
 use os_agent::fleet::lock::Acquire;
@@ -14,7 +16,6 @@ use os_agent::fleet::sim::{HolderWatch, SimEnd, SimHost, SimParams};
 use os_agent::fleet::view::GroupWatch;
 use os_agent::fleet::{admin, connect, Fleet, FleetSettings, Keys};
 use os_agent::update::fleet_lock::Released;
-use std::process::Command;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -582,19 +583,7 @@ async fn tls_with_client_certificates() -> Result<()> {
 }
 
 fn osctl(etcd: &LocalEtcd, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_osctl"))
-        .arg("fleet")
-        .arg("--endpoints")
-        .arg(etcd.endpoint())
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    common::osctl_fleet(etcd, args)
 }
 
 #[tokio::test]

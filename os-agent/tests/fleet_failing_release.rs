@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use os_agent::fleet::server::LocalEtcd;
 use os_agent::fleet::sim::{HolderWatch, SimEnd, SimHost, SimParams};
 use os_agent::fleet::{admin, connect, Fleet, FleetSettings, Keys};
@@ -34,19 +36,8 @@ fn params(fails: bool) -> SimParams {
 }
 
 fn osctl(etcd: &LocalEtcd, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_osctl"))
-        .arg("fleet")
-        .arg("--endpoints")
-        .arg(etcd.endpoint())
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "osctl fleet {args:?}: {text}");
+    let (ok, text) = common::osctl_fleet(etcd, args);
+    assert!(ok, "osctl fleet {args:?}: {text}");
     text
 }
 
