@@ -56,6 +56,31 @@ fn metric_sum(text: &str, name: &str) -> f64 {
 struct Counters {
     unary: f64,
     stream_msgs: f64,
+    /// Unary requests per gRPC method (Range, Txn, Put, LeaseGrant, ...).
+    by_method: std::collections::BTreeMap<String, f64>,
+}
+
+impl Counters {
+    /// The unary requests per host between `before` and `self`, per method,
+    /// largest first: "Txn 6.01, Put 4.00, ...".
+    fn per_host_by_method(&self, before: &Counters, hosts: usize) -> String {
+        let mut v: Vec<(String, f64)> = self
+            .by_method
+            .iter()
+            .map(|(m, n)| {
+                (
+                    m.clone(),
+                    n - before.by_method.get(m).copied().unwrap_or(0.0),
+                )
+            })
+            .filter(|(_, n)| *n > 0.0)
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v.iter()
+            .map(|(m, n)| format!("{m} {:.2}", n / hosts as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// The counters of every member that runs, summed: the cluster's load.
@@ -72,11 +97,15 @@ async fn cluster_counters(cluster: &LocalCluster) -> Result<Counters> {
         let mut sum = Counters {
             unary: 0.0,
             stream_msgs: 0.0,
+            by_method: Default::default(),
         };
         for url in &urls {
             let c = counters(url)?;
             sum.unary += c.unary;
             sum.stream_msgs += c.stream_msgs;
+            for (m, n) in c.by_method {
+                *sum.by_method.entry(m).or_default() += n;
+            }
         }
         Ok(sum)
     })
@@ -99,15 +128,24 @@ fn counters(metrics_url: &str) -> Result<Counters> {
         &mut text,
     )
     .context("cannot read etcd's metrics")?;
-    let unary = text
-        .lines()
-        .filter(|l| {
-            l.starts_with("grpc_server_handled_total{") && l.contains("grpc_type=\"unary\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let mut by_method = std::collections::BTreeMap::new();
+    let handled = text.lines().filter(|l| {
+        l.starts_with("grpc_server_handled_total{") && l.contains("grpc_type=\"unary\"")
+    });
+    for l in handled {
+        let Some(n) = l.rsplit(' ').next().and_then(|n| n.parse::<f64>().ok()) else {
+            continue;
+        };
+        let method = l
+            .split("grpc_method=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("?");
+        *by_method.entry(method.to_string()).or_default() += n;
+    }
     Ok(Counters {
-        unary,
+        unary: by_method.values().sum(),
+        by_method,
         stream_msgs: metric_sum(&text, "grpc_server_msg_received_total")
             - text
                 .lines()
@@ -423,6 +461,10 @@ async fn run() -> Result<()> {
         (after.unary - before.unary) / secs,
         (after.stream_msgs - before.stream_msgs) / secs,
         (after.unary - before.unary) / hosts as f64
+    );
+    println!(
+        "  unary requests per host by method: {}",
+        after.per_host_by_method(&before, hosts)
     );
     let ok_first = report(&first, hosts, max, reboot, "2.0", 1.2);
 

@@ -180,8 +180,10 @@ async fn join_fleet(host: Arc<dyn Host + Send + Sync>) -> Result<Option<FleetSta
     let view = GroupWatch::start(f.client.clone(), f.keys.clone(), f.group.clone());
     let f = f.with_view(&view);
     let registration = Registration::start(f.clone(), record);
+    let f = f.with_registration(&registration);
     Ok(Some(FleetState {
         slot_wake: tokio::spawn(fleet::view::wake_for_staged(
+            f.clone(),
             view,
             registration.subscribe(),
             wake.clone(),

@@ -150,6 +150,103 @@ async fn fifty_hosts_never_more_than_three_holders() {
     assert!(took < Duration::from_secs(30), "{took:?}");
 }
 
+/// Waiting hosts queue on their registration leases and take the slots in
+/// the queue's order; the queue is empty when the rollout is done. The
+/// hosts' own rounds are 20 s apart, so only the queue can wake them.
+#[tokio::test]
+async fn waiting_hosts_take_slots_in_queue_order() {
+    use etcd_client::{EventType, WatchOptions};
+    const MAX: usize = 2;
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = LocalEtcd::start(dir.path(), None).unwrap();
+    let s = settings(&etcd);
+    set_policy(&s, |p| p.max_holders = MAX as u32).await;
+    let keys = Keys::new(&s.prefix);
+    let mut client = connect(&s).await.unwrap();
+    let (_w, mut stream) = client
+        .watch(keys.group(GROUP), Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    // (queue create revision, lease) and holder create revision per host.
+    let seen = tokio::spawn(async move {
+        let mut queued = std::collections::BTreeMap::new();
+        let mut took = std::collections::BTreeMap::new();
+        while let Ok(Some(resp)) = stream.message().await {
+            for ev in resp.events() {
+                let kv = ev.kv().unwrap();
+                let key = kv.key_str().unwrap().to_string();
+                let Some(m) = key.rsplit('/').next().map(str::to_string) else {
+                    continue;
+                };
+                if ev.event_type() != EventType::Put {
+                    continue;
+                }
+                if key.contains("/queue/") {
+                    queued
+                        .entry(m)
+                        .or_insert((kv.create_revision(), kv.lease()));
+                } else if key.contains("/lock/holders/") {
+                    took.insert(m, kv.create_revision());
+                }
+            }
+            if took.len() == 12 {
+                break;
+            }
+        }
+        (queued, took)
+    });
+    let hosts = start_hosts(&s, 12, "1.0").await;
+    prove(&hosts[0].fleet, "2.0").await;
+    let view = GroupWatch::start(client.clone(), keys.clone(), GROUP.into());
+    let leases: std::collections::BTreeMap<String, i64> = hosts
+        .iter()
+        .map(|h| {
+            (
+                h.fleet.machine_id.clone(),
+                h.registration.registered().lease.unwrap(),
+            )
+        })
+        .collect();
+    let hosts: Vec<SimHost> = hosts.into_iter().map(|h| h.with_view(&view)).collect();
+    let p = SimParams {
+        poll: Duration::from_secs(20),
+        ..params()
+    };
+    let ended = roll_all(hosts, "2.0", &p, Duration::from_secs(60)).await;
+    assert!(ended.iter().all(|(_, e)| *e == SimEnd::Updated));
+    let (queued, took) = tokio::time::timeout(Duration::from_secs(10), seen)
+        .await
+        .unwrap()
+        .unwrap();
+    // The first MAX took their slots at once; the rest queued, each on its
+    // own registration lease.
+    assert_eq!(queued.len(), 12 - MAX, "{queued:?}");
+    for (m, (_, lease)) in &queued {
+        assert_eq!(*lease, leases[m], "{m} queued on its registration lease");
+    }
+    let mut order: Vec<(&i64, &String)> = queued.iter().map(|(m, (rev, _))| (rev, m)).collect();
+    order.sort();
+    // Slots freed together go to the first MAX of the queue in any order;
+    // nobody overtakes a host MAX places ahead of it.
+    for (i, (_, a)) in order.iter().enumerate() {
+        for (_, b) in order.iter().skip(i + MAX) {
+            assert!(
+                took[*a] < took[*b],
+                "{b} took a slot before {a}, queued {MAX} or more before it"
+            );
+        }
+    }
+    // A take left the queue in its own transaction.
+    let left = client
+        .get(
+            keys.queue(GROUP),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(left.kvs().len(), 0);
+}
+
 #[tokio::test]
 async fn safe_mode_first_host_takes_a_new_version_alone() {
     let dir = tempfile::tempdir().unwrap();

@@ -15,6 +15,8 @@ pub struct GroupView {
     pub name: String,
     pub policy: Policy,
     pub holders: Vec<Holder>,
+    /// Hosts in the group's queue, waiting for a reboot slot.
+    pub waiting: usize,
     /// Failure reports per version.
     pub failures: BTreeMap<String, Vec<FailureReport>>,
     /// Versions a host of the group booted and blessed (safe mode is over).
@@ -107,6 +109,10 @@ pub async fn overview(client: &Client, keys: &Keys) -> Result<Overview> {
             // The slot keys name their holder's machine id; the holder keys
             // say the rest. The guard was the lock of agents before slot keys.
             [_, "lock", "slots", _] | [_, "lock", "guard"] => Ok(()),
+            [g, "queue", _] => {
+                view(&mut by_name, g).waiting += 1;
+                Ok(())
+            }
             [g, "failures", v, _] => FailureReport::parse(&key, kv.value()).map(|f| {
                 view(&mut by_name, g)
                     .failures

@@ -243,17 +243,26 @@ fn state(g: &GroupView) -> String {
     state
 }
 
+/// ", N waiting" when hosts wait in the group's queue.
+fn waiting(g: &GroupView) -> String {
+    match g.waiting {
+        0 => String::new(),
+        n => format!(", {n} waiting"),
+    }
+}
+
 /// One line per group, for logs and pipes.
 pub fn render_lines(o: &Overview) -> String {
     let mut out = String::new();
     for g in &o.groups {
         let (v, on) = progress(g).unwrap_or_default();
         out.push_str(&format!(
-            "group {}: {on} of {} hosts on {v}; {} of max {} slots held; failures {}; {}\n",
+            "group {}: {on} of {} hosts on {v}; {} of max {} slots held{}; failures {}; {}\n",
             g.name,
             g.hosts,
             g.holders.len(),
             g.policy.max_holders,
+            waiting(g),
             failures_by_version(g),
             state(g)
         ));
@@ -275,9 +284,10 @@ pub fn render_bars(o: &Overview, width: usize) -> String {
             g.hosts
         ));
         out.push_str(&format!(
-            "             holders {}/{}, failures {}, {}\n",
+            "             holders {}/{}{}, failures {}, {}\n",
             g.holders.len(),
             g.policy.max_holders,
+            waiting(g),
             failures_by_version(g),
             state(g)
         ));
@@ -307,10 +317,11 @@ fn render_group(g: &GroupView, out: &mut String) {
     let p = &g.policy;
     let state = state(g);
     out.push_str(&format!(
-        "group {}: {state}; {} of max {} reboot slots held; failure threshold {}\n",
+        "group {}: {state}; {} of max {} reboot slots held{}; failure threshold {}\n",
         g.name,
         g.holders.len(),
         p.max_holders,
+        waiting(g),
         p.failure_threshold
     ));
     if let Some(v) = newest(g) {
@@ -404,6 +415,7 @@ mod tests {
                 since: 5,
             }],
             hosts: 3,
+            waiting: 1,
             ..GroupView::default()
         };
         g.versions.insert("1.0".into(), 2);
@@ -433,7 +445,7 @@ mod tests {
         };
         let text = render(&o);
         for want in [
-            "group web: paused (2 hosts failed version 2.0 (threshold 2)); 1 of max 3 reboot slots held",
+            "group web: paused (2 hosts failed version 2.0 (threshold 2)); 1 of max 3 reboot slots held, 1 waiting",
             "rollout of 2.0: 1 of 3 hosts (not proven yet",
             "holder m2 -> 2.0",
             "failures of 2.0: 1",

@@ -199,18 +199,28 @@ impl Fleet {
         model::check_version(version).map_err(anyhow::Error::msg)?;
         // A view that shows a free slot is as good a start as a read: the
         // take checks in etcd everything that makes it safe, and a failed
-        // one returns the fresh state. Any other answer is read from etcd.
+        // one returns the fresh state. A host in the queue whose view shows
+        // no slot for it waits without asking: the view wakes it when one is
+        // freed. Any other answer is read from etcd.
         let viewed = self.view.as_ref().and_then(|v| {
-            let st = v.borrow().state(&self.machine_id, version)?;
-            let take = !st.holding && !matches!(decide(&st, version), Decision::Answer(_));
-            take.then_some(st)
+            let v = v.borrow();
+            let st = v.state(&self.machine_id, version)?;
+            let queued = v.queued(&self.machine_id) == Some(version);
+            Some((st, queued))
         });
         let mut st = match viewed {
-            Some(st) => st,
-            None => self.lock_state(version).await?,
+            Some((st, queued)) if !st.holding => match decide(&st, version) {
+                Decision::Answer(Acquire::Wait(why)) if queued => return Ok(Acquire::Wait(why)),
+                Decision::Answer(_) => self.lock_state(version).await?,
+                _ => st,
+            },
+            _ => self.lock_state(version).await?,
         };
         for _ in 0..CAS_ATTEMPTS {
             let slot = match decide(&st, version) {
+                Decision::Answer(Acquire::Wait(why)) => {
+                    return Ok(self.wait_in_queue(version, why).await)
+                }
                 Decision::Answer(a) => return Ok(a),
                 Decision::Alone => None,
                 Decision::AnyOf(free) => Some(free[random_below(free.len())]),
@@ -231,9 +241,50 @@ impl Fleet {
                 Some(fresh) => st = fresh,
             }
         }
-        Ok(Acquire::Wait(
-            "other hosts took the free slots first (contention)".into(),
-        ))
+        let why = "other hosts took the free slots first (contention)";
+        Ok(self.wait_in_queue(version, why.into()).await)
+    }
+
+    /// Puts this host in the group's queue of hosts waiting for a slot for
+    /// `version` ([`super::view`]), unless its view shows it there already,
+    /// and answers Wait. The queue only orders who asks first, so a failed
+    /// put is logged, not returned: the host asks again at its next round.
+    async fn wait_in_queue(&self, version: &str, why: String) -> Acquire {
+        let (Some(view), Some(registered)) = (&self.view, &self.registered) else {
+            return Acquire::Wait(why);
+        };
+        let Some(lease) = registered.borrow().lease else {
+            return Acquire::Wait(why);
+        };
+        if view.borrow().queued(&self.machine_id) == Some(version) {
+            return Acquire::Wait(why);
+        }
+        let key = self.keys.queued(&self.group, &self.machine_id);
+        let put = self
+            .client
+            .clone()
+            .put(
+                key.as_str(),
+                version,
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await;
+        if let Err(e) = put {
+            self.suspect();
+            tracing::warn!("cannot queue for a reboot slot at {key}: {e}");
+        }
+        Acquire::Wait(why)
+    }
+
+    /// Takes this host out of the group's queue (it staged nothing any more).
+    pub async fn leave_queue(&self) -> Result<()> {
+        let key = self.keys.queued(&self.group, &self.machine_id);
+        self.client
+            .clone()
+            .delete(key.as_str(), None)
+            .await
+            .with_context(|| format!("cannot delete {key}"))?;
+        Ok(())
     }
 
     /// Creates the holder key and the slot key (`None`: slot 0, on condition
@@ -280,6 +331,8 @@ impl Fleet {
             .and_then([
                 TxnOp::put(slot_key.as_str(), self.machine_id.as_str(), on_lease()),
                 TxnOp::put(holder_key.as_str(), model::to_json(&holder), on_lease()),
+                // Out of the queue in the same revision the slot is taken.
+                TxnOp::delete(self.keys.queued(g, &self.machine_id), None),
             ])
             .or_else(self.state_reads(version));
         let resp = c

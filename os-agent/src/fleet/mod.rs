@@ -119,6 +119,9 @@ pub struct Fleet {
     pub(crate) view: Option<tokio::sync::watch::Receiver<view::GroupView>>,
     /// The watch over the cluster's members, told when a request failed.
     pub(crate) members: Option<members::Members>,
+    /// The host's registration, whose lease its place in the group's queue
+    /// of waiting hosts is written on ([`view`]).
+    pub(crate) registered: Option<tokio::sync::watch::Receiver<register::Registered>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -143,6 +146,7 @@ impl Fleet {
             spare_lease: Arc::new(Mutex::new(None)),
             view: None,
             members: None,
+            registered: None,
         }
     }
 
@@ -165,6 +169,13 @@ impl Fleet {
     /// freed slot, and one round trip less for the one that gets it).
     pub fn with_view(mut self, watch: &view::GroupWatch) -> Fleet {
         self.view = Some(watch.subscribe());
+        self
+    }
+
+    /// Queues for slots on `registration`'s lease when told to wait (with
+    /// a view): hosts then ask in turn instead of all at once.
+    pub fn with_registration(mut self, registration: &register::Registration) -> Fleet {
+        self.registered = Some(registration.watch_state());
         self
     }
 }

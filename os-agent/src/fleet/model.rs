@@ -90,6 +90,16 @@ impl Keys {
         format!("{}{index}", self.slots(group))
     }
 
+    /// Hosts waiting for a reboot slot, one key per host on its
+    /// registration lease, served in the order the keys were created.
+    pub fn queue(&self, group: &str) -> String {
+        format!("{}/groups/{group}/queue/", self.prefix)
+    }
+
+    pub fn queued(&self, group: &str, machine_id: &str) -> String {
+        format!("{}{machine_id}", self.queue(group))
+    }
+
     pub fn failures(&self, group: &str) -> String {
         format!("{}/groups/{group}/failures/", self.prefix)
     }

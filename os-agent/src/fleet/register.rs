@@ -97,6 +97,11 @@ impl Registration {
         self.record.borrow().clone()
     }
 
+    /// Whether and under which lease the host is registered, as it changes.
+    pub fn watch_state(&self) -> watch::Receiver<Registered> {
+        self.state.clone()
+    }
+
     pub fn registered(&self) -> Registered {
         *self.state.borrow()
     }

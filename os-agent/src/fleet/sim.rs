@@ -73,7 +73,7 @@ impl SimHost {
     pub fn start(fleet: Fleet, version: &str) -> SimHost {
         let registration = Registration::start(fleet.clone(), Self::record(&fleet, version));
         SimHost {
-            fleet,
+            fleet: fleet.with_registration(&registration),
             registration,
             view: None,
             reboots: 0,
@@ -117,7 +117,7 @@ impl SimHost {
             let pause = p.poll + super::random_up_to(p.poll);
             match &mut self.view {
                 Some(rx) => {
-                    let woken = view::wait_for_slot(rx, target, view::WAKE_SPREAD);
+                    let woken = view::wait_for_slot(rx, &self.fleet.machine_id, target);
                     if tokio::time::timeout(pause, woken).await.is_err() {
                         tracing::debug!("no slot freed in {pause:?}; asking anyway");
                     }
@@ -156,6 +156,7 @@ impl SimHost {
         rec.staged_version = None;
         rec.update_state = "idle".into();
         self.registration = Registration::start(self.fleet.clone(), rec);
+        self.fleet = self.fleet.clone().with_registration(&self.registration);
         // The new boot retries its release until etcd takes it.
         loop {
             match self.fleet.release(&outcome).await {
