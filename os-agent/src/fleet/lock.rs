@@ -8,15 +8,17 @@
 //! back frees its slot when the lease runs out.
 //!
 //! Taking a slot: read the policy, the slot keys, whether this host holds
-//! one and whether the version is proven (one transaction); pick a free slot
-//! number below `max_holders` at random; create its key in a transaction
-//! that holds only if that slot key and the host's holder key do not exist
-//! and the policy is the one read. Hosts that pick different slots do not
-//! conflict, so slots freed together are refilled in parallel rather than
-//! one compare-and-swap at a time (which a single guard key compared by
-//! every taker did); two that pick the same slot are told apart by etcd, and
-//! the loser's failed transaction returns the fresh lock state, from which it
-//! picks again without another read. A host with a watched view of the
+//! one and whether the version is proven (one transaction); then, in one
+//! transaction that holds only if the host's holder key does not exist and
+//! the policy is the one read, try up to [`MAX_TRIED`] free slot numbers
+//! below `max_holders` (from a random one on), each in a transaction nested
+//! in the failure branch of the one before, creating the first slot key
+//! that does not exist. Slots freed together are refilled in parallel
+//! rather than one compare-and-swap at a time (which a single guard key
+//! compared by every taker did), and hosts that ask at once for the same
+//! slots are applied one after the other by etcd, each getting a different
+//! one; a take that got none returns the fresh lock state (or reads it),
+//! from which the host decides again. A host with a watched view of the
 //! group ([`super::view`]) skips the first read when its view shows a free
 //! slot: the view is an older snapshot than a read, but the argument below
 //! holds for any snapshot, since the take compares the policy's revision.
@@ -101,6 +103,34 @@ pub(crate) fn range(r: TxnOpResponse) -> Result<etcd_client::GetResponse> {
         TxnOpResponse::Get(g) => Ok(g),
         other => bail!("etcd answered a range request with {other:?}"),
     }
+}
+
+/// At most this many free slots are tried by one take ([`Fleet::take`]).
+const MAX_TRIED: usize = 8;
+
+/// What a take did.
+#[derive(Debug)]
+enum Taken {
+    /// This slot is the host's now.
+    Slot(u32),
+    /// Nothing taken; the lock state now.
+    Lost(LockState),
+}
+
+/// Which of `tried` the chain of nested transactions of a take created:
+/// the first level whose condition held.
+fn taken_in_chain(resp: TxnResponse, tried: &[u32]) -> Result<Option<u32>> {
+    let mut ops = resp.op_responses();
+    for &i in tried {
+        let Some(TxnOpResponse::Txn(level)) = ops.into_iter().next() else {
+            bail!("etcd answered a nested take without its transaction");
+        };
+        if level.succeeded() {
+            return Ok(Some(i));
+        }
+        ops = level.op_responses();
+    }
+    Ok(None)
 }
 
 /// The slot number of a slot key, if it is one.
@@ -217,28 +247,33 @@ impl Fleet {
             _ => self.lock_state(version).await?,
         };
         for _ in 0..CAS_ATTEMPTS {
-            let slot = match decide(&st, version) {
+            let slots: Option<Vec<u32>> = match decide(&st, version) {
                 Decision::Answer(Acquire::Wait(why)) => {
                     return Ok(self.wait_in_queue(version, why).await)
                 }
                 Decision::Answer(a) => return Ok(a),
                 Decision::Alone => None,
-                Decision::AnyOf(free) => Some(free[random_below(free.len())]),
+                // Several free slots, from a random one on, tried in
+                // order by one request: hosts that ask at once each get one.
+                Decision::AnyOf(free) => {
+                    let from = random_below(free.len());
+                    let n = free.len().min(MAX_TRIED);
+                    Some(free.iter().cycle().skip(from).take(n).copied().collect())
+                }
             };
-            match self.take(version, &st, slot).await? {
-                None => {
+            match self.take(version, &st, slots.as_deref()).await? {
+                Taken::Slot(i) => {
                     tracing::info!(
-                        "took reboot slot {} of group {} for {version} ({} of {} held before)",
-                        slot.unwrap_or(0),
+                        "took reboot slot {i} of group {} for {version} ({} of {} held before)",
                         self.group,
                         st.holders(),
                         st.policy.max_holders
                     );
                     return Ok(Acquire::Granted);
                 }
-                // Another host took that slot first, or the policy changed:
+                // Other hosts took those slots first, or the policy changed:
                 // decide again on what etcd answered instead.
-                Some(fresh) => st = fresh,
+                Taken::Lost(fresh) => st = fresh,
             }
         }
         let why = "other hosts took the free slots first (contention)";
@@ -287,14 +322,13 @@ impl Fleet {
         Ok(())
     }
 
-    /// Creates the holder key and the slot key (`None`: slot 0, on condition
-    /// that no slot is held). `None` if taken, else the lock state now.
-    async fn take(
-        &self,
-        version: &str,
-        st: &LockState,
-        slot: Option<u32>,
-    ) -> Result<Option<LockState>> {
+    /// Creates the holder key and the key of the first of `slots` that is
+    /// free (`None`: slot 0, on condition that no slot is held), in one
+    /// transaction: each slot is a transaction nested in the failure branch
+    /// of the one before, so hosts that ask at once for the same free slots
+    /// are served one after the other by etcd and each gets a different
+    /// one, instead of all but one losing and asking again.
+    async fn take(&self, version: &str, st: &LockState, slots: Option<&[u32]>) -> Result<Taken> {
         let mut c = self.client.clone();
         let (lease, granted) = match self.take_spare_lease() {
             Some(spare) => spare,
@@ -315,35 +349,70 @@ impl Fleet {
             version: version.to_string(),
             since: now_unix(),
         };
-        let slot_key = self.keys.slot(g, slot.unwrap_or(0));
-        let free = match slot {
-            Some(_) => Compare::create_revision(slot_key.as_str(), CompareOp::Equal, 0),
-            // Every key in the slot range must not exist: none held.
-            None => Compare::create_revision(self.keys.slots(g), CompareOp::Equal, 0).with_prefix(),
-        };
         let on_lease = || Some(PutOptions::new().with_lease(lease));
-        let txn = Txn::new()
-            .when([
-                free,
-                Compare::create_revision(holder_key.as_str(), CompareOp::Equal, 0),
-                Compare::mod_revision(self.keys.policy(g), CompareOp::Equal, st.policy_rev),
-            ])
-            .and_then([
-                TxnOp::put(slot_key.as_str(), self.machine_id.as_str(), on_lease()),
+        let grant = |i: u32| {
+            vec![
+                TxnOp::put(self.keys.slot(g, i), self.machine_id.as_str(), on_lease()),
                 TxnOp::put(holder_key.as_str(), model::to_json(&holder), on_lease()),
                 // Out of the queue in the same revision the slot is taken.
                 TxnOp::delete(self.keys.queued(g, &self.machine_id), None),
-            ])
+            ]
+        };
+        let mut when = vec![
+            Compare::create_revision(holder_key.as_str(), CompareOp::Equal, 0),
+            Compare::mod_revision(self.keys.policy(g), CompareOp::Equal, st.policy_rev),
+        ];
+        let tried: Vec<u32> = match slots {
+            // Every key in the slot range must not exist: none held.
+            None => {
+                when.push(
+                    Compare::create_revision(self.keys.slots(g), CompareOp::Equal, 0).with_prefix(),
+                );
+                vec![0]
+            }
+            Some(slots) => slots.to_vec(),
+        };
+        let then = match slots {
+            None => grant(0),
+            Some(_) => {
+                // The last slot innermost.
+                let mut chain: Option<Txn> = None;
+                for &i in tried.iter().rev() {
+                    let free = Compare::create_revision(self.keys.slot(g, i), CompareOp::Equal, 0);
+                    let mut t = Txn::new().when([free]).and_then(grant(i));
+                    if let Some(inner) = chain.take() {
+                        t = t.or_else([TxnOp::txn(inner)]);
+                    }
+                    chain = Some(t);
+                }
+                chain.map(TxnOp::txn).into_iter().collect()
+            }
+        };
+        let txn = Txn::new()
+            .when(when)
+            .and_then(then)
             .or_else(self.state_reads(version));
+        let what = format!("a slot of {} and {holder_key}", self.keys.slots(g));
         let resp = c
             .txn(txn)
             .await
-            .with_context(|| format!("cannot write {slot_key} and {holder_key}"))?;
-        if resp.succeeded() {
-            return Ok(None);
-        }
+            .with_context(|| format!("cannot write {what}"))?;
+        let fresh = if !resp.succeeded() {
+            Some(self.parse_state(resp)?)
+        } else if slots.is_none() {
+            return Ok(Taken::Slot(0));
+        } else {
+            match taken_in_chain(resp, &tried)? {
+                Some(i) => return Ok(Taken::Slot(i)),
+                None => None,
+            }
+        };
         *super::lock(&self.spare_lease) = Some((lease, granted));
-        Ok(Some(self.parse_state(resp)?))
+        match fresh {
+            Some(st) => Ok(Taken::Lost(st)),
+            // Every slot tried was taken: read what is left.
+            None => Ok(Taken::Lost(self.lock_state(version).await?)),
+        }
     }
 
     /// The spare lease, if it still has nearly all of its TTL. An older one
@@ -719,7 +788,7 @@ pub fn decide(st: &LockState, version: &str) -> Decision {
     )
 }
 
-/// At most this many free slots to pick one from at random.
+/// At most this many free slots to start a take from, at random.
 const MAX_CHOICES: usize = 64;
 
 /// The engine's view of the semaphore. The engine is blocking code (it runs
