@@ -230,18 +230,24 @@ impl Fleet {
         // A view that shows a free slot is as good a start as a read: the
         // take checks in etcd everything that makes it safe, and a failed
         // one returns the fresh state. A host in the queue whose view shows
-        // no slot for it waits without asking: the view wakes it when one is
-        // freed. Any other answer is read from etcd.
+        // no slot for it, or that stands far back in a moving queue, waits
+        // without asking: the view wakes it when its turn comes. Any other
+        // answer is read from etcd.
         let viewed = self.view.as_ref().and_then(|v| {
             let v = v.borrow();
             let st = v.state(&self.machine_id, version)?;
             let queued = v.queued(&self.machine_id) == Some(version);
-            Some((st, queued))
+            let yields = queued && v.yields(&self.machine_id, version);
+            Some((st, queued, yields))
         });
         let mut st = match viewed {
-            Some((st, queued)) if !st.holding => match decide(&st, version) {
+            Some((st, queued, yields)) if !st.holding => match decide(&st, version) {
                 Decision::Answer(Acquire::Wait(why)) if queued => return Ok(Acquire::Wait(why)),
                 Decision::Answer(_) => self.lock_state(version).await?,
+                _ if yields => {
+                    let why = "the free slots are for the hosts before it in the queue";
+                    return Ok(Acquire::Wait(why.into()));
+                }
                 _ => st,
             },
             _ => self.lock_state(version).await?,
