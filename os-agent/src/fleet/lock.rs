@@ -17,11 +17,13 @@
 //! rather than one compare-and-swap at a time (which a single guard key
 //! compared by every taker did), and hosts that ask at once for the same
 //! slots are applied one after the other by etcd, each getting a different
-//! one; a take that got none returns the fresh lock state (or reads it),
-//! from which the host decides again. A host with a watched view of the
-//! group ([`super::view`]) skips the first read when its view shows a free
-//! slot: the view is an older snapshot than a read, but the argument below
-//! holds for any snapshot, since the take compares the policy's revision.
+//! one. A host with a watched view of the group ([`super::view`]) skips the
+//! first read when its view shows a free slot (the view is an older
+//! snapshot than a read, but the argument below holds for any snapshot,
+//! since the take compares the policy's revision), and when its take gets
+//! no slot it waits in the group's queue for its turn to come again. A host
+//! without a view decides again on the fresh lock state the failed take
+//! returns (or reads it), up to [`CAS_ATTEMPTS`] times.
 //!
 //! Why this never lets more than `max_holders` hosts hold: every successful
 //! take was made under the current policy (the transaction compares the
@@ -46,9 +48,12 @@ use etcd_client::{
 };
 use std::collections::BTreeSet;
 
-/// How many times a host tries to take a slot (or to write the policy)
-/// before it waits for its next turn. A lost take costs no extra read.
+/// How many times a host without a view tries to take a slot (or any host
+/// to write the policy) before it waits for its next turn.
 const CAS_ATTEMPTS: u32 = 5;
+
+/// Why a host that lost the slots it tried waits.
+const CONTENTION: &str = "other hosts took the free slots first (contention)";
 
 /// How long a release is retried before the error goes to the caller.
 pub const RELEASE_RETRIES_FOR: std::time::Duration = std::time::Duration::from_secs(15);
@@ -113,8 +118,10 @@ const MAX_TRIED: usize = 8;
 enum Taken {
     /// This slot is the host's now.
     Slot(u32),
-    /// Nothing taken; the lock state now.
-    Lost(LockState),
+    /// Nothing taken: the lock state now, when the take failed on the
+    /// policy or the holder key (etcd answered it in the same round trip);
+    /// `None` when every slot tried was taken.
+    Lost(Option<LockState>),
 }
 
 /// Which of `tried` the chain of nested transactions of a take created:
@@ -277,13 +284,28 @@ impl Fleet {
                     );
                     return Ok(Acquire::Granted);
                 }
+                // A host with a view waits for its turn again: its view
+                // wakes it when it is at the front of the queue. Deciding
+                // again on a fresh read instead would race the hosts before
+                // it for the slots it just lost (at 10,000 hosts, views
+                // behind under load, five failed takes and reads a host).
+                Taken::Lost(fresh) if self.view.is_some() => {
+                    return Ok(match fresh.map(|st| decide(&st, version)) {
+                        // It holds a slot already (an answer lost on the way).
+                        Some(Decision::Answer(a @ Acquire::Granted)) => a,
+                        Some(Decision::Answer(Acquire::Wait(why))) => {
+                            self.wait_in_queue(version, why).await
+                        }
+                        _ => self.wait_in_queue(version, CONTENTION.into()).await,
+                    });
+                }
                 // Other hosts took those slots first, or the policy changed:
-                // decide again on what etcd answered instead.
-                Taken::Lost(fresh) => st = fresh,
+                // decide again on what etcd answered, or on a fresh read.
+                Taken::Lost(Some(fresh)) => st = fresh,
+                Taken::Lost(None) => st = self.lock_state(version).await?,
             }
         }
-        let why = "other hosts took the free slots first (contention)";
-        Ok(self.wait_in_queue(version, why.into()).await)
+        Ok(self.wait_in_queue(version, CONTENTION.into()).await)
     }
 
     /// Puts this host in the group's queue of hosts waiting for a slot for
@@ -414,11 +436,7 @@ impl Fleet {
             }
         };
         *super::lock(&self.spare_lease) = Some((lease, granted));
-        match fresh {
-            Some(st) => Ok(Taken::Lost(st)),
-            // Every slot tried was taken: read what is left.
-            None => Ok(Taken::Lost(self.lock_state(version).await?)),
-        }
+        Ok(Taken::Lost(fresh))
     }
 
     /// The spare lease, if it still has nearly all of its TTL. An older one
