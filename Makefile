@@ -138,6 +138,7 @@ bench: test-deps test-image
 	$(CARGO) build --release --locked -p ballast-bench
 	target/release/update-throughput 256 4
 	target/release/fleet-sim 1000 50 2
+	target/release/fleet-sim 10000 200 2
 	BALLAST_TEST_IMAGE_DIR=$(abspath $(TEST_OUT)) target/release/containers 128 5
 
 lint:
