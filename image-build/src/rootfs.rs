@@ -10,7 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Bump when the way the base rootfs is made changes.
-const RECIPE: &str = "rootfs-v1";
+const RECIPE: &str = "rootfs-v2";
+
+/// mmdebstrap's hook that makes /bin, /lib and /sbin links into /usr before
+/// anything is unpacked, so apt satisfies `usrmerge | usr-is-merged` with
+/// the empty usr-is-merged. Without it bookworm pulls usrmerge, which
+/// depends on perl: 28 MB of the root that nothing on the host runs.
+const MERGED_USR_HOOK: &str = "/usr/share/mmdebstrap/hooks/merged-usr";
 
 /// Paths dpkg leaves out of the image: documentation, manuals, translations.
 const DPKG_EXCLUDES: &[&str] = &[
@@ -62,6 +68,7 @@ pub fn base(stage: &Stage, spec: &Spec, cache_dir: &Path, epoch: u64) -> Result<
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut cmd = Command::new("mmdebstrap");
     cmd.arg("--variant=minbase")
+        .arg(format!("--hook-dir={MERGED_USR_HOOK}"))
         .arg("--mode=root")
         .arg("--format=directory")
         .arg("--arch=amd64")
