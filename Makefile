@@ -132,10 +132,12 @@ fuzz-smoke: fuzz-deps
 	$(call fuzz-all,$(FUZZ_SMOKE_SECONDS))
 
 # Benchmarks print their figures and ratios; they assert nothing. The
-# containers bench boots the test image for its desired → running half.
-bench: test-deps test-image
+# release size is the default image's (`make image`); the containers bench
+# boots the test image for its desired → running half.
+bench: test-deps image test-image
 	@command -v curl >/dev/null || apt-get install -y -q curl
 	$(CARGO) build --release --locked -p ballast-bench
+	target/release/release-size $(OUT)/build.json
 	target/release/update-throughput 256 4
 	target/release/fleet-sim 1000 50 2
 	target/release/fleet-sim 10000 200 2
