@@ -159,7 +159,16 @@ fn main() -> Result<()> {
 
     eprintln!("preparing a {mib} MiB root payload ...");
     let data = payload(mib);
-    let compressed = zstd::bulk::compress(&data, 12)?;
+    // As image-build compresses a root payload (build.rs `compress`): level
+    // 12, long-distance matching, a 16 MiB window.
+    let compressed = {
+        let mut c = zstd::bulk::Compressor::new(12)?;
+        c.set_parameter(zstd::zstd_safe::CParameter::EnableLongDistanceMatching(
+            true,
+        ))?;
+        c.set_parameter(zstd::zstd_safe::CParameter::WindowLog(24))?;
+        c.compress(&data)?
+    };
     let sha = hex::encode(Sha256::digest(&compressed));
     let payload_path = channel_dir.join("payloads").join(&sha);
     std::fs::write(&payload_path, &compressed)?;
