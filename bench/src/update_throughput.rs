@@ -159,15 +159,21 @@ fn main() -> Result<()> {
 
     eprintln!("preparing a {mib} MiB root payload ...");
     let data = payload(mib);
-    // As image-build compresses a root payload (build.rs `compress`): level
-    // 12, long-distance matching, a 16 MiB window.
+    // Compressed as image-build compresses a release's root payload, at
+    // the specs' default level.
     let compressed = {
-        let mut c = zstd::bulk::Compressor::new(12)?;
-        c.set_parameter(zstd::zstd_safe::CParameter::EnableLongDistanceMatching(
-            true,
-        ))?;
-        c.set_parameter(zstd::zstd_safe::CParameter::WindowLog(24))?;
-        c.compress(&data)?
+        let plain = work.path().join("root.erofs");
+        let zst = work.path().join("root.erofs.zst");
+        std::fs::write(&plain, &data)?;
+        image_build::build::compress_payload(
+            &plain,
+            &zst,
+            image_build::spec::default_zstd_level(),
+        )?;
+        std::fs::remove_file(&plain)?;
+        let compressed = std::fs::read(&zst)?;
+        std::fs::remove_file(&zst)?;
+        compressed
     };
     let sha = hex::encode(Sha256::digest(&compressed));
     let payload_path = channel_dir.join("payloads").join(&sha);

@@ -229,7 +229,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildInfo> {
 
     let zst = out.join(format!("{base_name}.root.erofs.zst"));
     stages.run("compress-payload", |_| {
-        compress(&root_file, &zst, spec.payload_zstd_level)
+        compress_payload(&root_file, &zst, spec.payload_zstd_level)
     })?;
 
     let payload = |p: &Path| -> Result<Payload> {
@@ -310,7 +310,10 @@ fn hash_file(path: &Path, seed: &str) -> Result<verity::Tree> {
 /// The root payload's zstd window: 2^24 bytes.
 const PAYLOAD_WINDOW_LOG: u32 = 24;
 
-fn compress(src: &Path, dst: &Path, level: i32) -> Result<()> {
+/// Compresses a root payload as a release serves it: zstd at `level`,
+/// checksummed, long-distance matching over a [`PAYLOAD_WINDOW_LOG`] window.
+/// The update bench compresses its payload with this too.
+pub fn compress_payload(src: &Path, dst: &Path, level: i32) -> Result<()> {
     let tmp = dst.with_extension("tmp");
     let mut input = BufReader::new(File::open(src)?);
     let mut enc = zstd::Encoder::new(BufWriter::new(File::create(&tmp)?), level)?;

@@ -188,7 +188,8 @@ fn default_data() -> u64 {
 fn default_mode() -> String {
     "0644".into()
 }
-fn default_zstd_level() -> i32 {
+/// `payload_zstd_level` when a spec does not name one.
+pub fn default_zstd_level() -> i32 {
     12
 }
 
