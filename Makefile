@@ -84,10 +84,14 @@ image: build
 
 # The test image, and the releases the update tests publish to it
 # (qemu-tests/tests/update.rs): 0.2.0 to 0.6.0, and 0.1.1 whose health check fails.
+# Those are only ever published (image-build release reads build.json, the
+# root's .zst, its verity area and the UKI), never booted from their own disk:
+# their disk images and uncompressed root (810 MB a build) are removed.
 test-image: build
 	$(IMAGE_BUILD) build --config qemu-tests/test-image.yaml --output $(TEST_OUT)
 	for v in v2 v3 v4 v5 v6 bad; do \
 		$(IMAGE_BUILD) build --config qemu-tests/test-image-$$v.yaml --output $(TEST_OUT)-$$v || exit 1; \
+		rm -f $(TEST_OUT)-$$v/*.raw $(TEST_OUT)-$$v/*.qcow2 $(TEST_OUT)-$$v/*.root.erofs; \
 	done
 
 unit-test: test-deps
