@@ -26,6 +26,19 @@ pub struct BuildInfo {
     pub images: Images,
     /// Bill of materials: every Debian package in the root.
     pub packages: Vec<Package>,
+    /// Kernel modules left out of the root by the spec's module set, by
+    /// directory under /usr/lib/modules/<kver>.
+    #[serde(default)]
+    pub dropped_modules: Vec<DroppedModules>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DroppedModules {
+    /// Directory relative to /usr/lib/modules/<kver>, e.g. `kernel/fs/btrfs`.
+    pub dir: String,
+    pub modules: u32,
+    /// Bytes of the removed module files.
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

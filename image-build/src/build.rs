@@ -3,7 +3,7 @@
 use crate::customize::{self, Inputs};
 use crate::spec::LoadedSpec;
 use crate::stage::Stages;
-use crate::{disk, esp, initrd, rootfs, secure_boot, tools, uki};
+use crate::{disk, esp, initrd, modules, rootfs, secure_boot, tools, uki};
 use anyhow::{Context, Result};
 use ballast_common::build_info::{
     self, BuildInfo, Images, Package, PartitionInfo, Payload, Payloads,
@@ -24,7 +24,7 @@ pub struct BuildOptions {
     pub epoch: u64,
 }
 
-const STAGES: usize = 11;
+const STAGES: usize = 12;
 
 pub fn build(opts: &BuildOptions) -> Result<BuildInfo> {
     let spec = &opts.spec.spec;
@@ -80,6 +80,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildInfo> {
             },
             &initrd_path,
         )
+    })?;
+
+    let dropped_modules = stages.run("kernel-modules", |s| {
+        modules::diet(s, &root, &kver, &spec.kernel_modules, spec.debian.kernel)
     })?;
 
     let packages = stages.run("bill-of-materials", |s| {
@@ -277,6 +281,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildInfo> {
             qcow2: file_name(&qcow2),
         },
         packages,
+        dropped_modules,
     };
     let json = serde_json::to_string_pretty(&info)?;
     let tmp = out.join("build.json.tmp");

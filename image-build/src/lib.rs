@@ -6,6 +6,7 @@ pub mod customize;
 pub mod disk;
 pub mod esp;
 pub mod initrd;
+pub mod modules;
 pub mod release;
 pub mod rootfs;
 pub mod secure_boot;

@@ -297,6 +297,7 @@ mod tests {
                 qcow2: String::new(),
             },
             packages: vec![],
+            dropped_modules: vec![],
         };
         std::fs::write(
             dir.join("build.json"),

@@ -53,6 +53,31 @@ pub struct Spec {
     /// enrolment (docs/image.md, "Secure Boot").
     #[serde(default)]
     pub secure_boot: Option<SecureBootSpec>,
+    /// Which kernel modules stay in the root (docs/image.md, "Kernel modules").
+    #[serde(default)]
+    pub kernel_modules: KernelModules,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KernelModules {
+    /// The set kept: `cloud` or `all`. Default: `cloud` for the cloud
+    /// kernel, `all` for the generic one.
+    #[serde(default)]
+    pub set: Option<ModuleSet>,
+    /// More paths to keep, relative to /usr/lib/modules/<kver>/kernel: a
+    /// directory (`fs/btrfs`) or one module (`fs/binfmt_misc.ko`).
+    #[serde(default)]
+    pub keep: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModuleSet {
+    /// What a container host in a VM needs (image-build/src/modules.rs).
+    Cloud,
+    /// Every module of the kernel package.
+    All,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -339,6 +364,18 @@ impl Spec {
             }
             parse_mode(&f.mode).with_context(|| format!("files[{i}].mode"))?;
         }
+        for (i, k) in self.kernel_modules.keep.iter().enumerate() {
+            let ok = !k.is_empty()
+                && !k.starts_with('/')
+                && k.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+            if !ok {
+                bail!(
+                    "kernel_modules.keep[{i}]: {k:?} must be a path under the kernel's module tree, like fs/btrfs"
+                );
+            }
+        }
         if !(1..=22).contains(&self.payload_zstd_level) {
             bail!(
                 "payload_zstd_level: {} is not between 1 and 22",
@@ -484,6 +521,10 @@ mod tests {
             ("name: a\nversion: '1'\ndebian: {kernel: cloud}\nfiles: [{path: /x, content: y}, {path: /x, content: z}]", "listed twice"),
             ("name: a\nversion: '1'\ndebian: {kernel: cloud}\narchitecture: arm64", "architecture"),
             ("name: a\nversion: '1'\ndebian: {kernel: cloud}\npayload_zstd_level: 40", "payload_zstd_level"),
+            ("name: a\nversion: '1'\ndebian: {kernel: cloud}\nkernel_modules: {set: tiny}", "kernel_modules.set: unknown variant `tiny`"),
+            ("name: a\nversion: '1'\ndebian: {kernel: cloud}\nkernel_modules: {keep: [../../etc]}", "kernel_modules.keep[0]"),
+            ("name: a\nversion: '1'\ndebian: {kernel: cloud}\nkernel_modules: {keep: [fs/btrfs, /fs]}", "kernel_modules.keep[1]"),
+            ("name: a\nversion: '1'\ndebian: {kernel: cloud}\nkernel_modules: {drop: [fs]}", "unknown field `drop`"),
             ("name: a\n  version: '1'\n", "not valid YAML"),
         ];
         for (doc, want) in cases {

@@ -149,6 +149,7 @@ mod tests {
                 qcow2: "ballast.qcow2".into(),
             },
             packages: vec![],
+            dropped_modules: vec![],
         };
         std::fs::write(
             dir.path().join("build.json"),
