@@ -153,7 +153,11 @@ pub fn diet(
         entry.bytes += bytes;
     }
     remove_empty_dirs(&dir.join("kernel"))?;
-    stage.cmd(Command::new("chroot").arg(root).args(["depmod", "-a", kver]))?;
+    stage.cmd(
+        Command::new("chroot")
+            .arg(root)
+            .args(["depmod", "-a", kver]),
+    )?;
     let (n, bytes) = dropped
         .values()
         .fold((0, 0), |(n, b), d| (n + d.modules, b + d.bytes));
@@ -335,8 +339,14 @@ updates/dkms/zfs.ko:
     #[test]
     fn soft_dependencies_are_kept_by_name_and_by_alias() {
         let kept = tree().keep(&["drivers/md"], &["fs/nfsd".into()]).unwrap();
-        assert!(kept.contains("kernel/crypto/xor.ko"), "dm_verity's post softdep");
-        assert!(kept.contains("kernel/crypto/md5.ko"), "crypto-md5 is md5's alias");
+        assert!(
+            kept.contains("kernel/crypto/xor.ko"),
+            "dm_verity's post softdep"
+        );
+        assert!(
+            kept.contains("kernel/crypto/md5.ko"),
+            "crypto-md5 is md5's alias"
+        );
         assert!(kept.contains("kernel/net/sunrpc/sunrpc.ko"));
     }
 
@@ -345,7 +355,10 @@ updates/dkms/zfs.ko:
         let t = tree();
         // "fs/btr" is not "fs/btrfs".
         let err = t.keep(&[], &["fs/btr".into()]).unwrap_err();
-        assert!(format!("{err}").contains("\"fs/btr\" matches no module"), "{err}");
+        assert!(
+            format!("{err}").contains("\"fs/btr\" matches no module"),
+            "{err}"
+        );
         let kept = t.keep(&[], &["crypto/md5.ko".into()]).unwrap();
         assert!(kept.contains("kernel/crypto/md5.ko"));
         assert!(!kept.contains("kernel/crypto/xor.ko"));
@@ -359,7 +372,9 @@ updates/dkms/zfs.ko:
             .err()
             .unwrap();
         assert!(format!("{err}").contains("line 2"), "{err}");
-        let err = ModuleTree::parse("../../etc/x.ko:\n", "", "").err().unwrap();
+        let err = ModuleTree::parse("../../etc/x.ko:\n", "", "")
+            .err()
+            .unwrap();
         assert!(format!("{err}").contains("bad module path"), "{err}");
     }
 

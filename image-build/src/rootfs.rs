@@ -18,7 +18,14 @@ const RECIPE: &str = "rootfs-v2";
 /// depends on perl: 28 MB of the root that nothing on the host runs.
 const MERGED_USR_HOOK: &str = "/usr/share/mmdebstrap/hooks/merged-usr";
 
-/// Paths dpkg leaves out of the image: documentation, manuals, translations.
+/// Paths dpkg leaves out of the image: documentation, manuals, translations;
+/// glibc's iconv modules for legacy character sets (glibc converts between
+/// UTF-8, UTF-16/32, ASCII and Latin-1 without them); and udev's hardware
+/// name databases (vendor and model names of PCI, USB, ACPI, Bluetooth and
+/// SDIO devices, and MAC address owners), which only label devices for
+/// people. udev's postinst compiles hwdb.bin from the hwdb files that
+/// remain, as would a `systemd-hwdb update` on the host. (Patterns match
+/// the paths in the package: bookworm's udev ships under /lib.)
 const DPKG_EXCLUDES: &[&str] = &[
     "path-exclude=/usr/share/man/*",
     "path-exclude=/usr/share/doc/*",
@@ -27,6 +34,14 @@ const DPKG_EXCLUDES: &[&str] = &[
     "path-exclude=/usr/share/locale/*",
     "path-include=/usr/share/locale/locale.alias",
     "path-exclude=/usr/share/lintian/*",
+    "path-exclude=/usr/lib/x86_64-linux-gnu/gconv/*",
+    "path-include=/usr/lib/x86_64-linux-gnu/gconv/gconv-modules*",
+    "path-exclude=*/udev/hwdb.d/20-pci-vendor-model.hwdb",
+    "path-exclude=*/udev/hwdb.d/20-usb-vendor-model.hwdb",
+    "path-exclude=*/udev/hwdb.d/20-OUI.hwdb",
+    "path-exclude=*/udev/hwdb.d/20-acpi-vendor.hwdb",
+    "path-exclude=*/udev/hwdb.d/20-bluetooth-vendor-product.hwdb",
+    "path-exclude=*/udev/hwdb.d/20-sdio-vendor-model.hwdb",
 ];
 
 /// The cache key of a spec's base rootfs. Timestamps do not matter: the root
