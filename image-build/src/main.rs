@@ -23,7 +23,7 @@ enum Cmd {
         /// Cache of bootstrapped root filesystems and initrds.
         #[arg(long, default_value = "cache")]
         cache_dir: PathBuf,
-        /// Directory with release builds of os-agent and osctl.
+        /// Directory with the release build of os-agent (osctl is a link to it).
         #[arg(long, default_value = "target/release")]
         agent_dir: PathBuf,
         /// The units tree copied to the image's /usr/lib.

@@ -1,5 +1,6 @@
-//! os-agent: the Ballast host agent. The binaries (`os-agent`, `osctl`) are
-//! thin; everything they do is here, behind the [`host::Host`] trait.
+//! os-agent: the Ballast host agent. The binary is thin (`osctl` is a link
+//! to it, see [`osctl`]); everything it does is here, behind the
+//! [`host::Host`] trait.
 
 pub mod boot;
 pub mod cmdline;
@@ -13,6 +14,7 @@ pub mod host;
 pub mod http;
 pub mod logging;
 pub mod mountinfo;
+pub mod osctl;
 pub mod provision;
 pub mod status;
 #[cfg(feature = "testing")]

@@ -228,7 +228,7 @@ async fn osctl_fleet_watch_follows_a_rollout() {
         .await
         .unwrap();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_osctl"))
+    let mut child = Command::new(common::osctl())
         .args([
             "fleet",
             "--endpoints",

@@ -127,6 +127,11 @@ fn provision() -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // One binary in the image: /usr/bin/osctl links here.
+    let called_as = std::env::args_os().next().map(std::path::PathBuf::from);
+    if called_as.as_deref().and_then(|p| p.file_name()) == Some("osctl".as_ref()) {
+        return os_agent::osctl::main();
+    }
     let cli = Cli::parse();
     logging::init("info");
     let result = match cli.command {

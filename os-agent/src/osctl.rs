@@ -1,12 +1,13 @@
 //! osctl: look at a Ballast host.
-
+//!
 //! Each capability's subcommands live in its own `cli.rs`; this file only
-//! dispatches.
+//! dispatches. There is one binary: /usr/bin/osctl is a link to os-agent,
+//! which runs this when called by that name.
 
+use crate::host::RealHost;
+use crate::logging;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use os_agent::host::RealHost;
-use os_agent::logging;
 use std::process::ExitCode;
 
 /// Look at a Ballast host.
@@ -28,7 +29,7 @@ enum Command {
     /// Check for, apply and inspect updates from the update channel.
     Update {
         #[command(subcommand)]
-        command: os_agent::update::cli::UpdateCommand,
+        command: crate::update::cli::UpdateCommand,
     },
     /// Make the other slot's boot entry the default (the booted version is
     /// marked failed and not installed again); takes effect on the next boot.
@@ -39,44 +40,43 @@ enum Command {
     /// (docs/etcd.md).
     Fleet {
         #[command(flatten)]
-        etcd: os_agent::fleet::cli::EtcdArgs,
+        etcd: crate::fleet::cli::EtcdArgs,
         #[command(subcommand)]
-        command: os_agent::fleet::cli::FleetCommand,
+        command: crate::fleet::cli::FleetCommand,
     },
     /// The containers this host runs (docs/containers.md).
     Containers {
         #[command(subcommand)]
-        command: os_agent::containers::cli::ContainersCommand,
+        command: crate::containers::cli::ContainersCommand,
     },
     /// User data (cloud-config) provisioning.
     Provision {
         #[command(subcommand)]
-        command: os_agent::provision::cli::ProvisionCommand,
+        command: crate::provision::cli::ProvisionCommand,
     },
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Provision { command } => return os_agent::provision::cli::run(&RealHost, command),
-        Command::Containers { command } => {
-            return os_agent::containers::cli::run(&RealHost, command)
-        }
-        Command::Update { command } => os_agent::update::cli::run(&RealHost, command)?,
-        Command::Fleet { etcd, command } => os_agent::fleet::cli::run(&RealHost, &etcd, command)?,
-        Command::Rollback => os_agent::update::cli::rollback(&RealHost)?,
-        Command::Reboot => os_agent::update::cli::reboot(&RealHost)?,
-        Command::Status { json } => os_agent::status::cli::run(&RealHost, json)?,
+        Command::Provision { command } => return crate::provision::cli::run(&RealHost, command),
+        Command::Containers { command } => return crate::containers::cli::run(&RealHost, command),
+        Command::Update { command } => crate::update::cli::run(&RealHost, command)?,
+        Command::Fleet { etcd, command } => crate::fleet::cli::run(&RealHost, &etcd, command)?,
+        Command::Rollback => crate::update::cli::rollback(&RealHost)?,
+        Command::Reboot => crate::update::cli::reboot(&RealHost)?,
+        Command::Status { json } => crate::status::cli::run(&RealHost, json)?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn main() -> ExitCode {
+/// osctl's `main`: parses the command line and runs the command.
+pub fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init("warn");
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            os_agent::print_error_chain(&e);
+            crate::print_error_chain(&e);
             ExitCode::FAILURE
         }
     }
