@@ -347,7 +347,7 @@ fn expect_apply_refused(vm: &Vm, v1: &str, what: &str, why: &str) {
             "osctl update apply should refuse {what} with {why:?} (exit {code}):\n{log}"
         ));
     }
-    let st = json(vm, "osctl update status --json");
+    let st = settled_status(vm);
     if st["state"]["name"] != "failed" || !st["staged"].is_null() {
         vm.fail(format!("update status after refusing {what}: {st:#}"));
     }
@@ -355,6 +355,27 @@ fn expect_apply_refused(vm: &Vm, v1: &str, what: &str, why: &str) {
     if entries != [format!("ballast-{v1}.efi")] {
         vm.fail(format!("/efi/EFI/Linux has {entries:?}"));
     }
+}
+
+/// `osctl update status --json` once no update is under way. The daemon
+/// looks for a channel every minute while it has none, so after a step
+/// configured one it may be checking the same release on its own (seen:
+/// "downloading" right after osctl's refusal); it refuses it too.
+fn settled_status(vm: &Vm) -> Value {
+    let mut st = Value::Null;
+    let settled = poll(APPLY_TIMEOUT, || {
+        st = json(vm, "osctl update status --json");
+        !matches!(
+            st["state"]["name"].as_str(),
+            Some("checking" | "downloading" | "verifying")
+        )
+    });
+    if !settled {
+        vm.fail(format!(
+            "an update was still under way after {APPLY_TIMEOUT:?}: {st:#}"
+        ));
+    }
+    st
 }
 
 /// A copy of the build in `dir` whose UKI has had its Secure Boot signature
