@@ -156,6 +156,24 @@ impl GroupView {
         self.reindex();
     }
 
+    /// The view of a group read whole (at the start of a watch, and after
+    /// a reconnect). Slots held at the read were not seen being taken:
+    /// only a take in the watch afterwards says the queue moves
+    /// ([`GroupView::yields`]).
+    fn read<'a>(keys: &Keys, group: &str, entries: impl Iterator<Item = Entry<'a>>) -> GroupView {
+        let mut view = GroupView {
+            policy: Some(Policy::default()),
+            synced: true,
+            ..GroupView::default()
+        };
+        for e in entries {
+            view.apply_entry(keys, group, e);
+        }
+        view.last_take = None;
+        view.reindex();
+        view
+    }
+
     /// Applies a put or a delete of one key.
     fn apply_entry(&mut self, keys: &Keys, group: &str, e: Entry<'_>) {
         let (key, value, rev, lease) = (e.key, e.value, e.mod_rev, e.lease);
@@ -425,15 +443,7 @@ async fn watch_once(
         .await
         .with_context(|| format!("cannot read {prefix}"))?;
     let rev = now.header().map_or(0, |h| h.revision());
-    let mut view = GroupView {
-        policy: Some(Policy::default()),
-        synced: true,
-        ..GroupView::default()
-    };
-    for kv in now.kvs() {
-        view.apply_entry(keys, group, Entry::of(kv, false));
-    }
-    view.reindex();
+    let view = GroupView::read(keys, group, now.kvs().iter().map(|kv| Entry::of(kv, false)));
     tx.send_replace(view);
     let (_watcher, mut stream) = super::watch_after(&mut c, &prefix, true, rev).await?;
     backoff.reset();
@@ -616,6 +626,38 @@ mod tests {
             slots: vec![(3, 9)],
         };
         assert_eq!(v.held_by("a"), Some(held));
+    }
+
+    #[test]
+    fn slots_held_at_a_read_are_not_takes_seen() {
+        let keys = Keys::new("/b");
+        let k = |s: &str| format!("/b/groups/g/{s}");
+        let mut kvs = vec![
+            (k("policy"), r#"{"max_holders": 2}"#, 1),
+            (k("proven/2.0"), "x", 2),
+            (k("lock/slots/0"), "a", 3),
+        ];
+        for i in 0..=BEHIND_LOOKAHEAD + 2 {
+            kvs.push((k(&format!("queue/q{i}")), "2.0", 10 + i as i64));
+        }
+        let entries = kvs.iter().map(|(key, value, rev)| Entry {
+            key,
+            value: Some(value.as_bytes()),
+            mod_rev: *rev,
+            create_rev: *rev,
+            lease: 0,
+        });
+        let mut v = GroupView::read(&keys, "g", entries);
+        let last = format!("q{}", BEHIND_LOOKAHEAD + 2);
+        assert_eq!(v.turn(&last, "2.0"), Turn::Far);
+        // Slot 0 was held when the view was read, not taken while it
+        // watched: the far host asks on its round.
+        assert!(!v.yields(&last, "2.0"));
+        // Slot 1 taken and slot 0 freed, seen in the watch: the queue moves.
+        v.apply(&keys, "g", &k("lock/slots/1"), Some(b"b"), 40);
+        v.apply(&keys, "g", &k("lock/slots/0"), None, 41);
+        assert_eq!(v.turn(&last, "2.0"), Turn::Far);
+        assert!(v.yields(&last, "2.0"), "a take seen in the watch");
     }
 
     #[test]
