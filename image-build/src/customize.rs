@@ -120,8 +120,8 @@ fn move_homes_to_var(root: &Path) -> Result<()> {
 }
 
 /// One binary: os-agent, with /usr/bin/osctl a link to it (os-agent runs
-/// osctl when called by that name). Two copies of the same code cost 10 MB
-/// of root and 3.7 MB of payload.
+/// osctl when called by that name): two binaries of the same code cost
+/// 10 MB more root.
 fn install_agent(root: &Path, agent_dir: &Path) -> Result<()> {
     let src = agent_dir.join("os-agent");
     if !src.is_file() {
