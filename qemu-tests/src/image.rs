@@ -20,6 +20,16 @@ pub struct TestImage {
     pub info: BuildInfo,
 }
 
+/// `dir/build.json`: what image-build made there. A build that is only
+/// published (the update builds) has no disk image, so this asks for none;
+/// [`TestImage::load`] does.
+pub fn read_build_info(dir: &Path) -> Result<BuildInfo> {
+    let path = dir.join("build.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
 impl TestImage {
     /// The image of this test run, loaded once. Panics, saying how to build
     /// it, if it is missing.
@@ -43,10 +53,7 @@ impl TestImage {
             );
         }
         let path = dir.join("build.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let info: BuildInfo =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let info = read_build_info(dir)?;
         let image = TestImage {
             dir: dir.to_path_buf(),
             info,

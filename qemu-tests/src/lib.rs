@@ -32,7 +32,7 @@ mod vm;
 
 pub use channel::{image_build, update_build, ChannelServer, GUEST_CHANNEL_URL, TEST_KEY};
 pub use console::tail_lines;
-pub use image::TestImage;
+pub use image::{read_build_info, TestImage};
 pub use net::pick_free_port;
 pub use seed::{
     fixture_public_key, harness_user_data, root_fixture_key, user_with_fixture_key, FwCfg, Seed,

@@ -10,8 +10,8 @@
 use std::time::Duration;
 
 use qemu_tests::{
-    image_build, poll, update_build, ChannelServer, TestImage, Vm, VmOptions, DEFAULT_SSH_TIMEOUT,
-    GUEST_CHANNEL_URL, TEST_KEY,
+    image_build, poll, read_build_info, update_build, ChannelServer, TestImage, Vm, VmOptions,
+    DEFAULT_SSH_TIMEOUT, GUEST_CHANNEL_URL, TEST_KEY,
 };
 use serde_json::Value;
 
@@ -248,13 +248,8 @@ fn expect_verified_boot_and_var_intact(vm: &Vm, version: &str) {
         "0.6.0" => update_build("v6"),
         _ => TestImage::get().dir.clone(),
     };
-    // The update builds have no disk image (the Makefile removes it): read
-    // their build.json, not a bootable TestImage.
-    let info: ballast_common::build_info::BuildInfo =
-        std::fs::read_to_string(build.join("build.json"))
-            .map_err(anyhow::Error::from)
-            .and_then(|t| Ok(serde_json::from_str(&t)?))
-            .unwrap_or_else(|e| vm.fail(format!("{}/build.json: {e:#}", build.display())));
+    // The update builds have no disk image (the Makefile removes it).
+    let info = read_build_info(&build).unwrap_or_else(|e| vm.fail(format!("{e:#}")));
     if info.version != version {
         vm.fail(format!(
             "{} holds {}, not {version}",
