@@ -30,6 +30,10 @@ pub struct BuildInfo {
     /// directory under /usr/lib/modules/<kver>.
     #[serde(default)]
     pub dropped_modules: Vec<DroppedModules>,
+    /// Packages the bootstrap installed and the build purged (nothing on a
+    /// running host uses them), in the order purged.
+    #[serde(default)]
+    pub purged_packages: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -67,7 +67,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildInfo> {
     let kver = extracted.kernel_version.clone();
 
     let initrd_path = work.join("initrd.img");
-    stages.run("initrd", |s| {
+    let purged_after_initrd = stages.run("initrd", |s| {
         initrd::build(
             s,
             &initrd::InitrdInputs {
@@ -79,6 +79,13 @@ pub fn build(opts: &BuildOptions) -> Result<BuildInfo> {
                 cache_dir: &opts.cache_dir,
             },
             &initrd_path,
+        )?;
+        crate::purge::purge_with_var(
+            s,
+            &root,
+            &extracted.var_seed,
+            crate::purge::BUILD_PACKAGES,
+            &spec.debian.packages,
         )
     })?;
 
@@ -282,6 +289,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildInfo> {
         },
         packages,
         dropped_modules,
+        purged_packages: [extracted.purged.clone(), purged_after_initrd].concat(),
     };
     let json = serde_json::to_string_pretty(&info)?;
     let tmp = out.join("build.json.tmp");

@@ -26,6 +26,9 @@ pub struct Extracted {
     pub vmlinuz: PathBuf,
     /// The image's /var, moved out of the root: it seeds the data partition.
     pub var_seed: PathBuf,
+    /// The packages purged from the bootstrap (`purge::UNUSED_PACKAGES` and
+    /// the libraries only they used).
+    pub purged: Vec<String>,
 }
 
 pub fn customize(stage: &Stage, root: &Path, work: &Path, inp: &Inputs) -> Result<Extracted> {
@@ -41,7 +44,19 @@ pub fn customize(stage: &Stage, root: &Path, work: &Path, inp: &Inputs) -> Resul
     install_trusted_keys(root, inp.spec)?;
     forget_machine(root)?;
     enable_units(stage, root, inp.units_dir)?;
-    purge_unused(stage, root, &inp.spec.spec.debian.packages)?;
+    let purged = crate::purge::purge(
+        stage,
+        root,
+        crate::purge::UNUSED_PACKAGES,
+        &inp.spec.spec.debian.packages,
+    )?;
+    let missing = crate::elf::missing_libraries(root)?;
+    if !missing.is_empty() {
+        bail!(
+            "programs in the root need libraries it does not have (list the package that has one in debian.packages to keep it):\n  {}",
+            missing.join("\n  ")
+        );
+    }
     std::fs::create_dir_all(root.join("efi"))?;
     let (kernel_version, vmlinuz) = take_kernel(root, work)?;
     let var_seed = work.join("var-seed");
@@ -58,40 +73,8 @@ pub fn customize(stage: &Stage, root: &Path, work: &Path, inp: &Inputs) -> Resul
         kernel_version,
         vmlinuz,
         var_seed,
+        purged,
     })
-}
-
-/// Packages the bootstrap installs that nothing on a running host uses, in
-/// the order they are purged: apt (no package manager ever changes the
-/// root), then perl-base, Essential in Debian for maintainer scripts
-/// (debconf, adduser, update-rc.d) that never run on a host. A package the
-/// spec lists stays, and perl-base stays when `perl` is installed (what runs
-/// perl programs depends on it).
-pub const UNUSED_PACKAGES: &[&str] = &["apt", "perl-base"];
-
-fn purge_unused(stage: &Stage, root: &Path, listed: &[String]) -> Result<()> {
-    let perl = stage.output(Command::new("chroot").arg(root).args([
-        "dpkg-query",
-        "-W",
-        "-f=${db:Status-Abbrev}",
-        "perl",
-    ]));
-    let perl_installed = matches!(perl.as_deref(), Ok(s) if s.starts_with("ii"));
-    for pkg in UNUSED_PACKAGES {
-        if listed.iter().any(|l| l == pkg) || (*pkg == "perl-base" && perl_installed) {
-            stage.log(&format!("{pkg} stays: the spec needs it"))?;
-            continue;
-        }
-        // One at a time: apt's postrm runs deb-systemd-helper, a perl script.
-        stage.cmd(Command::new("chroot").arg(root).args([
-            "dpkg",
-            "--purge",
-            "--force-remove-essential",
-            "--force-depends",
-            pkg,
-        ]))?;
-    }
-    Ok(())
 }
 
 /// /root and /home must be writable (users, SSH keys), and the root is not:

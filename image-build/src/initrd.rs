@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const RECIPE: &str = "initrd-v2";
+const RECIPE: &str = "initrd-v3";
 
 /// zstd level of the initrd (the kernel unpacks zstd; dracut itself would
 /// need zstd inside the image).
@@ -102,12 +102,17 @@ pub struct InitrdInputs<'a> {
 
 pub fn build(stage: &Stage, inp: &InitrdInputs, out: &Path) -> Result<()> {
     let drivers = available_drivers(inp.root, inp.kver)?;
+    // dracut's dm module takes all of drivers/md (RAID, bcache, thin, cache,
+    // multipath: 3.5 MB of cpio); the boot needs dm-verity and what it needs.
+    let omit = crate::modules::unneeded_under(inp.root, inp.kver, "drivers/md", &drivers)?;
     let mut h = Sha256::new();
     for part in [RECIPE, inp.rootfs_key, inp.kver, MODULES] {
         h.update(part.as_bytes());
         h.update([0]);
     }
     h.update(drivers.join(" ").as_bytes());
+    h.update([0]);
+    h.update(omit.join(" ").as_bytes());
     h.update(inp.epoch.to_le_bytes());
     let dracut_dir = inp.units_dir.join("dracut");
     if dracut_dir.is_dir() {
@@ -139,6 +144,8 @@ pub fn build(stage: &Stage, inp: &InitrdInputs, out: &Path) -> Result<()> {
             .arg(MODULES)
             .arg("--drivers")
             .arg(drivers.join(" "))
+            .arg("--omit-drivers")
+            .arg(omit.join(" "))
             .arg(inner)
             .env("SOURCE_DATE_EPOCH", inp.epoch.to_string()),
     )?;

@@ -4,9 +4,11 @@
 pub mod build;
 pub mod customize;
 pub mod disk;
+pub mod elf;
 pub mod esp;
 pub mod initrd;
 pub mod modules;
+pub mod purge;
 pub mod release;
 pub mod rootfs;
 pub mod secure_boot;

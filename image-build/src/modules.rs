@@ -92,6 +92,29 @@ pub const CLOUD_SET: &[&str] = &[
     "net/xfrm",
 ];
 
+/// What the `cloud` set leaves out of the directories it keeps, unless a kept
+/// module needs it: the roles of a storage server or a Xen dom0, not of a
+/// guest (NVMe over Fabrics targets and the RDMA transports that bring the
+/// whole InfiniBand core, DRBD, bcache, Xen's backend drivers, of which
+/// xen-scsiback brings the SCSI target core), and test devices, tapes and
+/// cellular modems.
+pub const CLOUD_EXCEPT: &[&str] = &[
+    "drivers/nvme/target",
+    "drivers/nvme/host/nvme-rdma.ko",
+    "drivers/block/drbd",
+    "drivers/md/bcache",
+    "drivers/xen/xen-scsiback.ko",
+    "drivers/xen/xen-pciback",
+    "drivers/block/xen-blkback",
+    "drivers/net/xen-netback",
+    // Test and debugging devices, tape drives, cellular modems.
+    "drivers/scsi/scsi_debug.ko",
+    "drivers/block/null_blk",
+    "drivers/scsi/st.ko",
+    "drivers/net/wwan",
+    "drivers/net/mhi_net.ko",
+];
+
 /// The set a spec keeps: its own, or its kernel flavour's default (`cloud`
 /// for the cloud kernel; `all` for the generic one, whose bare-metal driver
 /// set is kept whole).
@@ -111,25 +134,17 @@ pub fn diet(
     spec: &KernelModules,
     kernel: KernelFlavour,
 ) -> Result<Vec<DroppedModules>> {
-    let set: &[&str] = match effective_set(spec, kernel) {
+    let (set, except): (&[&str], &[&str]) = match effective_set(spec, kernel) {
         ModuleSet::All => {
             stage.log("module set `all`: every module stays")?;
             return Ok(Vec::new());
         }
-        ModuleSet::Cloud => CLOUD_SET,
+        ModuleSet::Cloud => (CLOUD_SET, CLOUD_EXCEPT),
     };
     let dir = root.join("usr/lib/modules").join(kver);
-    let read = |name: &str| {
-        let p = dir.join(name);
-        std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
-    };
-    let tree = ModuleTree::parse(
-        &read("modules.dep")?,
-        &read("modules.softdep").unwrap_or_default(),
-        &read("modules.alias").unwrap_or_default(),
-    )?;
+    let tree = ModuleTree::load(&dir)?;
     let kept = tree
-        .keep(set, &spec.keep)
+        .keep(set, except, &spec.keep)
         .with_context(|| format!("kernel_modules.keep, for kernel {kver}"))?;
     let mut dropped: BTreeMap<String, DroppedModules> = BTreeMap::new();
     for module in tree.deps.keys() {
@@ -169,6 +184,26 @@ pub fn diet(
     Ok(dropped.into_values().collect())
 }
 
+/// The modules under `dir` (relative to `kernel/`) that none of `drivers`
+/// (module names) needs, by name: what the initrd leaves out of a dracut
+/// module that takes a whole directory.
+pub fn unneeded_under(root: &Path, kver: &str, dir: &str, drivers: &[&str]) -> Result<Vec<String>> {
+    let tree = ModuleTree::load(&root.join("usr/lib/modules").join(kver))?;
+    let paths: Vec<&str> = drivers
+        .iter()
+        .filter_map(|d| tree.path_of(&d.replace('-', "_")))
+        .filter_map(|p| p.strip_prefix("kernel/"))
+        .collect();
+    let kept = tree.keep(&paths, &[], &[])?;
+    let prefix = format!("kernel/{}/", dir.trim_end_matches('/'));
+    Ok(tree
+        .deps
+        .keys()
+        .filter(|m| m.starts_with(&prefix) && !kept.contains(*m))
+        .map(|m| module_name(m))
+        .collect())
+}
+
 fn remove_empty_dirs(dir: &Path) -> Result<bool> {
     let mut empty = true;
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
@@ -203,6 +238,19 @@ fn module_name(path: &str) -> String {
 }
 
 impl ModuleTree {
+    /// Reads depmod's files in a kernel's module directory.
+    fn load(dir: &Path) -> Result<ModuleTree> {
+        let read = |name: &str| {
+            let p = dir.join(name);
+            std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
+        };
+        ModuleTree::parse(
+            &read("modules.dep")?,
+            &read("modules.softdep").unwrap_or_default(),
+            &read("modules.alias").unwrap_or_default(),
+        )
+    }
+
     fn parse(dep: &str, softdep: &str, alias: &str) -> Result<ModuleTree> {
         let mut deps = BTreeMap::new();
         let mut by_name = BTreeMap::new();
@@ -262,11 +310,12 @@ impl ModuleTree {
             .or_else(|| self.by_name.get(self.aliases.get(name)?))
     }
 
-    /// The modules to keep: those under a path of `set` or `extra` (paths
-    /// relative to `kernel/`), and everything they need. A path of `extra`
-    /// that matches no module is an error (a typo would otherwise drop what
-    /// the user meant to keep); the set's paths may be missing from a kernel.
-    fn keep(&self, set: &[&str], extra: &[String]) -> Result<BTreeSet<String>> {
+    /// The modules to keep: those under a path of `set` but not of `except`,
+    /// or under a path of `extra` (paths relative to `kernel/`), and
+    /// everything they need. A path of `extra` that matches no module is an
+    /// error (a typo would otherwise drop what the user meant to keep); the
+    /// set's paths may be missing from a kernel.
+    fn keep(&self, set: &[&str], except: &[&str], extra: &[String]) -> Result<BTreeSet<String>> {
         let under = |module: &str, path: &str| {
             module
                 .strip_prefix("kernel/")
@@ -276,7 +325,9 @@ impl ModuleTree {
         let mut todo: Vec<&String> = Vec::new();
         for path in set.iter().copied().chain(extra.iter().map(String::as_str)) {
             let before = todo.len();
-            todo.extend(self.deps.keys().filter(|m| under(m, path)));
+            let excepted =
+                |m: &str| !extra.iter().any(|e| e == path) && except.iter().any(|x| under(m, x));
+            todo.extend(self.deps.keys().filter(|m| under(m, path) && !excepted(m)));
             if todo.len() == before && extra.iter().any(|e| e == path) {
                 bail!("{path:?} matches no module under kernel/");
             }
@@ -325,7 +376,7 @@ updates/dkms/zfs.ko:
 
     #[test]
     fn a_kept_directory_brings_what_its_modules_need() {
-        let kept = tree().keep(&["drivers/net"], &[]).unwrap();
+        let kept = tree().keep(&["drivers/net"], &[], &[]).unwrap();
         assert!(kept.contains("kernel/drivers/net/virtio_net.ko"));
         assert!(kept.contains("kernel/drivers/net/net_failover.ko"));
         // Outside the set, needed through net_failover.
@@ -337,8 +388,29 @@ updates/dkms/zfs.ko:
     }
 
     #[test]
+    fn an_exception_is_left_out_unless_needed_or_kept_by_the_spec() {
+        let t = tree();
+        let kept = t
+            .keep(
+                &["drivers/net", "net"],
+                &["drivers/net/net_failover.ko", "net/sunrpc"],
+                &[],
+            )
+            .unwrap();
+        // virtio_net needs net_failover: it comes back.
+        assert!(kept.contains("kernel/drivers/net/net_failover.ko"));
+        assert!(!kept.contains("kernel/net/sunrpc/sunrpc.ko"));
+        let kept = t
+            .keep(&["net"], &["net/sunrpc"], &["net/sunrpc".into()])
+            .unwrap();
+        assert!(kept.contains("kernel/net/sunrpc/sunrpc.ko"));
+    }
+
+    #[test]
     fn soft_dependencies_are_kept_by_name_and_by_alias() {
-        let kept = tree().keep(&["drivers/md"], &["fs/nfsd".into()]).unwrap();
+        let kept = tree()
+            .keep(&["drivers/md"], &[], &["fs/nfsd".into()])
+            .unwrap();
         assert!(
             kept.contains("kernel/crypto/xor.ko"),
             "dm_verity's post softdep"
@@ -354,16 +426,16 @@ updates/dkms/zfs.ko:
     fn paths_match_whole_components_and_single_files() {
         let t = tree();
         // "fs/btr" is not "fs/btrfs".
-        let err = t.keep(&[], &["fs/btr".into()]).unwrap_err();
+        let err = t.keep(&[], &[], &["fs/btr".into()]).unwrap_err();
         assert!(
             format!("{err}").contains("\"fs/btr\" matches no module"),
             "{err}"
         );
-        let kept = t.keep(&[], &["crypto/md5.ko".into()]).unwrap();
+        let kept = t.keep(&[], &[], &["crypto/md5.ko".into()]).unwrap();
         assert!(kept.contains("kernel/crypto/md5.ko"));
         assert!(!kept.contains("kernel/crypto/xor.ko"));
         // A set path missing from this kernel is not an error.
-        assert!(t.keep(&["drivers/usb"], &[]).is_ok());
+        assert!(t.keep(&["drivers/usb"], &[], &[]).is_ok());
     }
 
     #[test]
@@ -376,6 +448,29 @@ updates/dkms/zfs.ko:
             .err()
             .unwrap();
         assert!(format!("{err}").contains("bad module path"), "{err}");
+    }
+
+    #[test]
+    fn a_directory_keeps_only_what_the_drivers_need() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("usr/lib/modules/6.1.0");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("modules.dep"),
+            "kernel/drivers/md/dm-verity.ko: kernel/drivers/md/dm-bufio.ko kernel/drivers/md/dm-mod.ko\n\
+             kernel/drivers/md/dm-bufio.ko:\nkernel/drivers/md/dm-mod.ko:\n\
+             kernel/drivers/md/raid456.ko: kernel/drivers/md/md-mod.ko\nkernel/drivers/md/md-mod.ko:\n\
+             kernel/drivers/md/bcache/bcache.ko:\nkernel/fs/erofs/erofs.ko:\n",
+        )
+        .unwrap();
+        let omit = unneeded_under(
+            root.path(),
+            "6.1.0",
+            "drivers/md",
+            &["dm-verity", "erofs", "nvme"],
+        )
+        .unwrap();
+        assert_eq!(omit, ["bcache", "md_mod", "raid456"]);
     }
 
     #[test]

@@ -298,6 +298,7 @@ mod tests {
             },
             packages: vec![],
             dropped_modules: vec![],
+            purged_packages: vec![],
         };
         std::fs::write(
             dir.join("build.json"),

@@ -42,6 +42,27 @@ const DPKG_EXCLUDES: &[&str] = &[
     "path-exclude=*/udev/hwdb.d/20-acpi-vendor.hwdb",
     "path-exclude=*/udev/hwdb.d/20-bluetooth-vendor-product.hwdb",
     "path-exclude=*/udev/hwdb.d/20-sdio-vendor-model.hwdb",
+    // machined's image downloads (importd, systemd-pull): the one user of
+    // libcurl and, through it, gnutls, LDAP, SSH and RTMP (5 MB of
+    // libraries, purged: purge::UNUSED_PACKAGES). Containers come through
+    // the agent's OCI client.
+    "path-exclude=*/lib/systemd/systemd-importd",
+    "path-exclude=*/lib/systemd/systemd-pull",
+    "path-exclude=*/lib/systemd/systemd-import",
+    "path-exclude=*/lib/systemd/systemd-import-fs",
+    "path-exclude=*/lib/systemd/systemd-export",
+    "path-exclude=*/lib/systemd/import-pubring.gpg",
+    "path-exclude=*/lib/systemd/system/systemd-importd.service",
+    "path-exclude=*/lib/systemd/system/dbus-org.freedesktop.import1.service",
+    "path-exclude=/usr/share/dbus-1/system-services/org.freedesktop.import1.service",
+    "path-exclude=/usr/share/dbus-1/system.d/org.freedesktop.import1.conf",
+    "path-exclude=/usr/share/polkit-1/actions/org.freedesktop.import1.policy",
+    // glibc's vector math library, for code built with -fopenmp-simd or
+    // -ffast-math vectorization: nothing in the root links it.
+    "path-exclude=*/x86_64-linux-gnu/libmvec.so.1",
+    // tc's ATM qdisc, which needs libatm (not installed: iproute2 only
+    // recommends it).
+    "path-exclude=*/x86_64-linux-gnu/tc/q_atm.so",
 ];
 
 /// The cache key of a spec's base rootfs. Timestamps do not matter: the root

@@ -157,6 +157,7 @@ mod tests {
             },
             packages: vec![],
             dropped_modules: vec![],
+            purged_packages: vec![],
         };
         std::fs::write(
             dir.path().join("build.json"),
