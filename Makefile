@@ -146,6 +146,7 @@ bench: test-deps image test-image
 	target/release/fleet-sim 1000 50 2
 	target/release/fleet-sim 10000 200 2
 	BALLAST_TEST_IMAGE_DIR=$(abspath $(TEST_OUT)) target/release/containers 128 5
+	target/release/boot $(OUT) 3
 
 lint:
 	$(CARGO) fmt --all --check

@@ -237,7 +237,7 @@ fn forget_machine(root: &Path) -> Result<()> {
 /// Enables what the units tree's presets enable, with systemctl --root.
 fn enable_units(stage: &Stage, root: &Path, units_dir: &Path) -> Result<()> {
     let dir = units_dir.join("systemd/system-preset");
-    let mut units = Vec::new();
+    let (mut enable, mut disable) = (Vec::new(), Vec::new());
     if dir.is_dir() {
         let mut files: Vec<_> = std::fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
         files.sort_by_key(|e| e.file_name());
@@ -245,20 +245,24 @@ fn enable_units(stage: &Stage, root: &Path, units_dir: &Path) -> Result<()> {
             let text = std::fs::read_to_string(f.path())?;
             for line in text.lines() {
                 if let Some(u) = line.trim().strip_prefix("enable ") {
-                    units.push(u.trim().to_string());
+                    enable.push(u.trim().to_string());
+                } else if let Some(u) = line.trim().strip_prefix("disable ") {
+                    disable.push(u.trim().to_string());
                 }
             }
         }
     }
-    if units.is_empty() {
-        return Ok(());
+    for (verb, units) in [("enable", &enable), ("disable", &disable)] {
+        if !units.is_empty() {
+            stage.cmd(
+                Command::new("systemctl")
+                    .arg(format!("--root={}", root.display()))
+                    .arg(verb)
+                    .args(units),
+            )?;
+        }
     }
-    stage.cmd(
-        Command::new("systemctl")
-            .arg(format!("--root={}", root.display()))
-            .arg("enable")
-            .args(&units),
-    )
+    Ok(())
 }
 
 fn take_kernel(root: &Path, work: &Path) -> Result<(String, PathBuf)> {
