@@ -249,16 +249,16 @@ pub fn missing_libraries(root: &Path) -> Result<Vec<String>> {
                 continue;
             }
             let path = e.path();
-            let mut head = [0u8; 4];
             let mut f = std::fs::File::open(&path)
                 .with_context(|| format!("cannot open {}", path.display()))?;
-            if f.read(&mut head)? < 4 || &head != b"\x7fELF" {
+            let mut bytes = Vec::new();
+            (&mut f).take(4).read_to_end(&mut bytes)?;
+            if bytes != b"\x7fELF" {
                 continue;
             }
-            let bytes = std::fs::read(&path)?;
+            f.read_to_end(&mut bytes)
+                .with_context(|| format!("cannot read {}", path.display()))?;
             let in_image = format!("/{}", path.strip_prefix(root)?.display());
-            // The object's own directory last: libsystemd-core needs
-            // libsystemd-shared beside it, which systemd's RUNPATH loaded.
             let Some(d) = dynamic(&bytes).with_context(|| format!("{in_image}: bad ELF file"))?
             else {
                 continue;
@@ -270,6 +270,9 @@ pub fn missing_libraries(root: &Path) -> Result<Vec<String>> {
                     .iter()
                     .map(|s| s.replace("$ORIGIN", origin).replace("${ORIGIN}", origin))
                     .chain(dirs.iter().cloned())
+                    // The object's own directory last: libsystemd-core needs
+                    // libsystemd-shared beside it, which systemd's RUNPATH
+                    // loaded.
                     .chain([origin.to_string()])
                     .any(|dir| resolve(root, &format!("{dir}/{lib}")).is_some_and(|p| p.is_file()));
                 if !found {

@@ -64,8 +64,7 @@ pub fn available_drivers(root: &Path, kver: &str) -> Result<Vec<&'static str>> {
     let names: std::collections::BTreeSet<String> = known
         .lines()
         .filter_map(|l| l.split(':').next())
-        .filter_map(|p| p.rsplit('/').next())
-        .map(|f| f.split(".ko").next().unwrap_or(f).replace('-', "_"))
+        .map(crate::modules::module_name)
         .collect();
     Ok(DRIVERS
         .iter()

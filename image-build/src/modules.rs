@@ -231,7 +231,7 @@ struct ModuleTree {
 
 /// A module's name from its path: file name without `.ko` (and compression
 /// suffix), with '-' read as '_' as modprobe does.
-fn module_name(path: &str) -> String {
+pub(crate) fn module_name(path: &str) -> String {
     let file = path.rsplit('/').next().unwrap_or(path);
     let stem = file.split(".ko").next().unwrap_or(file);
     stem.replace('-', "_")
@@ -325,10 +325,11 @@ impl ModuleTree {
         let mut todo: Vec<&String> = Vec::new();
         for path in set.iter().copied().chain(extra.iter().map(String::as_str)) {
             let before = todo.len();
-            let excepted =
-                |m: &str| !extra.iter().any(|e| e == path) && except.iter().any(|x| under(m, x));
+            // The spec's own paths are kept whole, exceptions or not.
+            let from_spec = extra.iter().any(|e| e == path);
+            let excepted = |m: &str| !from_spec && except.iter().any(|x| under(m, x));
             todo.extend(self.deps.keys().filter(|m| under(m, path) && !excepted(m)));
-            if todo.len() == before && extra.iter().any(|e| e == path) {
+            if todo.len() == before && from_spec {
                 bail!("{path:?} matches no module under kernel/");
             }
         }

@@ -157,19 +157,14 @@ pub fn purge(
             root.display()
         );
     }
-    let roots: Vec<&str> = packages
-        .iter()
-        .copied()
-        .filter(|p| installed.has(p))
-        .filter(|p| {
-            let stays =
-                listed.iter().any(|l| l == p) || (*p == "perl-base" && installed.has("perl"));
-            if stays {
-                let _ = stage.log(&format!("{p} stays: the spec needs it"));
-            }
-            !stays
-        })
-        .collect();
+    let mut roots: Vec<&str> = Vec::new();
+    for p in packages.iter().copied().filter(|p| installed.has(p)) {
+        if listed.iter().any(|l| l == p) || (p == "perl-base" && installed.has("perl")) {
+            stage.log(&format!("{p} stays: the spec needs it"))?;
+        } else {
+            roots.push(p);
+        }
+    }
     let libraries = installed.orphaned_libraries(&roots, listed);
     // One package at a time, perl-base last: apt's postrm runs
     // deb-systemd-helper, a perl script.
