@@ -86,13 +86,16 @@ image: build
 # (qemu-tests/tests/update.rs): 0.2.0 to 0.6.0, and 0.1.1 whose health check fails.
 # Those are only ever published (image-build release reads build.json, the
 # root's .zst, its verity area and the UKI), never booted from their own disk:
-# their disk images and uncompressed root (810 MB a build) are removed.
+# their disk images and uncompressed root (810 MB a build) are removed. The
+# metal image (qemu-tests/tests/metal.rs) is booted from its qcow2 only.
 test-image: build
 	$(IMAGE_BUILD) build --config qemu-tests/test-image.yaml --output $(TEST_OUT)
 	for v in v2 v3 v4 v5 v6 bad; do \
 		$(IMAGE_BUILD) build --config qemu-tests/test-image-$$v.yaml --output $(TEST_OUT)-$$v || exit 1; \
 		rm -f $(TEST_OUT)-$$v/*.raw $(TEST_OUT)-$$v/*.qcow2 $(TEST_OUT)-$$v/*.root.erofs; \
 	done
+	$(IMAGE_BUILD) build --config qemu-tests/test-image-metal.yaml --output $(TEST_OUT)-metal
+	rm -f $(TEST_OUT)-metal/*.raw $(TEST_OUT)-metal/*.root.erofs
 
 unit-test: test-deps
 	$(CARGO) test --locked --workspace --exclude qemu-tests

@@ -31,17 +31,18 @@ pub fn image_build() -> PathBuf {
     workspace().join("target/release/image-build")
 }
 
-/// The build directory of an update test image: `<test image dir>-<suffix>`
+/// The build directory of a test image built beside the main one (the
+/// update tests' releases, the metal image): `<test image dir>-<suffix>`
 /// (`out/test-v2` for `qemu-tests/test-image-v2.yaml`). Panics, saying how
 /// to build it, if it is missing.
-pub fn update_build(suffix: &str) -> PathBuf {
+pub fn sibling_build(suffix: &str) -> PathBuf {
     let base = crate::TestImage::get().dir.clone();
     let mut name = base.file_name().unwrap_or_default().to_os_string();
     name.push(format!("-{suffix}"));
     let dir = base.with_file_name(name);
     if !dir.join("build.json").is_file() {
         panic!(
-            "no update test image in {}: build it with `make test-image`, or \
+            "no test image in {}: build it with `make test-image`, or \
              `target/release/image-build build --config qemu-tests/test-image-{suffix}.yaml \
              --output {}`",
             dir.display(),

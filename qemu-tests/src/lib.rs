@@ -30,7 +30,7 @@ mod seed;
 mod ssh;
 mod vm;
 
-pub use channel::{image_build, update_build, ChannelServer, GUEST_CHANNEL_URL, TEST_KEY};
+pub use channel::{image_build, sibling_build, ChannelServer, GUEST_CHANNEL_URL, TEST_KEY};
 pub use console::tail_lines;
 pub use image::{read_build_info, TestImage};
 pub use net::pick_free_port;
@@ -38,7 +38,7 @@ pub use seed::{
     fixture_public_key, harness_user_data, root_fixture_key, user_with_fixture_key, FwCfg, Seed,
     UserData,
 };
-pub use vm::{Vm, VmOptions, DEFAULT_SSH_TIMEOUT};
+pub use vm::{MachineShape, Vm, VmOptions, DEFAULT_SSH_TIMEOUT};
 
 /// Calls `ready` every 3 s until it returns true (then `true`) or `timeout`
 /// passes (then `false`): how the tests wait on a guest.

@@ -67,6 +67,20 @@ pub struct VmOptions {
     /// A test that brings its own must give root the key itself
     /// ([`crate::root_fixture_key`]) if it wants to log in.
     pub own_user_data: bool,
+    /// The devices the guest sees: virtio by default.
+    pub shape: MachineShape,
+}
+
+/// The virtual hardware of a [`Vm`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MachineShape {
+    /// A cloud VM: virtio disk, NIC and entropy source.
+    #[default]
+    Virtio,
+    /// A PC with no virtio at all: the disk on q35's built-in AHCI (SATA)
+    /// controller, an Intel e1000e NIC, no hardware entropy source. What
+    /// the metal image's drivers must find.
+    Metal,
 }
 
 /// A running (or powered-off) VM. Its disk overlay and UEFI variables live
@@ -543,6 +557,7 @@ impl Vm {
             ovmf_code: env_or("BALLAST_OVMF_CODE", OVMF_CODE),
             guest_forwards: &self.opts.guest_forwards,
             host_forwards: forwards,
+            shape: self.opts.shape,
         })?;
         let mut child = Command::new("qemu-system-x86_64")
             .args(&args)
@@ -623,6 +638,7 @@ struct QemuConfig<'a> {
     guest_forwards: &'a [String],
     /// (host port, guest port).
     host_forwards: &'a [(u16, u16)],
+    shape: MachineShape,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -672,8 +688,6 @@ fn qemu_args(c: &QemuConfig<'_>) -> Result<Vec<String>> {
         format!("if=pflash,format=raw,unit=1,file={}", path("OVMF_VARS.fd")?),
         "-drive".into(),
         format!("if=none,id=d0,format=qcow2,file={}", path("disk.qcow2")?),
-        "-device".into(),
-        "virtio-blk-pci,drive=d0,bootindex=0".into(),
         // restrict=on: the guest reaches nothing but the host forwards.
         "-netdev".into(),
         format!(
@@ -688,11 +702,6 @@ fn qemu_args(c: &QemuConfig<'_>) -> Result<Vec<String>> {
                 .map(|g| format!(",guestfwd={g}"))
                 .collect::<String>()
         ),
-        "-device".into(),
-        "virtio-net-pci,netdev=n0".into(),
-        // Entropy, so sshd and friends do not wait for it under TCG.
-        "-device".into(),
-        "virtio-rng-pci".into(),
         // append=on: the log spans power cycles of the same VM.
         "-chardev".into(),
         format!("file,id=ser0,path={},append=on", path("console.log")?),
@@ -706,6 +715,19 @@ fn qemu_args(c: &QemuConfig<'_>) -> Result<Vec<String>> {
         "-mon".into(),
         "chardev=mon0,mode=readline".into(),
     ]);
+    let devices: &[&str] = match c.shape {
+        MachineShape::Virtio => &[
+            "virtio-blk-pci,drive=d0,bootindex=0",
+            "virtio-net-pci,netdev=n0",
+            // Entropy, so sshd and friends do not wait for it under TCG.
+            "virtio-rng-pci",
+        ],
+        // ide.0 is the first port of the ICH9 AHCI controller q35 always has.
+        MachineShape::Metal => &["ide-hd,drive=d0,bus=ide.0,bootindex=0", "e1000e,netdev=n0"],
+    };
+    for d in devices {
+        args.extend(["-device".to_string(), d.to_string()]);
+    }
     Ok(args)
 }
 
@@ -842,6 +864,7 @@ mod tests {
             ovmf_code: OVMF_CODE.into(),
             guest_forwards: &[],
             host_forwards: &[],
+            shape: MachineShape::Virtio,
         })
         .unwrap();
         let joined = args.join(" ");
@@ -856,6 +879,33 @@ mod tests {
         );
         assert!(joined.contains("file=/tmp/vm/disk.qcow2"), "{joined}");
         assert!(joined.contains("readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"));
+        assert!(
+            joined.contains("-device virtio-blk-pci,drive=d0"),
+            "{joined}"
+        );
+    }
+
+    #[test]
+    fn metal_shape_has_no_virtio() {
+        let args = qemu_args(&QemuConfig {
+            dir: Path::new("/tmp/vm"),
+            accel: Accel::Tcg,
+            memory_mib: 1536,
+            cpus: 2,
+            ssh_port: 40022,
+            ovmf_code: OVMF_CODE.into(),
+            guest_forwards: &[],
+            host_forwards: &[],
+            shape: MachineShape::Metal,
+        })
+        .unwrap();
+        let joined = args.join(" ");
+        assert!(!joined.contains("virtio"), "{joined}");
+        assert!(
+            joined.contains("-device ide-hd,drive=d0,bus=ide.0"),
+            "{joined}"
+        );
+        assert!(joined.contains("-device e1000e,netdev=n0"), "{joined}");
     }
 
     #[test]
@@ -869,6 +919,7 @@ mod tests {
             ovmf_code: OVMF_CODE.into(),
             guest_forwards: &[],
             host_forwards: &[],
+            shape: MachineShape::Virtio,
         })
         .unwrap_err();
         assert!(err.to_string().contains("comma"));

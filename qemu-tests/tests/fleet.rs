@@ -19,8 +19,8 @@ use base64::Engine as _;
 use os_agent::fleet::server::LocalEtcd;
 use qemu_tests::containers::{WebImage, GUEST_REGISTRY};
 use qemu_tests::{
-    poll, root_fixture_key, update_build, ChannelServer, FwCfg, TestImage, UserData, Vm, VmOptions,
-    GUEST_CHANNEL_URL, TEST_KEY,
+    poll, root_fixture_key, sibling_build, ChannelServer, FwCfg, TestImage, UserData, Vm,
+    VmOptions, GUEST_CHANNEL_URL, TEST_KEY,
 };
 use serde_json::Value;
 
@@ -172,7 +172,7 @@ fn hosts_provisioned_by_user_data_update_one_reboot_at_a_time() {
         ));
     }
 
-    ch.publish(&update_build("v2"), TEST_KEY.as_ref())
+    ch.publish(&sibling_build("v2"), TEST_KEY.as_ref())
         .unwrap_or_else(|e| vms[0].fail(format!("{e:#}")));
     if !poll(ROLLOUT_TIMEOUT, || {
         seen = hosts(&etcd);

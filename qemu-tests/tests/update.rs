@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use qemu_tests::{
-    image_build, poll, read_build_info, update_build, ChannelServer, TestImage, Vm, VmOptions,
+    image_build, poll, read_build_info, sibling_build, ChannelServer, TestImage, Vm, VmOptions,
     DEFAULT_SSH_TIMEOUT, GUEST_CHANNEL_URL, TEST_KEY,
 };
 use serde_json::Value;
@@ -171,7 +171,7 @@ fn a_release_failing_its_health_check_rolls_back_by_itself() {
     let v1 = TestImage::get().info.version.clone();
     wait_blessed(&vm, &v1);
     configure(&vm);
-    ch.publish(&update_build("bad"), TEST_KEY.as_ref())
+    ch.publish(&sibling_build("bad"), TEST_KEY.as_ref())
         .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
     apply_and_reboot(&vm);
 
@@ -241,11 +241,11 @@ fn configure_this_boot(vm: &Vm) {
 /// of `version`, and /var kept what was written before the cut.
 fn expect_verified_boot_and_var_intact(vm: &Vm, version: &str) {
     let build = match version {
-        "0.2.0" => update_build("v2"),
-        "0.3.0" => update_build("v3"),
-        "0.4.0" => update_build("v4"),
-        "0.5.0" => update_build("v5"),
-        "0.6.0" => update_build("v6"),
+        "0.2.0" => sibling_build("v2"),
+        "0.3.0" => sibling_build("v3"),
+        "0.4.0" => sibling_build("v4"),
+        "0.5.0" => sibling_build("v5"),
+        "0.6.0" => sibling_build("v6"),
         _ => TestImage::get().dir.clone(),
     };
     // The update builds have no disk image (the Makefile removes it).
@@ -293,7 +293,7 @@ fn refuses_untrusted_and_tampered_releases(vm: &Vm, ch: &ChannelServer, v1: &str
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    ch.publish(&update_build("v2"), &keys.path().join("untrusted.secret"))
+    ch.publish(&sibling_build("v2"), &keys.path().join("untrusted.secret"))
         .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
     for cmd in ["osctl update check", "osctl update apply"] {
         let out = vm.ssh(cmd);
@@ -306,7 +306,7 @@ fn refuses_untrusted_and_tampered_releases(vm: &Vm, ch: &ChannelServer, v1: &str
         }
     }
 
-    ch.publish(&update_build("v2"), TEST_KEY.as_ref())
+    ch.publish(&sibling_build("v2"), TEST_KEY.as_ref())
         .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
     let payload = ch
         .root_payload()
@@ -323,7 +323,7 @@ fn refuses_untrusted_and_tampered_releases(vm: &Vm, ch: &ChannelServer, v1: &str
     // Signed by the trusted channel key, but its UKI carries no Secure Boot
     // signature (a publisher who forgot to sign): this host's firmware would
     // refuse it, so the host refuses to make slot B bootable with it.
-    let unsigned = unsigned_build(&update_build("v2"));
+    let unsigned = unsigned_build(&sibling_build("v2"));
     ch.publish(unsigned.path(), TEST_KEY.as_ref())
         .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
     expect_apply_refused(
@@ -333,7 +333,7 @@ fn refuses_untrusted_and_tampered_releases(vm: &Vm, ch: &ChannelServer, v1: &str
         "is not signed, and this host boots with Secure Boot on",
     );
     // The signed release again, for what follows.
-    ch.publish(&update_build("v2"), TEST_KEY.as_ref())
+    ch.publish(&sibling_build("v2"), TEST_KEY.as_ref())
         .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
 }
 
@@ -522,7 +522,7 @@ fn power_cuts_during_an_update_leave_a_verified_boot() {
     // 4. From slot B back to A, the power goes 5 s after `staged`: the
     // delay in which vfat lost the entry's size before it was synced under
     // its final name.
-    ch.publish(&update_build("v3"), TEST_KEY.as_ref())
+    ch.publish(&sibling_build("v3"), TEST_KEY.as_ref())
         .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
     cut_after_staged(&mut vm, Duration::from_secs(5));
     expect_running(&vm, "a", "0.3.0");
@@ -537,7 +537,7 @@ fn power_cuts_during_an_update_leave_a_verified_boot() {
 
     // 5. The power goes while the host reboots into 0.4.0 (`osctl update
     // apply` reboots; SSH going away is the reboot under way) ...
-    ch.publish(&update_build("v4"), TEST_KEY.as_ref())
+    ch.publish(&sibling_build("v4"), TEST_KEY.as_ref())
         .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
     configure_this_boot(&vm);
     let log = start_detached(&vm, "osctl update apply");
@@ -571,7 +571,7 @@ fn power_cuts_during_an_update_leave_a_verified_boot() {
     // comes during that reboot). Only the operator's rollback of 0.4.0 is
     // recorded as a failure.
     for (build, version, slot, after) in [("v5", "0.5.0", "b", 1), ("v6", "0.6.0", "a", 30)] {
-        ch.publish(&update_build(build), TEST_KEY.as_ref())
+        ch.publish(&sibling_build(build), TEST_KEY.as_ref())
             .unwrap_or_else(|e| vm.fail(format!("{e:#}")));
         cut_after_staged(&mut vm, Duration::from_secs(after));
         expect_running(&vm, slot, version);
