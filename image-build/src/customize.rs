@@ -43,6 +43,9 @@ pub fn customize(stage: &Stage, root: &Path, work: &Path, inp: &Inputs) -> Resul
     install_files(root, inp.spec)?;
     install_trusted_keys(root, inp.spec)?;
     forget_machine(root)?;
+    for unit in OFF_SYSINIT {
+        take_off_sysinit(&root.join("usr/lib/systemd/system").join(unit))?;
+    }
     enable_units(stage, root, inp.units_dir)?;
     let purged = crate::purge::purge(
         stage,
@@ -234,6 +237,53 @@ fn forget_machine(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Debian's units that order themselves before sysinit.target, which the
+/// image starts beside the rest of early boot instead. Under them,
+/// everything after sysinit.target (D-Bus, ballast-provision, the agent,
+/// ssh) waited for both: sandboxed services that took 6-8 s each to start
+/// in a TCG boot, while Debian's own boot runs neither. Nothing in the
+/// image needs names resolved or the clock set before sysinit.target: the
+/// agent is still ordered after network.target, which resolved keeps
+/// starting before, and time-set.target still waits for timesyncd.
+const OFF_SYSINIT: &[&str] = &["systemd-resolved.service", "systemd-timesyncd.service"];
+
+/// Removes `sysinit.target` from the `Before=` lines of a packaged unit, in
+/// place (the root is rebuilt from the package every build). Fails if the
+/// unit has no such ordering, so a Debian update that changes it is noticed.
+fn take_off_sysinit(unit: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(unit)
+        .with_context(|| format!("cannot read {}", unit.display()))?;
+    let mut removed = false;
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        match line.strip_prefix("Before=") {
+            Some(targets) if targets.split_whitespace().any(|t| t == "sysinit.target") => {
+                removed = true;
+                let rest: Vec<&str> = targets
+                    .split_whitespace()
+                    .filter(|t| *t != "sysinit.target")
+                    .collect();
+                if !rest.is_empty() {
+                    out.push_str("Before=");
+                    out.push_str(&rest.join(" "));
+                    out.push('\n');
+                }
+            }
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    if !removed {
+        bail!(
+            "{} has no Before=sysinit.target to take off: has Debian's unit changed?",
+            unit.display()
+        );
+    }
+    std::fs::write(unit, out).with_context(|| format!("cannot write {}", unit.display()))
+}
+
 /// Enables what the units tree's presets enable, with systemctl --root.
 fn enable_units(stage: &Stage, root: &Path, units_dir: &Path) -> Result<()> {
     let dir = units_dir.join("systemd/system-preset");
@@ -323,5 +373,30 @@ mod tests {
             m["PRETTY_NAME"],
             "Ballast 1.2.3 (Debian GNU/Linux 12 (bookworm))"
         );
+    }
+
+    #[test]
+    fn sysinit_ordering_comes_off_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let unit = dir.path().join("systemd-resolved.service");
+        std::fs::write(
+            &unit,
+            "[Unit]\nDefaultDependencies=no\nBefore=sysinit.target network.target nss-lookup.target\n\
+             Before=sysinit.target\nWants=nss-lookup.target\n\n[Install]\nWantedBy=sysinit.target\n",
+        )
+        .unwrap();
+        take_off_sysinit(&unit).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&unit).unwrap(),
+            "[Unit]\nDefaultDependencies=no\nBefore=network.target nss-lookup.target\n\
+             Wants=nss-lookup.target\n\n[Install]\nWantedBy=sysinit.target\n"
+        );
+        // Done once, there is nothing left to take off: a changed unit is an error.
+        let err = take_off_sysinit(&unit).unwrap_err().to_string();
+        assert!(err.contains("no Before=sysinit.target"), "{err}");
+        let err = take_off_sysinit(&dir.path().join("missing.service"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot read"), "{err}");
     }
 }
