@@ -251,8 +251,8 @@ const OFF_SYSINIT: &[&str] = &["systemd-resolved.service", "systemd-timesyncd.se
 /// place (the root is rebuilt from the package every build). Fails if the
 /// unit has no such ordering, so a Debian update that changes it is noticed.
 fn take_off_sysinit(unit: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(unit)
-        .with_context(|| format!("cannot read {}", unit.display()))?;
+    let text =
+        std::fs::read_to_string(unit).with_context(|| format!("cannot read {}", unit.display()))?;
     let mut removed = false;
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {

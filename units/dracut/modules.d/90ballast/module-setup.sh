@@ -21,6 +21,8 @@ install() {
     for u in sysroot-var.mount sysroot-etc.mount ballast-etc-dirs.service; do
         inst_simple "$moddir/$u" "$systemdsystemunitdir/$u"
     done
+    inst_simple "$moddir/udev-trigger.conf" \
+        "$systemdsystemunitdir/systemd-udev-trigger.service.d/90-ballast.conf"
     mkdir -p "${initdir}${systemdsystemunitdir}/initrd-fs.target.requires"
     for u in sysroot-var.mount sysroot-etc.mount; do
         ln_r "$systemdsystemunitdir/$u" "$systemdsystemunitdir/initrd-fs.target.requires/$u"
