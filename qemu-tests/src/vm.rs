@@ -465,6 +465,25 @@ impl Vm {
         }
     }
 
+    /// Requires that the guest booted with Secure Boot enforcing under the
+    /// keys the image enrolled (bootctl: `enabled (user)`), and that Debian's
+    /// kernel locked itself down for it.
+    pub fn require_secure_boot(&self) {
+        let status = self.ssh_ok("bootctl status --no-pager 2>&1");
+        if !status
+            .lines()
+            .any(|l| l.trim() == "Secure Boot: enabled (user)")
+        {
+            self.fail(format!(
+                "bootctl status does not say `Secure Boot: enabled (user)`:\n{status}"
+            ));
+        }
+        let lockdown = self.ssh_ok("cat /sys/kernel/security/lockdown");
+        if !lockdown.contains("[integrity]") {
+            self.fail(format!("kernel lockdown is {lockdown:?}, want [integrity]"));
+        }
+    }
+
     /// Panics with `msg`, QEMU's state and the console tail: the one way
     /// this harness reports a failure, so every failure shows the guest.
     pub fn fail(&self, msg: impl Display) -> ! {
@@ -853,9 +872,8 @@ mod tests {
         assert!(!ends_in_reset("localhost login:"));
     }
 
-    #[test]
-    fn qemu_args_isolate_the_guest() {
-        let args = qemu_args(&QemuConfig {
+    fn args_of(shape: MachineShape) -> Vec<String> {
+        qemu_args(&QemuConfig {
             dir: Path::new("/tmp/vm"),
             accel: Accel::Tcg,
             memory_mib: 1536,
@@ -864,9 +882,14 @@ mod tests {
             ovmf_code: OVMF_CODE.into(),
             guest_forwards: &[],
             host_forwards: &[],
-            shape: MachineShape::Virtio,
+            shape,
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn qemu_args_isolate_the_guest() {
+        let args = args_of(MachineShape::Virtio);
         let joined = args.join(" ");
         assert!(
             joined.contains("-netdev user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22"),
@@ -887,19 +910,7 @@ mod tests {
 
     #[test]
     fn metal_shape_has_no_virtio() {
-        let args = qemu_args(&QemuConfig {
-            dir: Path::new("/tmp/vm"),
-            accel: Accel::Tcg,
-            memory_mib: 1536,
-            cpus: 2,
-            ssh_port: 40022,
-            ovmf_code: OVMF_CODE.into(),
-            guest_forwards: &[],
-            host_forwards: &[],
-            shape: MachineShape::Metal,
-        })
-        .unwrap();
-        let joined = args.join(" ");
+        let joined = args_of(MachineShape::Metal).join(" ");
         assert!(!joined.contains("virtio"), "{joined}");
         assert!(
             joined.contains("-device ide-hd,drive=d0,bus=ide.0"),

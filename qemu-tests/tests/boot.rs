@@ -41,20 +41,7 @@ fn enrolled_its_keys_and_boots_with_secure_boot_on(vm: &Vm) {
         "Enrolling secure boot keys from directory",
         Duration::from_secs(1),
     );
-    let status = vm.ssh_ok("bootctl status --no-pager 2>&1");
-    if !status
-        .lines()
-        .any(|l| l.trim() == "Secure Boot: enabled (user)")
-    {
-        vm.fail(format!(
-            "bootctl status does not say `Secure Boot: enabled (user)`:\n{status}"
-        ));
-    }
-    // Debian's kernel locks itself down when the firmware enforces Secure Boot.
-    let lockdown = vm.ssh_ok("cat /sys/kernel/security/lockdown");
-    if !lockdown.contains("[integrity]") {
-        vm.fail(format!("kernel lockdown is {lockdown:?}, want [integrity]"));
-    }
+    vm.require_secure_boot();
 }
 
 /// An altered UKI on the ESP: a copy of the good one whose os-release says

@@ -2,8 +2,8 @@
 //! builds it into `<test image dir>-metal`) on a machine without virtio: its
 //! disk on SATA (AHCI), its NIC an Intel e1000e. The generic kernel's
 //! initrd must find the root through ahci, the root must find the NIC, and
-//! the host must come up as a cloud VM does: Secure Boot enforcing, verity
-//! root, the agent running, no failed unit.
+//! the host must come up as a cloud VM does: Secure Boot enforcing (and the
+//! kernel locked down), verity root, the agent running, no failed unit.
 
 use std::time::Duration;
 
@@ -57,15 +57,7 @@ fn metal_image_boots_on_ahci_and_e1000e() {
         vm.fail(format!("no NIC driven by e1000e:\n{drivers}"));
     }
 
-    let status = vm.ssh_ok("bootctl status --no-pager 2>&1");
-    if !status
-        .lines()
-        .any(|l| l.trim() == "Secure Boot: enabled (user)")
-    {
-        vm.fail(format!(
-            "bootctl status does not say `Secure Boot: enabled (user)`:\n{status}"
-        ));
-    }
+    vm.require_secure_boot();
     let root = vm.ssh_ok("findmnt -no SOURCE,FSTYPE /");
     if root.split_whitespace().collect::<Vec<_>>() != ["/dev/mapper/root", "erofs"] {
         vm.fail(format!("/ is {root:?}, want the erofs on /dev/mapper/root"));
