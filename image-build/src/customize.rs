@@ -242,9 +242,10 @@ fn forget_machine(root: &Path) -> Result<()> {
 /// everything after sysinit.target (D-Bus, ballast-provision, the agent,
 /// ssh) waited for both: sandboxed services that took 6-8 s each to start
 /// in a TCG boot, while Debian's own boot runs neither. Nothing in the
-/// image needs names resolved or the clock set before sysinit.target: the
-/// agent is still ordered after network.target, which resolved keeps
-/// starting before, and time-set.target still waits for timesyncd.
+/// image needs names resolved or the clock set before sysinit.target:
+/// network.target and nss-lookup.target still wait for resolved, and
+/// time-set.target for timesyncd (the agent waits for neither: see
+/// os-agent.service).
 const OFF_SYSINIT: &[&str] = &["systemd-resolved.service", "systemd-timesyncd.service"];
 
 /// Removes `sysinit.target` from the `Before=` lines of a packaged unit, in
